@@ -1,0 +1,3 @@
+from nichelm.cli import main
+
+raise SystemExit(main())
