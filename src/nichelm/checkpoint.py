@@ -1,0 +1,106 @@
+"""Checkpoints: run/checkpoints/step_NNNNNNN/ with safetensors + json, no pickle.
+
+  model.safetensors      weights (fp32)
+  optimizer.safetensors  every optimizer state tensor, keyed "state.<param index>.<name>"
+  trainer.json           step, elapsed time, tokens seen, param groups, RNG states, model config
+  COMPLETE               written last: a folder without it is ignored (a crash mid-write loses nothing)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nichelm.io import atomic_write_json, atomic_write_text
+
+MARKER = "COMPLETE"
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step_{step:07d}"
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file())
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = complete_checkpoints(run)
+    return found[-1] if found else None
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """Weights without duplicates (tied heads share storage; safetensors refuses shared tensors)."""
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        state[name] = t
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    missing = [m for m in missing if m != "lm_head.weight"]        # tied to wte in gpt2
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def save_checkpoint(run: Path, step: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
+    out = step_dir(run, step)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    _save_tensors(model_state(model), out / "model.safetensors")
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in opt["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    _save_tensors(tensors, out / "optimizer.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    _save_tensors(rng, out / "rng.safetensors")
+    state = dict(trainer_state, param_groups=opt["param_groups"], optimizer_scalars=scalars)
+    atomic_write_json(out / "trainer.json", state)
+    atomic_write_text(out / MARKER, f"step {step}\n")
+    for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    load_model_weights(model, path / "model.safetensors")
+    state = json.loads((path / "trainer.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        opt_state.setdefault(int(idx), {})[name] = value
+    for key, value in state.get("optimizer_scalars", {}).items():
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state

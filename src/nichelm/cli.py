@@ -1,0 +1,131 @@
+"""Command line: argument parsing only; each subcommand calls one library function.
+
+User errors (UserError) print one line and exit 2; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from nichelm.errors import UserError
+
+
+def _project(args):
+    from nichelm.config import load_project
+    return load_project(args.project, args.set or [])
+
+
+def cmd_prepare(args):
+    from nichelm.prepare import prepare
+    prepare(_project(args), force=args.force)
+
+
+def cmd_train(args):
+    from nichelm.train import train
+    train(_project(args))
+
+
+def cmd_evaluate(args):
+    from nichelm.evaluate import evaluate_project, print_summary
+    project = _project(args)
+    report = evaluate_project(project, device=args.device)
+    print_summary(report)
+    print(f"\nreport: {project.run_path / 'eval' / 'report.json'}")
+
+
+def cmd_correct(args):
+    from nichelm.inference import Corrector
+    run = Path(args.run)
+    if args.file in (None, "-"):
+        text = sys.stdin.read()
+    else:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError(f"{path}: file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    corrector = Corrector.from_run(run, device=args.device, guard_max_change=args.guard)
+    sys.stdout.write(corrector.correct([text], guard=args.guard >= 0)[0])
+    sys.stdout.flush()
+
+
+def quickstart_template() -> str:
+    from importlib.resources import files
+    return files("nichelm").joinpath("examples/quickstart.toml").read_text(encoding="utf-8")
+
+
+def cmd_quickstart(args):
+    from nichelm.config import load_project
+    from nichelm.evaluate import evaluate_project, print_summary
+    from nichelm.io import atomic_write_text
+    from nichelm.prepare import prepare
+    from nichelm.train import train
+    out = Path(args.out)
+    # The copy lives in the run directory and names it as ".", so the run is self-contained.
+    text = re.sub(r'(?m)^run_dir\s*=.*$', 'run_dir = "."', quickstart_template())
+    atomic_write_text(out / "project.toml", text)
+    project = load_project(out / "project.toml", args.set or [])
+    print(f"quickstart: project {out / 'project.toml'}", file=sys.stderr)
+    prepare(project)
+    train(project)
+    report = evaluate_project(project)
+    print_summary(report)
+    print(f"\nreport: {project.run_path / 'eval' / 'report.json'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nichelm", description="Specialized pre-training of small language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_project(p):
+        p.add_argument("project", help="project file (TOML)")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override a project value, e.g. --set train.max_steps=200 (repeatable)")
+        return p
+
+    p = with_project(sub.add_parser("prepare", help="read sources, build examples, tokenizer and token shards"))
+    p.add_argument("--force", action="store_true", help="rebuild even if the data is already prepared")
+    p.set_defaults(func=cmd_prepare)
+    p = with_project(sub.add_parser("train", help="train (or resume training) the model"))
+    p.set_defaults(func=cmd_train)
+    p = with_project(sub.add_parser("evaluate", help="CER/WER before and after on the test split"))
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("correct", help="print the corrected text of a file or stdin")
+    p.add_argument("file", nargs="?", help="a UTF-8 text file, or - for stdin (default)")
+    p.add_argument("--run", required=True, help="a run directory with a trained model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--guard", type=float, default=0.15,
+                   help="keep a window's input when the output differs by more than this share (-1: off)")
+    p.set_defaults(func=cmd_correct)
+    p = sub.add_parser("quickstart", help="prepare, train and evaluate the embedded default on CPU")
+    p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"nichelm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nichelm: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,534 @@
+"""Synthetic historical-OCR noise, calibrated to a target corpus CER.
+
+The error model follows the counts in ``shared/data/ocr/README.md`` ("What real
+OCR errors look like", ICDAR 2017 aligned data): for English 52% single-char
+substitutions, 17% multi-char errors, 12% deletions, 11% insertions, 5.5%
+spurious spaces and 2.5% lost spaces, with the frequent confusion pairs listed
+there. French and early-modern profiles shift the shares and add their own
+confusions (long s, é/e, vv/w, ...).
+
+How it works, per text:
+
+1. Enumerate *sites*: places in the clean text where each error type can
+   happen (an ``s`` not at the end of a word for long s, a ``rn`` for rn→m...).
+   Each site carries its replacement options and their edit costs.
+2. Draw the number of error events from a Poisson distribution whose rate is
+   ``target_cer * len(text) / expected_edits_per_event``. The expected edits
+   per event are computed from the sites actually present in this text, so a
+   type that costs two edits (``construc- tion``) or three (``ffi`` → ``ﬃ``)
+   does not push the CER off target. That is the calibration "by
+   construction"; no fitting loop is needed.
+3. Apply events one by one. An edited character and its neighbours are
+   protected from further edits, so edits do not overlap or cancel and the
+   measured Levenshtein distance stays close to the sum of event costs. With
+   probability ``burstiness`` an event lands near the previous one: real OCR
+   damage is bursty (a smudged word gets several errors).
+
+Randomness comes from ``random.Random`` seeded by a stable hash of
+``(seed, key)``, so ``corrupt(text, key)`` is reproducible across processes
+and does not depend on which texts were corrupted before.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+
+from rapidfuzz.distance import Levenshtein
+
+ERROR_TYPES = (
+    "substitution",
+    "multi",
+    "deletion",
+    "insertion",
+    "spurious_space",
+    "lost_space",
+    "hyphenation",
+    "long_s",
+    "ligature",
+)
+
+# Relative shares of error events (normalised, need not sum to 100). English
+# uses the README's ICDAR 2017 counts for the first six types, plus small
+# shares for the print-specific phenomena the README also lists.
+PROFILE_WEIGHTS: dict[str, dict[str, float]] = {
+    "english": {
+        "substitution": 52.0,
+        "multi": 17.0,
+        "deletion": 12.0,
+        "insertion": 11.0,
+        "spurious_space": 5.5,
+        "lost_space": 2.5,
+        "hyphenation": 1.5,
+        "long_s": 0.3,
+        "ligature": 1.0,
+    },
+    # README: insertions 30% (spurious spaces, hyphens, periods), t→l, l→i,
+    # long s→f, é↔e.
+    "french": {
+        "substitution": 42.0,
+        "multi": 10.0,
+        "deletion": 10.0,
+        "insertion": 18.0,
+        "spurious_space": 9.0,
+        "lost_space": 2.0,
+        "hyphenation": 3.0,
+        "long_s": 4.0,
+        "ligature": 2.0,
+    },
+    # README (ICDAR 2019): long s→f, ff→si, h→b, y→p, d→o, w→tb, vv→w.
+    "early-modern": {
+        "substitution": 36.0,
+        "multi": 20.0,
+        "deletion": 10.0,
+        "insertion": 7.0,
+        "spurious_space": 5.0,
+        "lost_space": 4.0,
+        "hyphenation": 1.0,
+        "long_s": 14.0,
+        "ligature": 3.0,
+    },
+}
+
+# Single-character confusions: source -> ((replacement, weight), ...).
+# Weight 4 marks the README's frequent confusions; the rest are plausible
+# glyph-shape confusions so that most letters can be hit.
+_SUBSTITUTIONS: dict[str, tuple[tuple[str, float], ...]] = {
+    "c": (("o", 4), ("e", 4)),
+    "e": (("o", 4), ("é", 3), ("c", 2)),
+    "s": (("a", 4), ("e", 1)),
+    "l": (("i", 4), ("1", 2), ("I", 1), ("t", 1)),
+    "h": (("b", 4), ("k", 1)),
+    "n": (("u", 4), ("a", 1)),
+    "I": (("1", 4), ("l", 2)),
+    ",": ((".", 4),),
+    "E": (("B", 4), ("F", 1)),
+    "C": (("O", 4), ("G", 1)),
+    "S": (("8", 4), ("5", 1)),
+    "a": (("o", 2), ("e", 1), ("s", 1)),
+    "b": (("h", 2), ("l", 1)),
+    "d": (("a", 1), ("o", 1)),
+    "f": (("t", 2), ("l", 1)),
+    "g": (("q", 1), ("y", 1)),
+    "i": (("l", 2), ("j", 1), ("1", 1)),
+    "j": (("i", 1),),
+    "k": (("h", 1),),
+    "m": (("n", 1),),
+    "o": (("c", 2), ("e", 1), ("0", 1)),
+    "p": (("o", 1),),
+    "q": (("g", 1),),
+    "r": (("t", 1), ("n", 1)),
+    "t": (("l", 2), ("f", 1), ("i", 1)),
+    "u": (("n", 3), ("a", 1)),
+    "v": (("y", 1),),
+    "w": (("v", 1),),
+    "x": (("z", 1),),
+    "y": (("v", 1), ("p", 1)),
+    "z": (("x", 1),),
+    "A": (("4", 1),),
+    "B": (("E", 1), ("8", 1)),
+    "D": (("O", 1),),
+    "G": (("C", 1),),
+    "O": (("0", 2), ("Q", 1)),
+    "T": (("I", 1),),
+    "0": (("o", 1),),
+    "1": (("l", 2), ("I", 1)),
+    "5": (("S", 1),),
+    "8": (("S", 1),),
+    ".": ((",", 2),),
+    ";": ((":", 2),),
+    ":": ((";", 1),),
+}
+
+_SUBSTITUTIONS_EXTRA: dict[str, dict[str, tuple[tuple[str, float], ...]]] = {
+    "english": {},
+    "french": {
+        "t": (("l", 4),),
+        "l": (("i", 4),),
+        "é": (("e", 4),),
+        "e": (("é", 4),),
+        "è": (("e", 2),),
+        "ê": (("e", 1),),
+        "à": (("a", 2),),
+        "â": (("a", 1),),
+        "ç": (("c", 2),),
+        "ô": (("o", 1),),
+        "î": (("i", 1),),
+    },
+    "early-modern": {
+        "h": (("b", 4),),
+        "y": (("p", 4),),
+        "d": (("o", 4),),
+        "u": (("n", 2),),
+        "v": (("u", 1),),
+    },
+}
+
+# Multi-character confusions: source string -> replacements. Digraph sources
+# are rare in text, single-letter ones (h, m, d) common, so the weights favour
+# the digraphs to keep h→li from swamping the README's other pairs.
+_MULTI: dict[str, tuple[tuple[str, float], ...]] = {
+    "ll": (("U", 6),),
+    "fi": (("n", 6),),
+    "fl": (("n", 6),),
+    "il": (("d", 6),),
+    "rn": (("m", 6),),
+    "cl": (("d", 3),),
+    "ri": (("n", 2),),
+    "li": (("h", 2),),
+    "nn": (("m", 2),),
+    "in": (("m", 1),),
+    "ni": (("m", 1),),
+    "h": (("li", 1),),
+    "m": (("rn", 2), ("in", 0.5)),
+    "d": (("cl", 1),),
+    "w": (("vv", 0.5),),
+}
+
+_MULTI_EXTRA: dict[str, dict[str, tuple[tuple[str, float], ...]]] = {
+    "english": {},
+    "french": {"ui": (("m", 1),), "li": (("h", 2),)},
+    "early-modern": {"ff": (("si", 4),), "w": (("tb", 4),), "vv": (("w", 4),)},
+}
+
+# Characters OCR inserts out of nothing (specks read as punctuation).
+_INSERTED: dict[str, tuple[tuple[str, float], ...]] = {
+    "english": (("-", 3), (".", 3), ("'", 2), (",", 2)),
+    "french": (("-", 3), (".", 3), ("'", 1), (",", 1)),
+    "early-modern": ((".", 2), (",", 2), ("'", 2), ("-", 1)),
+}
+
+# Long s: printed ſ kept as ſ, or misread as f (the common OCR outcome).
+_LONG_S: dict[str, tuple[tuple[str, float], ...]] = {
+    "english": (("ſ", 1), ("f", 1)),
+    "french": (("f", 3), ("ſ", 1)),
+    "early-modern": (("f", 3), ("ſ", 1)),
+}
+
+_LIGATURES: dict[str, tuple[tuple[str, float], ...]] = {
+    "ffi": (("\ufb03", 1),),
+    "ffl": (("\ufb04", 1),),
+    "fi": (("\ufb01", 3),),
+    "fl": (("\ufb02", 2),),
+    "ff": (("\ufb00", 2),),
+}
+
+_BURST_WINDOW = 6  # characters either side of the previous event
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Replacement choices for one source span, with their mean edit cost."""
+
+    repls: tuple[str, ...]
+    weights: tuple[float, ...]
+    total: float  # sum of weights; also the site's sampling weight
+    cost_sum: float  # sum of weight * Levenshtein(source, replacement)
+
+    @classmethod
+    def build(cls, src: str, pairs: tuple[tuple[str, float], ...]) -> _Options:
+        pairs = tuple((r, float(w)) for r, w in pairs if r != src and w > 0)
+        return cls(
+            repls=tuple(r for r, _ in pairs),
+            weights=tuple(w for _, w in pairs),
+            total=sum(w for _, w in pairs),
+            cost_sum=sum(w * Levenshtein.distance(src, r) for r, w in pairs),
+        )
+
+
+# A site: (start, end, options) — replace text[start:end] by one option.
+_Site = tuple[int, int, _Options]
+
+
+@dataclass
+class _TypeSites:
+    """All sites of one error type in one text, ready for weighted sampling."""
+
+    sites: list[_Site]
+    starts: list[int]
+    cum_weights: list[float]
+    mean_cost: float
+
+    @classmethod
+    def build(cls, sites: list[_Site]) -> _TypeSites | None:
+        sites = [s for s in sites if s[2].total > 0]
+        if not sites:
+            return None
+        sites.sort(key=lambda s: (s[0], s[1]))
+        cum, acc, cost = [], 0.0, 0.0
+        for _, _, opts in sites:
+            acc += opts.total
+            cost += opts.cost_sum
+            cum.append(acc)
+        return cls(sites, [s[0] for s in sites], cum, cost / acc)
+
+
+def _stable_seed(seed: int, key: int | str) -> int:
+    """64-bit seed from (seed, key); stable across processes (no hash())."""
+    data = f"{seed}\x1f{type(key).__name__}\x1f{key}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    """Poisson draw (Knuth), in chunks so large rates do not underflow."""
+    k = 0
+    while lam > 0:
+        step = min(lam, 20.0)
+        lam -= step
+        threshold = math.exp(-step)
+        p = rng.random()
+        while p > threshold:
+            k += 1
+            p *= rng.random()
+    return k
+
+
+def _merge(
+    base: dict[str, tuple[tuple[str, float], ...]],
+    extra: dict[str, tuple[tuple[str, float], ...]],
+) -> dict[str, tuple[tuple[str, float], ...]]:
+    """Add a profile's confusions to the base table (weights of equal pairs add)."""
+    merged: dict[str, dict[str, float]] = {}
+    for table in (base, extra):
+        for src, pairs in table.items():
+            slot = merged.setdefault(src, {})
+            for repl, w in pairs:
+                slot[repl] = slot.get(repl, 0.0) + w
+    return {src: tuple(pairs.items()) for src, pairs in merged.items()}
+
+
+def _find_all(text: str, needle: str) -> list[int]:
+    """Start offsets of every (possibly overlapping) occurrence of needle."""
+    found, i = [], text.find(needle)
+    while i >= 0:
+        found.append(i)
+        i = text.find(needle, i + 1)
+    return found
+
+
+class OCRNoise:
+    """Corrupt clean text the way historical-print OCR does, at a target CER.
+
+    ``weights`` overrides the profile's relative event shares by type (see
+    ``ERROR_TYPES``); a weight of 0 switches a type off.
+    """
+
+    def __init__(
+        self,
+        target_cer: float = 0.05,
+        seed: int = 0,
+        profile: str = "english",
+        weights: dict[str, float] | None = None,
+        burstiness: float = 0.25,
+    ) -> None:
+        if profile not in PROFILE_WEIGHTS:
+            raise ValueError(f"unknown noise profile {profile!r}; choose one of {sorted(PROFILE_WEIGHTS)}")
+        if not 0.0 <= target_cer < 1.0:
+            raise ValueError(f"target_cer must be in [0, 1), got {target_cer}")
+        if not 0.0 <= burstiness <= 1.0:
+            raise ValueError(f"burstiness must be in [0, 1], got {burstiness}")
+        self.target_cer = target_cer
+        self.seed = seed
+        self.profile = profile
+        self.burstiness = burstiness
+        self.weights = self._resolve_weights(profile, weights)
+        self._substitutions = self._options_table(_merge(_SUBSTITUTIONS, _SUBSTITUTIONS_EXTRA[profile]))
+        self._multi = self._options_table(_merge(_MULTI, _MULTI_EXTRA[profile]))
+        self._ligatures = self._options_table(_LIGATURES)
+        self._inserted = _INSERTED[profile]
+        self._long_s = _Options.build("s", _LONG_S[profile])
+        self._delete = _Options.build("x", (("", 1.0),))  # any one char -> "": cost 1
+        self._char_options: dict[tuple[str, str], _Options] = {}
+
+    @staticmethod
+    def _resolve_weights(profile: str, weights: dict[str, float] | None) -> dict[str, float]:
+        resolved = dict(PROFILE_WEIGHTS[profile])
+        for name, value in (weights or {}).items():
+            if name not in resolved:
+                raise ValueError(f"unknown noise weight {name!r}; known: {', '.join(ERROR_TYPES)}")
+            if value < 0:
+                raise ValueError(f"noise weight {name!r} must be >= 0, got {value}")
+            resolved[name] = float(value)
+        if sum(resolved.values()) <= 0:
+            raise ValueError("at least one noise weight must be positive")
+        return resolved
+
+    @staticmethod
+    def _options_table(table: dict[str, tuple[tuple[str, float], ...]]) -> dict[str, _Options]:
+        return {src: _Options.build(src, pairs) for src, pairs in table.items()}
+
+    # -- public API -------------------------------------------------------
+
+    def corrupt(self, text: str, key: int | str) -> str:
+        """Return a noisy copy of ``text``; deterministic in (seed, key)."""
+        if self.target_cer <= 0 or not text.strip():
+            return text
+        rng = random.Random(_stable_seed(self.seed, key))
+        available = self._available_types(text)
+        if not available:
+            return text
+        shares = {name: self.weights[name] for name in available}
+        per_event = sum(shares[n] * available[n].mean_cost for n in shares) / sum(shares.values())
+        n_events = _poisson(rng, self.target_cer * len(text) / per_event)
+        out = self._apply_events(text, n_events, available, shares, rng)
+        # Guard: a short input must never vanish (e.g. "a" with a deletion).
+        return out if out.strip() else text
+
+    def measure_cer(self, texts: list[str]) -> float:
+        """Corpus CER of ``corrupt(text, i)`` against the clean texts."""
+        edits = sum(Levenshtein.distance(self.corrupt(t, i), t) for i, t in enumerate(texts))
+        chars = sum(len(t) for t in texts)
+        return edits / chars if chars else 0.0
+
+    # -- sites ------------------------------------------------------------
+
+    def _available_types(self, text: str) -> dict[str, _TypeSites]:
+        """Sites per error type that has a positive weight and occurs in text."""
+        finders = {
+            "substitution": self._substitution_sites,
+            "multi": lambda t: self._table_sites(t, self._multi),
+            "deletion": self._deletion_sites,
+            "insertion": self._insertion_sites,
+            "spurious_space": self._spurious_space_sites,
+            "lost_space": self._lost_space_sites,
+            "hyphenation": self._hyphenation_sites,
+            "long_s": self._long_s_sites,
+            "ligature": lambda t: self._table_sites(t, self._ligatures),
+        }
+        available = {}
+        for name in ERROR_TYPES:
+            if self.weights[name] > 0:
+                sites = _TypeSites.build(finders[name](text))
+                if sites is not None:
+                    available[name] = sites
+        return available
+
+    def _insert_after(self, char: str, inserted: tuple[tuple[str, float], ...], tag: str) -> _Options:
+        """Options that keep ``char`` and insert something after it (cached)."""
+        key = (tag, char)
+        opts = self._char_options.get(key)
+        if opts is None:
+            opts = _Options.build(char, tuple((char + ins, w) for ins, w in inserted))
+            self._char_options[key] = opts
+        return opts
+
+    def _substitution_sites(self, text: str) -> list[_Site]:
+        table = self._substitutions
+        return [(i, i + 1, table[c]) for i, c in enumerate(text) if c in table]
+
+    @staticmethod
+    def _table_sites(text: str, table: dict[str, _Options]) -> list[_Site]:
+        return [(i, i + len(src), opts) for src, opts in table.items() for i in _find_all(text, src)]
+
+    def _deletion_sites(self, text: str) -> list[_Site]:
+        if len(text) < 2:
+            return []
+        return [(i, i + 1, self._delete) for i, c in enumerate(text) if not c.isspace()]
+
+    def _insertion_sites(self, text: str) -> list[_Site]:
+        return [
+            (i, i + 1, self._insert_after(c, self._inserted, "ins"))
+            for i, c in enumerate(text)
+            if not c.isspace()
+        ]
+
+    def _spurious_space_sites(self, text: str) -> list[_Site]:
+        space = ((" ", 1.0),)
+        return [
+            (i, i + 1, self._insert_after(text[i], space, "space"))
+            for i in range(len(text) - 1)
+            if text[i].isalpha() and text[i + 1].isalpha()
+        ]
+
+    def _lost_space_sites(self, text: str) -> list[_Site]:
+        return [
+            (i, i + 1, self._delete)
+            for i in range(1, len(text) - 1)
+            if text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace()
+        ]
+
+    def _hyphenation_sites(self, text: str) -> list[_Site]:
+        """Line-end splits ``construc- tion``: >= 3 letters either side."""
+        hyphen = (("- ", 1.0),)
+        sites, run = [], 0
+        letters = [c.isalpha() for c in text] + [False]
+        for i, is_letter in enumerate(letters):
+            if is_letter:
+                run += 1
+                continue
+            start = i - run  # word occupies text[start:i]
+            for j in range(start + 2, i - 3):  # split after text[j]
+                sites.append((j, j + 1, self._insert_after(text[j], hyphen, "hyph")))
+            run = 0
+        return sites
+
+    def _long_s_sites(self, text: str) -> list[_Site]:
+        """Non-final ``s`` (printers used round s at word end and before f)."""
+        return [
+            (i, i + 1, self._long_s)
+            for i in range(len(text) - 1)
+            if text[i] == "s" and text[i + 1].isalpha() and text[i + 1] != "f"
+        ]
+
+    # -- applying events --------------------------------------------------
+
+    def _apply_events(
+        self,
+        text: str,
+        n_events: int,
+        available: dict[str, _TypeSites],
+        shares: dict[str, float],
+        rng: random.Random,
+    ) -> str:
+        """Apply up to n_events non-overlapping edits and return the result."""
+        cells = list(text)
+        # damaged[i + 1] marks text[i]; the padding avoids bounds checks.
+        damaged = bytearray(len(text) + 2)
+        last: int | None = None
+        shares = dict(shares)
+        for _ in range(n_events):
+            site = None
+            while site is None and shares:
+                name = rng.choices(list(shares), weights=list(shares.values()))[0]
+                site = self._pick_site(available[name], damaged, last, rng)
+                if site is None:
+                    del shares[name]  # every site of this type is used up
+            if site is None:
+                break
+            start, end, opts = site
+            cells[start] = rng.choices(opts.repls, weights=opts.weights)[0]
+            for i in range(start + 1, end):
+                cells[i] = ""
+            damaged[start + 1 : end + 1] = b"\x01" * (end - start)
+            last = start
+        return "".join(cells)
+
+    def _pick_site(
+        self,
+        typed: _TypeSites,
+        damaged: bytearray,
+        last: int | None,
+        rng: random.Random,
+    ) -> _Site | None:
+        """Weighted choice of a site whose span and neighbours are untouched."""
+
+        def free(site: _Site) -> bool:
+            return not any(damaged[site[0] : site[1] + 2])
+
+        if last is not None and rng.random() < self.burstiness:
+            lo = bisect.bisect_left(typed.starts, last - _BURST_WINDOW)
+            hi = bisect.bisect_right(typed.starts, last + _BURST_WINDOW)
+            near = [s for s in typed.sites[lo:hi] if free(s)]
+            if near:
+                return rng.choices(near, weights=[s[2].total for s in near])[0]
+        for _ in range(8):  # rejection sampling: cheap while most text is clean
+            site = rng.choices(typed.sites, cum_weights=typed.cum_weights)[0]
+            if free(site):
+                return site
+        remaining = [s for s in typed.sites if free(s)]
+        if not remaining:
+            return None
+        return rng.choices(remaining, weights=[s[2].total for s in remaining])[0]

@@ -1,0 +1,251 @@
+"""The decoder: one small, readable GPT with two layouts.
+
+- ``gpt2``: llm.c-compatible. Learned positions, LayerNorm, GELU MLP, tied embeddings.
+- ``llama``: rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention,
+  optional QK-norm, untied head.
+
+Both share one Block; the differences are a handful of flags in ModelConfig.
+Attention goes through ``F.scaled_dot_product_attention`` (flash kernels on GPU).
+A KV cache (``KVCache``) makes generation linear in the output length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"            # "gpt2" | "llama"
+    vocab_size: int = 512          # padded to a multiple of 128 inside the model
+    block_size: int = 256          # longest sequence the model sees (context)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None   # grouped-query attention; None = n_head
+    n_embd: int = 128
+    mlp_ratio: float = 4.0         # hidden = ratio * n_embd (SwiGLU uses 2/3 of it, rounded)
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return ((self.vocab_size + 127) // 128) * 128
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Presets: tiny ones for CPU, and llm.c's GPT-2 shapes (d6 ... d48).
+PRESETS: dict[str, dict] = {
+    "nano": dict(n_layer=3, n_head=4, n_embd=128),        # ~0.6M + embeddings
+    "tiny": dict(n_layer=4, n_head=4, n_embd=192),        # ~1.8M + embeddings
+    "mini": dict(n_layer=6, n_head=6, n_embd=384),        # ~10M
+    "d6": dict(n_layer=6, n_head=6, n_embd=384),
+    "d12": dict(n_layer=12, n_head=12, n_embd=768),       # GPT-2 small, 124M
+    "d24": dict(n_layer=24, n_head=16, n_embd=1024),      # GPT-2 medium, 350M
+    "d36": dict(n_layer=36, n_head=20, n_embd=1280),      # GPT-2 large
+    "d48": dict(n_layer=48, n_head=25, n_embd=1600),      # GPT-2 XL
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim) if cfg.arch == "gpt2" else RMSNorm(dim)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()                      # (max_len, head_dim/2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by per-position angles; cos/sin are (B or 1, 1, T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (layers, B, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        head_dim = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0                                    # filled positions (same for all rows)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.shape[2]
+        self.k[layer, :, :, self.length:self.length + t] = k
+        self.v[layer, :, :, self.length:self.length + t] = v
+        end = self.length + t
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads
+        self.head_dim = cfg.n_embd // cfg.n_head
+        bias = cfg.arch == "gpt2"
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if mask is None:   # training / plain forward: causal, no padding
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:              # generation: explicit mask (causal + left padding)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        if self.swiglu:
+            hidden = int(2 * cfg.mlp_ratio * cfg.n_embd / 3)
+            hidden = ((hidden + 63) // 64) * 64
+            self.gate_up = nn.Linear(cfg.n_embd, 2 * hidden, bias=False)
+            self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
+        else:
+            hidden = int(cfg.mlp_ratio * cfg.n_embd)
+            self.up = nn.Linear(cfg.n_embd, hidden)
+            self.down = nn.Linear(hidden, cfg.n_embd)
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = make_norm(cfg, cfg.n_embd)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = x + self.attn(self.norm1(x), rope, cache, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.arch not in ("gpt2", "llama"):
+            raise ValueError(f"unknown arch {cfg.arch!r}; use 'gpt2' or 'llama'")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == "gpt2" else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.arch == "gpt2":
+            self.lm_head.weight = self.wte.weight          # tied, as in GPT-2
+        if cfg.arch == "llama":
+            cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of residual projections: keeps the residual stream's variance flat with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("down.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def _rope(self, positions: torch.Tensor | None, T: int, offset: int = 0):
+        if self.wpe is not None:
+            return None
+        if positions is None:        # (1, 1, T, D/2): shared by every row
+            return (self.rope_cos[offset:offset + T][None, None], self.rope_sin[offset:offset + T][None, None])
+        return (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])   # per-row positions
+
+    def forward(self, idx, targets=None, loss_mask=None, positions=None, cache: KVCache | None = None, mask=None):
+        """idx (B, T) token ids. targets/loss_mask (B, T): loss only where loss_mask is true.
+
+        positions (B, T) gives per-row positions for left-padded generation; cache and mask are
+        used by generate.py. Returns (logits, loss); logits is the last position only when no
+        targets are given and a cache is used (generation needs nothing more).
+        """
+        B, T = idx.shape
+        offset = cache.length if cache is not None else 0
+        x = self.wte(idx)
+        if self.wpe is not None:
+            pos = positions if positions is not None else torch.arange(offset, offset + T, device=idx.device)
+            x = x + self.wpe(pos)
+        rope = self._rope(positions, T, offset)
+        for block in self.blocks:
+            x = block(x, rope, cache, mask)
+        if cache is not None:
+            cache.length += T
+        x = self.norm_f(x)
+        if targets is None:
+            if cache is not None:
+                x = x[:, -1:]
+            return self.lm_head(x)[..., : self.cfg.vocab_size].float(), None
+        logits = self.lm_head(x).float()
+        if loss_mask is not None:
+            targets = targets.masked_fill(~loss_mask, -100)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (6N + attention), as in the PaLM appendix and nanoGPT's MFU."""
+        cfg = self.cfg
+        n = self.num_params()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len

@@ -1,0 +1,255 @@
+"""`nichelm prepare`: sources -> task examples -> tokenizer -> token shards + manifest.
+
+The steps, each a small function:
+  read      every source into Documents (readers.py), with its filters
+  split     whole documents into train/val/test by a seeded hash (never a document across splits)
+  window    documents into examples that fit the context
+  noise     clean examples get a synthetic OCR input (noise.py), seeded per example
+  dedupe    val/test examples whose text also occurs in train are dropped
+  write     examples.{train,val,test}.jsonl, tokenizer.json, {train,val}_NNNNNN.bin, manifest.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nichelm.config import Project, SourceConfig
+from nichelm.data.noise import OCRNoise
+from nichelm.data.readers import Document, pair_segments_to_windows, read_documents
+from nichelm.data.shards import write_shards
+from nichelm.data.tokenizer import save_tokenizer, special_tokens, train_tokenizer
+from nichelm.errors import UserError
+from nichelm.io import atomic_write_json, atomic_write_jsonl
+from nichelm.metrics import CorpusScore, score_pairs
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Example:
+    input: str
+    output: str
+    source: str
+    doc_id: str
+    synthetic: bool
+
+    def to_json(self) -> dict:
+        return {"input": self.input, "output": self.output, "source": self.source,
+                "doc_id": self.doc_id, "synthetic_input": self.synthetic}
+
+
+# ------------------------------------------------------------------ filters
+
+FILTERS = {
+    # Bracketed editorial notes such as the World English Bible's {footnotes}.
+    "drop_braced": lambda s: re.sub(r"\s*\{[^{}]*\}", "", s),
+    "collapse_spaces": lambda s: re.sub(r"[ \t]+", " ", s),
+}
+
+
+def _apply_filters(doc: Document, names: list[str], where: str) -> Document:
+    for name in names:
+        if name not in FILTERS:
+            raise UserError(f"{where}: unknown filter {name!r}; known filters: {', '.join(FILTERS)}")
+        fn = FILTERS[name]
+        for seg in doc.segments:
+            seg.output = fn(seg.output)
+            if seg.input is not None:
+                seg.input = fn(seg.input)
+    return doc
+
+
+# ------------------------------------------------------------------ steps
+
+def source_name(src: SourceConfig, index: int) -> str:
+    return src.name or f"{Path(src.path).name}#{index}"
+
+
+def read_source(project: Project, src: SourceConfig, index: int) -> list[Document]:
+    path = project.resolve(src.path)
+    docs = read_documents(
+        path, src.format,
+        input_field="" if src.role == "clean" and src.format == "csv" else src.input_field,
+        output_field=src.output_field, text_field=src.text_field, id_field=src.id_field or None,
+        gold_path=project.resolve(src.gold_path) if src.gold_path else None)
+    if src.max_documents:
+        docs = docs[: src.max_documents]
+    where = f"{project.source_file}: sources[{index}]"
+    docs = [_apply_filters(d, src.filters, where) for d in docs]
+    if src.role == "clean":      # the gold side only; noise comes later
+        for d in docs:
+            for seg in d.segments:
+                seg.input = None
+    elif not any(seg.input is not None for d in docs for seg in d.segments):
+        raise UserError(f"{where}: role = 'pairs' but {path} has no input (OCR) side; "
+                        "set role = 'clean' to generate noisy inputs")
+    return docs
+
+
+def split_of(seed: int, source: str, doc_id: str, val: float, test: float) -> str:
+    """A document's split from a seeded hash: stable across runs and independent of order."""
+    h = hashlib.sha256(f"{seed}\x00{source}\x00{doc_id}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(project: Project) -> str:
+    """What prepare's output depends on; a match means a re-run can reuse the finished work."""
+    d = project.to_dict()
+    keep = {k: d[k] for k in ("seed", "task", "sources", "noise", "split", "tokenizer")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(project: Project, force: bool = False) -> dict:
+    run = project.run_path
+    data_dir = run / "data"
+    manifest_path = data_dir / "manifest.json"
+    fp = fingerprint(project)
+    if manifest_path.is_file() and not force:
+        old = json.loads(manifest_path.read_text())
+        if old.get("fingerprint") == fp and (run / "tokenizer" / "tokenizer.json").is_file():
+            log(f"{manifest_path}: data already prepared for this project (use --force to rebuild)")
+            return old
+    noise = OCRNoise(target_cer=project.noise.target_cer, seed=project.seed, profile=project.noise.profile)
+    split_cfg = project.split
+    examples: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    source_records = []
+    for i, src in enumerate(project.sources):
+        name = source_name(src, i)
+        path = project.resolve(src.path)
+        log(f"reading {name} ({src.format}, {src.role}) from {path}")
+        docs = read_source(project, src, i)
+        raw_score = CorpusScore()
+        counts = Counter()
+        for doc in docs:
+            split = src.split if src.split != "auto" else split_of(
+                project.seed, name, doc.doc_id, split_cfg.val_fraction, split_cfg.test_fraction)
+            counts[f"documents_{split}"] += 1
+            if src.role == "pairs":
+                for seg in doc.segments:
+                    if seg.input is not None:
+                        raw_score.add(seg.input, seg.output)
+            for w_index, window in enumerate(pair_segments_to_windows(doc, project.task.window_chars)):
+                synthetic = window.input is None
+                source_text = noise.corrupt(window.output, f"{name}\x00{doc.doc_id}\x00{w_index}") if synthetic else window.input
+                if not source_text.strip() or not window.output.strip():
+                    counts["windows_empty_dropped"] += 1
+                    continue
+                examples[split].append(Example(source_text, window.output, name, doc.doc_id, synthetic))
+                counts[f"examples_{split}"] += 1
+        record = {"name": name, "path": str(path), "format": src.format, "role": src.role,
+                  "licence": src.licence or "unspecified", "sha256": file_sha256(path),
+                  "filters": src.filters, "documents": len(docs), **dict(sorted(counts.items()))}
+        if src.role == "pairs":
+            record["raw_ocr"] = {"cer": raw_score.cer, "wer": raw_score.wer,
+                                 "gold_chars": raw_score.chars, "gold_words": raw_score.words}
+            log(f"  {name}: {len(docs)} documents, raw OCR corpus CER {100 * raw_score.cer:.2f}% "
+                f"WER {100 * raw_score.wer:.2f}% over {raw_score.chars:,} gold characters")
+        else:
+            log(f"  {name}: {len(docs)} documents (clean; synthetic noise at target CER {project.noise.target_cer:.1%})")
+        source_records.append(record)
+
+    dropped = _dedupe(examples)
+    if not examples["train"]:
+        raise UserError(f"{project.source_file}: no training examples; check the sources and split fractions")
+    rng = random.Random(project.seed)
+    rng.shuffle(examples["train"])       # mix sources in the token stream
+    for split in SPLITS:
+        atomic_write_jsonl(data_dir / f"examples.{split}.jsonl", (e.to_json() for e in examples[split]))
+
+    specials = special_tokens(project.task.prompt_template, project.task.end_marker)
+    texts = (t for e in examples["train"] for t in (e.input, e.output))
+    tokenizer = train_tokenizer(texts, project.tokenizer.vocab_size, specials, project.tokenizer.min_frequency)
+    save_tokenizer(tokenizer, run / "tokenizer" / "tokenizer.json")
+    atomic_write_json(run / "task.json", {"name": project.task.name, "prompt_template": project.task.prompt_template,
+                                          "end_marker": project.task.end_marker,
+                                          "window_chars": project.task.window_chars})
+    token_counts = {}
+    for split in ("train", "val"):
+        tokens = encode_examples(tokenizer, examples[split], project.task.prompt_template, project.task.end_marker)
+        for old in (data_dir / "shards").glob(f"{split}_*.bin"):
+            old.unlink()
+        write_shards(data_dir / "shards", split, tokens, tokenizer.get_vocab_size())
+        token_counts[split] = int(len(tokens))
+    synth = [e for e in examples["train"] if e.synthetic]
+    manifest = {
+        "fingerprint": fp,
+        "sources": source_records,
+        "examples": {s: len(examples[s]) for s in SPLITS},
+        "tokens": token_counts,
+        "chars_per_token": _chars_per_token(tokenizer, examples["train"][:2000]),
+        "tokenizer": {"vocab_size": tokenizer.get_vocab_size(), "type": "byte-level BPE (HF tokenizers)",
+                      "special_tokens": specials},
+        "noise": {"target_cer": project.noise.target_cer, "profile": project.noise.profile,
+                  "measured_cer_train": score_pairs((e.input, e.output) for e in synth).cer if synth else None},
+        "filters": {"dedupe_dropped": dropped, "split": "by document (seeded hash)",
+                    "window_chars": project.task.window_chars},
+        "raw_ocr_all_pairs": _all_pairs_score(source_records),
+    }
+    atomic_write_json(manifest_path, manifest)
+    log(f"prepared {run}: examples train/val/test = {manifest['examples']['train']}/"
+        f"{manifest['examples']['val']}/{manifest['examples']['test']}, "
+        f"{token_counts['train']:,} train tokens, vocabulary {tokenizer.get_vocab_size()}")
+    return manifest
+
+
+def _dedupe(examples: dict[str, list[Example]]) -> dict:
+    """No identical text across splits: drop val/test examples whose input or output is in an earlier split."""
+    seen = {e.output for e in examples["train"]} | {e.input for e in examples["train"]}
+    dropped = {}
+    for split in ("val", "test"):
+        kept = [e for e in examples[split] if e.output not in seen and e.input not in seen]
+        dropped[split] = len(examples[split]) - len(kept)
+        examples[split] = kept
+        seen |= {e.output for e in kept} | {e.input for e in kept}
+    return dropped
+
+
+def encode_examples(tokenizer, examples: list[Example], template: str, end_marker: str) -> np.ndarray:
+    end_id = tokenizer.token_to_id(end_marker)
+    prompts = tokenizer.encode_batch([template.format(input=e.input) for e in examples])
+    outputs = tokenizer.encode_batch([e.output for e in examples])
+    parts = []
+    for p, o in zip(prompts, outputs):
+        parts.append(np.asarray(p.ids + o.ids + [end_id], dtype=np.uint32))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+
+def _chars_per_token(tokenizer, examples: list[Example]) -> float | None:
+    text = [e.output for e in examples]
+    n_tok = sum(len(enc.ids) for enc in tokenizer.encode_batch(text))
+    return round(sum(map(len, text)) / n_tok, 3) if n_tok else None
+
+
+def _all_pairs_score(records: list[dict]) -> dict | None:
+    pairs = [r["raw_ocr"] for r in records if "raw_ocr" in r]
+    if not pairs:
+        return None
+    chars = sum(p["gold_chars"] for p in pairs)
+    errs = sum(p["cer"] * p["gold_chars"] for p in pairs)
+    return {"cer": errs / chars if chars else 0.0, "gold_chars": chars}

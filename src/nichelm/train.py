@@ -1,0 +1,262 @@
+"""The training loop: one process on CPU/GPU, or many under torchrun (DDP).
+
+Re-running the same command resumes from the newest complete checkpoint: model,
+optimizer, step, elapsed time and RNG state come back, and the data order is a
+function of the step, so the resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nichelm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nichelm.config import Project, model_config
+from nichelm.data.loader import TaskBatches
+from nichelm.data.shards import load_split
+from nichelm.data.tokenizer import load_tokenizer, template_markers
+from nichelm.errors import UserError
+from nichelm.io import atomic_write_text
+from nichelm.model import GPT
+
+# Peak dense bf16 FLOP/s for MFU, by device name fragment.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA GPU is visible; use --set train.device=cpu")
+    return torch.device(name)
+
+
+def lr_at(progress: float, step: int, cfg) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr down to lr * min_lr_ratio as progress goes 0 -> 1."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+class Distributed:
+    """Rank/world from torchrun's environment; a no-op for a single process."""
+
+    def __init__(self, device_name: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world_size > 1
+        if self.enabled and not dist.is_initialized():
+            backend = "nccl" if (device_name != "cpu" and torch.cuda.is_available()) else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend=backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
+            if value.device.type != "cuda":
+                value /= self.world_size
+        return value
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
+    """Train (or resume training) the project's model. Returns a summary dict."""
+    cfg = project.train
+    run = project.run_path
+    shards = run / "data" / "shards"
+    tok_path = run / "tokenizer" / "tokenizer.json"
+    if not tok_path.is_file():
+        raise UserError(f"{tok_path}: no tokenizer; run `nichelm prepare {project.source_file}` first")
+    ddp = Distributed(cfg.device)
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and ddp.enabled:
+        device = torch.device("cuda", ddp.local_rank)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    tokenizer = load_tokenizer(tok_path)
+    input_marker, output_marker = template_markers(project.task.prompt_template)
+    ids = [tokenizer.token_to_id(t) for t in (input_marker, output_marker, project.task.end_marker)]
+    mcfg = model_config(project, tokenizer.get_vocab_size())
+    seq_len = mcfg.block_size
+    train_data = TaskBatches(load_split(shards, "train"), seq_len, *ids, seed=project.seed,
+                             rank=ddp.rank, world_size=ddp.world_size)
+    val_data = TaskBatches(load_split(shards, "val"), seq_len, *ids, seed=project.seed)
+
+    torch.manual_seed(project.seed)
+    model = GPT(mcfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    start_step, elapsed_before, tokens_seen = 0, 0.0, 0
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        start_step, elapsed_before, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
+        if ddp.main:
+            log(f"resuming from {ckpt} (step {start_step})")
+    torch.manual_seed(project.seed + 1000 * start_step + ddp.rank)   # dropout noise, reproducible on resume
+    if ddp.main:
+        _truncate_metrics(run / "metrics.jsonl", start_step)
+        atomic_write_text(run / "model_config.json", json.dumps(mcfg.to_dict(), indent=2) + "\n")
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * ddp.world_size
+    flops_per_step = raw_model.flops_per_token(seq_len) * tokens_per_step
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    budget_s = cfg.max_minutes * 60
+    metrics_file = open(run / "metrics.jsonl", "a") if ddp.main else None
+    progress_bar = _progress(cfg.max_steps, start_step) if ddp.main else None
+    if ddp.main:
+        log(f"model {mcfg.arch} {raw_model.num_params() / 1e6:.2f}M params, {mcfg.n_layer} layers, d={mcfg.n_embd}; "
+            f"{tokens_per_step} tokens/step on {device} x{ddp.world_size}")
+
+    step, t_start = start_step, time.perf_counter()
+    last_loss, val_loss = float("nan"), None
+    t_last = t_start
+    while step < cfg.max_steps:
+        elapsed = elapsed_before + (time.perf_counter() - t_start)
+        if budget_s > 0 and elapsed >= budget_s:
+            break
+        progress = elapsed / budget_s if budget_s > 0 else step / cfg.max_steps
+        lr = lr_at(progress, step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x, y, mask = (t.to(device, non_blocking=True) for t in train_data.get(step, micro, cfg.grad_accum, cfg.batch_size))
+            sync = nullcontext() if (not ddp.enabled or micro == cfg.grad_accum - 1) else model.no_sync()
+            with sync, autocast:
+                _, loss = model(x, y, mask)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+
+        is_last = step >= cfg.max_steps
+        if cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
+            val_loss = evaluate_loss(raw_model, val_data, cfg, device, autocast)
+        if step % cfg.log_every == 0 or is_last:
+            last_loss = ddp.mean(loss_sum / cfg.grad_accum).item()
+            now = time.perf_counter()
+            dt = (now - t_last) / (cfg.log_every if step % cfg.log_every == 0 else 1)
+            t_last = now
+            record = {"step": step, "train_loss": last_loss, "tokens": tokens_seen, "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
+                      "mfu": (flops_per_step / dt / peak / ddp.world_size) if (peak and dt > 0) else None,
+                      "elapsed_s": round(elapsed_before + now - t_start, 3)}
+            if val_loss is not None and step % cfg.eval_every == 0 or (is_last and val_loss is not None):
+                record["val_loss"] = val_loss
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if progress_bar:
+                progress_bar(step, record)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps and ddp.main:
+            _save(run, step, raw_model, optimizer, elapsed_before + time.perf_counter() - t_start, tokens_seen, cfg)
+        if stop_after_steps is not None and step - start_step >= stop_after_steps:
+            break
+
+    if ddp.main:
+        if val_loss is None or step % max(cfg.eval_every, 1) != 0:
+            val_loss = evaluate_loss(raw_model, val_data, cfg, device, autocast)
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        _save(run, step, raw_model, optimizer, elapsed, tokens_seen, cfg)
+        if metrics_file:
+            metrics_file.close()
+        log(f"trained to step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}, "
+            f"{tokens_seen / 1e6:.2f}M tokens in {elapsed / 60:.1f} min")
+    ddp.close()
+    return {"step": step, "train_loss": last_loss, "val_loss": val_loss, "tokens": tokens_seen}
+
+
+def _save(run, step, model, optimizer, elapsed, tokens, cfg):
+    save_checkpoint(run, step, model, optimizer,
+                    {"step": step, "elapsed_s": elapsed, "tokens": tokens, "model_config": model.cfg.to_dict()},
+                    keep=cfg.keep_checkpoints)
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: TaskBatches, cfg, device, autocast) -> float:
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_batches):
+        x, y, mask = (t.to(device) for t in data.fixed(i, cfg.batch_size))
+        with autocast:
+            _, loss = model(x, y, mask)
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """On resume, drop lines logged after the checkpoint so every step appears once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _progress(total: int, start: int):
+    """A tqdm bar on a terminal; a plain line every ~10 s otherwise."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+        def update(step, rec):
+            bar.n = step
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}", refresh=False)
+            bar.refresh()
+        return update
+    last = [0.0]
+
+    def update(step, rec):
+        if time.perf_counter() - last[0] >= 10 or step == total:
+            last[0] = time.perf_counter()
+            val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+            log(f"step {step}/{total} loss {rec['train_loss']:.4f}{val} lr {rec['lr']:.2e} "
+                f"{rec['tokens_per_s'] or 0:.0f} tok/s {rec['elapsed_s'] / 60:.1f} min")
+    return update
