@@ -6,6 +6,7 @@ User errors (UserError) print one line and exit 2; --debug shows the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -65,9 +66,9 @@ def cmd_quickstart(args):
     from nichelm.io import atomic_write_text
     from nichelm.prepare import prepare
     from nichelm.train import train
-    out = Path(args.out)
-    # The copy lives in the run directory and names it as ".", so the run is self-contained.
-    text = re.sub(r'(?m)^run_dir\s*=.*$', 'run_dir = "."', quickstart_template())
+    out = Path(args.out).resolve()
+    # The copy lives in the run directory and names it, so later commands can take it as it is.
+    text = re.sub(r'(?m)^run_dir\s*=.*$', lambda _: f"run_dir = {json.dumps(str(out))}", quickstart_template())
     atomic_write_text(out / "project.toml", text)
     project = load_project(out / "project.toml", args.set or [])
     print(f"quickstart: project {out / 'project.toml'}", file=sys.stderr)

@@ -124,8 +124,8 @@ class Project:
 
     @property
     def run_path(self) -> Path:
-        p = Path(self.run_dir)
-        return p if p.is_absolute() else (self.base_dir / p)
+        """Relative run directories are relative to where the command runs, like any output path."""
+        return Path(self.run_dir).expanduser().resolve()
 
     def resolve(self, path: str) -> Path:
         """A source path: absolute, relative to the project file, or inside an installed package."""

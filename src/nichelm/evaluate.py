@@ -92,7 +92,8 @@ def print_summary(report: dict, examples: int = 3, file=sys.stdout) -> None:
     print(f"{'CER (corpus)':24}{100 * report['cer_before']:>9.2f}%{100 * report['cer_after']:>9.2f}%", file=file)
     print(f"{'WER (corpus)':24}{100 * report['wer_before']:>9.2f}%{100 * report['wer_after']:>9.2f}%", file=file)
     ratio = report.get("cer_ratio")
-    print(f"examples: {report['n_examples']}, CER ratio after/before: {ratio:.3f}, "
+    ratio_text = f"{ratio:.3f}" if ratio is not None else "n/a (no errors before)"
+    print(f"examples: {report['n_examples']}, CER ratio after/before: {ratio_text}, "
           f"made worse: {100 * report['worse_fraction']:.1f}%, made better: {100 * report['better_fraction']:.1f}%",
           file=file)
     if "guard" in report:

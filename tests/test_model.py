@@ -1,0 +1,47 @@
+"""The decoder and its KV-cache decoding."""
+
+import numpy as np
+import pytest
+import torch
+
+from nichelm.data.loader import loss_mask
+from nichelm.generate import generate
+from nichelm.model import GPT, ModelConfig
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_cached_greedy_equals_uncached(arch):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch=arch, vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
+    gens = generate(model, prompts, [10, 10, 10], end_id=0, device=torch.device("cpu"), batch_size=8)
+    for prompt, gen in zip(prompts, gens):
+        x, ref = torch.tensor([prompt]), []
+        for _ in range(10):
+            logits, _ = model(x)
+            nxt = int(logits[0, -1].argmax())
+            ref.append(nxt)
+            if nxt == 0:
+                break
+            x = torch.cat([x, torch.tensor([[nxt]])], 1)
+        assert gen.tokens == (ref[:-1] if ref[-1] == 0 else ref)
+
+
+def test_vocab_padded_and_loss_masked():
+    model = GPT(ModelConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    assert model.wte.weight.shape[0] == 384
+    x = torch.randint(0, 300, (2, 16))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 8:] = True
+    _, loss_masked = model(x, x, mask)
+    logits, _ = model(x)
+    manual = torch.nn.functional.cross_entropy(model(x, x)[0][:, 8:].reshape(-1, 384), x[:, 8:].reshape(-1))
+    assert torch.allclose(loss_masked, manual, atol=1e-5)
+
+
+def test_loss_mask_follows_markers():
+    IN, OUT, END = 1, 2, 0
+    row = np.array([[IN, 5, 6, OUT, 7, 8, END, IN, 9, OUT, 10]])
+    mask = loss_mask(row, IN, OUT, END)[0].tolist()
+    # trained: the positions from the output marker through the last output token (which predicts END)
+    assert mask == [False, False, False, True, True, True, False, False, False, True, True]
