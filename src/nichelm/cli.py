@@ -79,6 +79,13 @@ def cmd_quickstart(args):
     print(f"\nreport: {project.run_path / 'eval' / 'report.json'}")
 
 
+def cmd_bench_train(args):
+    from nichelm.bench import bench_train
+    print(json.dumps(bench_train(preset=args.preset, arch=args.arch, device=args.device, steps=args.steps,
+                                 warmup=args.warmup, batch=args.batch, seq=args.seq, vocab=args.vocab,
+                                 threads=args.threads, compile=args.compile, peak_tflops=args.peak_tflops)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nichelm", description="Specialized pre-training of small language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -109,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_quickstart)
+
+    bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("train", help="training tokens/s and MFU of one model shape on random tokens")
+    p.add_argument("--preset", default="d6")
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: known GPUs)")
+    p.set_defaults(func=cmd_bench_train)
     return parser
 
 

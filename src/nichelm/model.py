@@ -215,7 +215,8 @@ class GPT(nn.Module):
             return (self.rope_cos[offset:offset + T][None, None], self.rope_sin[offset:offset + T][None, None])
         return (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])   # per-row positions
 
-    def forward(self, idx, targets=None, loss_mask=None, positions=None, cache: KVCache | None = None, mask=None):
+    def forward(self, idx, targets=None, loss_mask=None, positions=None, cache: KVCache | None = None, mask=None,
+                reduction: str = "mean"):
         """idx (B, T) token ids. targets/loss_mask (B, T): loss only where loss_mask is true.
 
         positions (B, T) gives per-row positions for left-padded generation; cache and mask are
@@ -241,7 +242,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x).float()
         if loss_mask is not None:
             targets = targets.masked_fill(~loss_mask, -100)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                               reduction=reduction)
         return logits, loss
 
     def flops_per_token(self, seq_len: int) -> float:

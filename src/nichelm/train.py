@@ -79,12 +79,19 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.enabled:
-            dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
-            if value.device.type != "cuda":
-                value /= self.world_size
+            if dist.get_backend() == "nccl":
+                value = value.cuda()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        value = torch.tensor(float(flag), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def close(self):
         if self.enabled and dist.is_initialized():
@@ -127,7 +134,9 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
         start_step, elapsed_before, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
         if ddp.main:
             log(f"resuming from {ckpt} (step {start_step})")
-    torch.manual_seed(project.seed + 1000 * start_step + ddp.rank)   # dropout noise, reproducible on resume
+    # The RNG (dropout) continues from the checkpoint when resuming; ranks draw differently.
+    if ckpt is None:
+        torch.manual_seed(project.seed + ddp.rank)
     if ddp.main:
         _truncate_metrics(run / "metrics.jsonl", start_step)
         atomic_write_text(run / "model_config.json", json.dumps(mcfg.to_dict(), indent=2) + "\n")
@@ -155,19 +164,25 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
     t_last = t_start
     while step < cfg.max_steps:
         elapsed = elapsed_before + (time.perf_counter() - t_start)
-        if budget_s > 0 and elapsed >= budget_s:
+        if budget_s > 0 and ddp.any(elapsed >= budget_s):     # ranks must agree on when to stop
             break
         progress = elapsed / budget_s if budget_s > 0 else step / cfg.max_steps
         lr = lr_at(progress, step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # Normalise by the output tokens of the whole global step (all micro-batches, all ranks), so
+        # N processes x B rows compute exactly the loss and gradient of one process with N*B rows.
+        batches = [train_data.get(step, micro, cfg.grad_accum, cfg.batch_size) for micro in range(cfg.grad_accum)]
+        n_tokens = ddp.sum(torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))).item()
         loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            x, y, mask = (t.to(device, non_blocking=True) for t in train_data.get(step, micro, cfg.grad_accum, cfg.batch_size))
+        for micro, batch in enumerate(batches):
+            x, y, mask = (t.to(device, non_blocking=True) for t in batch)
             sync = nullcontext() if (not ddp.enabled or micro == cfg.grad_accum - 1) else model.no_sync()
-            with sync, autocast:
-                _, loss = model(x, y, mask)
-            (loss / cfg.grad_accum).backward()
+            with sync:
+                with autocast:
+                    _, loss = model(x, y, mask, reduction="sum")
+                # DDP averages gradients over ranks; scale by world size so the result is a global-token mean.
+                (loss * ddp.world_size / max(n_tokens, 1.0)).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
@@ -179,7 +194,7 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
         if cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
             val_loss = evaluate_loss(raw_model, val_data, cfg, device, autocast)
         if step % cfg.log_every == 0 or is_last:
-            last_loss = ddp.mean(loss_sum / cfg.grad_accum).item()
+            last_loss = ddp.sum(loss_sum).item() / max(n_tokens, 1.0)
             now = time.perf_counter()
             dt = (now - t_last) / (cfg.log_every if step % cfg.log_every == 0 else 1)
             t_last = now

@@ -1,0 +1,72 @@
+"""`nichelm bench train`: training throughput of one model shape on random tokens.
+
+Times whole optimizer steps (forward, backward, clip, AdamW) after warm-up steps, so
+the figure is what a training run would see. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nichelm.model import GPT, PRESETS, ModelConfig
+from nichelm.train import PEAK_FLOPS, make_optimizer
+
+
+class _OptimizerSettings:
+    lr, beta1, beta2, weight_decay = 3e-4, 0.9, 0.95, 0.1
+
+
+def bench_train(preset: str = "d6", arch: str = "gpt2", device: str = "cpu", steps: int = 10, warmup: int = 3,
+                batch: int = 8, seq: int = 256, vocab: int = 50257, threads: int = 0, compile: bool = False,
+                peak_tflops: float | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=vocab, block_size=seq, **PRESETS[preset])
+    model = GPT(cfg).to(dev)
+    optimizer = make_optimizer(model, _OptimizerSettings, dev)
+    step_model = torch.compile(model) if compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    x = torch.randint(0, vocab, (batch, seq), device=dev)
+    y = torch.randint(0, vocab, (batch, seq), device=dev)
+
+    def one_step():
+        with autocast:
+            _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        one_step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = one_step()
+    loss.item()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    tokens_per_s = batch * seq * steps / seconds
+    if peak_tflops is None and dev.type == "cuda":
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(dev)), None)
+    else:
+        peak = peak_tflops * 1e12 if peak_tflops else None
+    return {
+        "tokens_per_s": tokens_per_s,
+        "mfu": model.flops_per_token(seq) * tokens_per_s / peak if peak else None,
+        "step_ms": 1000 * seconds / steps,
+        "arch": arch, "preset": preset, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+        "seq_len": seq, "batch_size": batch, "vocab_size": vocab, "params": model.num_params(),
+        "threads": torch.get_num_threads(), "device": str(dev), "compile": compile, "steps": steps,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None,
+        "torch": torch.__version__,
+    }
