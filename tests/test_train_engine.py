@@ -66,3 +66,27 @@ def test_sigkill_then_resume_is_bit_identical(tiny_project, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
     assert losses(killed) == losses(full)          # bit for bit: same floats, every step once
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("muon", "wsd"), ("adamw", "cosine")])
+def test_stop_and_resume_in_process(tiny_project, tmp_path, optimizer, schedule):
+    """Stopping after 4 steps and resuming gives the losses of one uninterrupted run (both optimizers)."""
+    import torch
+
+    from nichelm.config import load_project
+    from nichelm.prepare import prepare
+    from nichelm.train import train
+
+    torch.set_num_threads(1)
+    runs = {}
+    for name in ("straight", "resumed"):
+        project = load_project(tiny_project, [f"run_dir={tmp_path / name}", "train.max_steps=8", "train.eval_every=0",
+                                              f"train.optimizer={optimizer}", f"train.schedule={schedule}"])
+        prepare(project)
+        if name == "resumed":
+            train(project, stop_after_steps=4)
+            assert len(losses(project.run_path)) == 4
+        train(project)
+        runs[name] = losses(project.run_path)
+    assert runs["straight"] == runs["resumed"]
+    assert runs["straight"][-1][1] < runs["straight"][0][1]

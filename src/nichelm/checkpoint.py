@@ -1,7 +1,7 @@
 """Checkpoints: run/checkpoints/step_NNNNNNN/ with safetensors + json, no pickle.
 
   model.safetensors      weights (fp32)
-  optimizer.safetensors  every optimizer state tensor, keyed "state.<param index>.<name>"
+  optimizer.safetensors  every optimizer state tensor, keyed "opt<j>.<param index>.<name>"
   trainer.json           step, elapsed time, tokens seen, param groups, RNG states, model config
   COMPLETE               written last: a folder without it is ignored (a crash mid-write loses nothing)
 """
@@ -66,20 +66,22 @@ def save_checkpoint(run: Path, step: int, model, optimizer, trainer_state: dict,
         shutil.rmtree(out)
     out.mkdir(parents=True)
     _save_tensors(model_state(model), out / "model.safetensors")
-    opt = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in opt["state"].items():
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{idx}.{name}"] = value
-            else:
-                scalars[f"{idx}.{name}"] = value
+    tensors, scalars, groups = {}, {}, []
+    for j, opt in enumerate(optimizer.optimizers):
+        sd = opt.state_dict()
+        groups.append(sd["param_groups"])
+        for idx, st in sd["state"].items():
+            for name, value in st.items():
+                if torch.is_tensor(value):
+                    tensors[f"opt{j}.{idx}.{name}"] = value
+                else:
+                    scalars[f"opt{j}.{idx}.{name}"] = value
     _save_tensors(tensors, out / "optimizer.safetensors")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     _save_tensors(rng, out / "rng.safetensors")
-    state = dict(trainer_state, param_groups=opt["param_groups"], optimizer_scalars=scalars)
+    state = dict(trainer_state, param_groups=groups, optimizer_scalars=scalars)
     atomic_write_json(out / "trainer.json", state)
     atomic_write_text(out / MARKER, f"step {step}\n")
     for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
@@ -90,15 +92,17 @@ def save_checkpoint(run: Path, step: int, model, optimizer, trainer_state: dict,
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     load_model_weights(model, path / "model.safetensors")
     state = json.loads((path / "trainer.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        opt_state.setdefault(int(idx), {})[name] = value
-    for key, value in state.get("optimizer_scalars", {}).items():
-        idx, name = key.split(".", 1)
-        opt_state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    entries = list(load_file(str(path / "optimizer.safetensors")).items())
+    entries += list(state.get("optimizer_scalars", {}).items())
+    per_opt: list[dict[int, dict]] = [{} for _ in optimizer.optimizers]
+    for key, value in entries:
+        j, idx, name = key.split(".", 2)
+        per_opt[int(j[3:])].setdefault(int(idx), {})[name] = value
+    if len(state["param_groups"]) != len(optimizer.optimizers):
+        raise ValueError(f"{path}: checkpoint has {len(state['param_groups'])} optimizers, the run has "
+                         f"{len(optimizer.optimizers)}; keep train.optimizer as it was or start a new run_dir")
+    for opt, st, groups in zip(optimizer.optimizers, per_opt, state["param_groups"]):
+        opt.load_state_dict({"state": st, "param_groups": groups})
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

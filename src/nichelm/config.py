@@ -81,7 +81,10 @@ class TrainConfig:
     max_minutes: float = 0.0         # >0: wall-clock budget; the lr schedule then follows elapsed time
     batch_size: int = 32             # rows per micro-batch per process
     grad_accum: int = 1
+    optimizer: str = "adamw"         # adamw | muon (Muon on hidden matrices, AdamW on the rest)
     lr: float = 3e-3
+    schedule: str = "cosine"         # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2      # wsd: share of the run spent decaying
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1
@@ -292,6 +295,10 @@ def validate(p: Project, file: str) -> None:
         raise UserError(f"{file}: 'model.preset' is {p.model.preset!r}; use one of {', '.join(PRESETS)}")
     if not 0 <= p.split.val_fraction + p.split.test_fraction < 1:
         raise UserError(f"{file}: 'split.val_fraction' + 'split.test_fraction' must be below 1")
+    if p.train.optimizer not in ("adamw", "muon"):
+        raise UserError(f"{file}: 'train.optimizer' is {p.train.optimizer!r}; use adamw or muon")
+    if p.train.schedule not in ("cosine", "wsd"):
+        raise UserError(f"{file}: 'train.schedule' is {p.train.schedule!r}; use cosine or wsd")
     if p.train.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"{file}: 'train.device' is {p.train.device!r}; use auto, cpu or cuda")
     for key in ("max_steps", "batch_size", "grad_accum"):

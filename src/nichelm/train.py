@@ -44,21 +44,57 @@ def pick_device(name: str) -> torch.device:
 
 
 def lr_at(progress: float, step: int, cfg) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr down to lr * min_lr_ratio as progress goes 0 -> 1."""
+    """Linear warmup over warmup_steps, then decay to lr * min_lr_ratio as progress goes 0 -> 1.
+
+    cosine: the whole run decays. wsd (warmup-stable-decay): constant, then a linear decay over
+    the last decay_fraction of the run, so a run can be extended before its decay starts.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(max(progress, 0.0), 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
+    if getattr(cfg, "schedule", "cosine") == "wsd":
+        start = 1.0 - cfg.decay_fraction
+        return cfg.lr if progress < start else cfg.lr - (cfg.lr - floor) * (progress - start) / cfg.decay_fraction
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+class Optimizers:
+    """Several optimizers stepped as one (Muon for hidden matrices + AdamW for the rest)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> Optimizers:
+    """AdamW with weight decay on matrices only; or Muon on the blocks' matrices (as in modded-nanogpt)
+    with AdamW on embeddings, head, norms and biases."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in params if p.dim() == 2 and n.startswith("blocks.")]
+    use_muon = getattr(cfg, "optimizer", "adamw") == "muon"
+    muon_ids = {id(p) for p in hidden} if use_muon else set()
+    decay = [p for _, p in params if p.dim() >= 2 and id(p) not in muon_ids]
+    no_decay = [p for _, p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=device.type == "cuda")
+    opts = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                              fused=device.type == "cuda")]
+    if use_muon:
+        # match_rms_adamw scales Muon's update to AdamW's RMS, so one lr schedule serves both.
+        opts.insert(0, torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        adjust_lr_fn="match_rms_adamw"))
+    return Optimizers(opts)
 
 
 class Distributed:
