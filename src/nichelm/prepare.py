@@ -95,6 +95,19 @@ def read_source(project: Project, src: SourceConfig, index: int) -> list[Documen
     return docs
 
 
+def scoring_units(doc: Document, fmt: str) -> list[tuple[str, str]]:
+    """(OCR, gold) pairs for the raw-OCR CER, at the source's own unit of alignment.
+
+    csv/jsonl rows are independent sentence pairs (BLN600's published CER is over rows), so
+    each row counts alone, without the separator the reader puts between rows. ICDAR and
+    text sources are whole documents.
+    """
+    pairs = [(s.input, s.output) for s in doc.segments if s.input is not None]
+    if fmt in ("csv", "jsonl"):
+        return [(i.strip(), o.strip()) for i, o in pairs]
+    return [("".join(i for i, _ in pairs).strip(), "".join(o for _, o in pairs).strip())] if pairs else []
+
+
 def split_of(seed: int, source: str, doc_id: str, val: float, test: float) -> str:
     """A document's split from a seeded hash: stable across runs and independent of order."""
     h = hashlib.sha256(f"{seed}\x00{source}\x00{doc_id}".encode()).digest()
@@ -151,9 +164,8 @@ def prepare(project: Project, force: bool = False) -> dict:
                 project.seed, name, doc.doc_id, split_cfg.val_fraction, split_cfg.test_fraction)
             counts[f"documents_{split}"] += 1
             if src.role == "pairs":
-                for seg in doc.segments:
-                    if seg.input is not None:
-                        raw_score.add(seg.input, seg.output)
+                for ocr, gold in scoring_units(doc, src.format):
+                    raw_score.add(ocr, gold)
             for w_index, window in enumerate(pair_segments_to_windows(doc, project.task.window_chars)):
                 synthetic = window.input is None
                 source_text = noise.corrupt(window.output, f"{name}\x00{doc.doc_id}\x00{w_index}") if synthetic else window.input
