@@ -197,7 +197,7 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
 
     step, t_start = start_step, time.perf_counter()
     last_loss, val_loss = float("nan"), None
-    t_last = t_start
+    t_last, steps_since_log, eval_seconds = t_start, 0, 0.0   # tokens/s excludes validation time
     while step < cfg.max_steps:
         elapsed = elapsed_before + (time.perf_counter() - t_start)
         if budget_s > 0 and ddp.any(elapsed >= budget_s):     # ranks must agree on when to stop
@@ -227,19 +227,23 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
         tokens_seen += tokens_per_step
 
         is_last = step >= cfg.max_steps
-        if cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
+        evaluated_now = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or is_last)
+        if evaluated_now:
+            t_eval = time.perf_counter()
             val_loss = evaluate_loss(raw_model, val_data, cfg, device, autocast)
+            eval_seconds += time.perf_counter() - t_eval
+        steps_since_log += 1
         if step % cfg.log_every == 0 or is_last:
             last_loss = ddp.sum(loss_sum).item() / max(n_tokens, 1.0)
             now = time.perf_counter()
-            dt = (now - t_last) / (cfg.log_every if step % cfg.log_every == 0 else 1)
-            t_last = now
+            dt = (now - t_last - eval_seconds) / steps_since_log        # seconds per training step
+            t_last, steps_since_log, eval_seconds = now, 0, 0.0
             record = {"step": step, "train_loss": last_loss, "tokens": tokens_seen, "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
                       "mfu": (flops_per_step / dt / peak / ddp.world_size) if (peak and dt > 0) else None,
                       "elapsed_s": round(elapsed_before + now - t_start, 3)}
-            if val_loss is not None and step % cfg.eval_every == 0 or (is_last and val_loss is not None):
+            if evaluated_now:
                 record["val_loss"] = val_loss
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
@@ -252,8 +256,8 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
             break
 
     if ddp.main:
-        if val_loss is None or step % max(cfg.eval_every, 1) != 0:
-            val_loss = evaluate_loss(raw_model, val_data, cfg, device, autocast)
+        if not (cfg.eval_every and val_loss is not None and step % cfg.eval_every == 0):
+            val_loss = evaluate_loss(raw_model, val_data, cfg, device, autocast)   # the final figure
         elapsed = elapsed_before + time.perf_counter() - t_start
         _save(run, step, raw_model, optimizer, elapsed, tokens_seen, cfg)
         if metrics_file:
