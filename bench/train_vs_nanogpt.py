@@ -7,6 +7,7 @@ the best round of each is reported. Prints one JSON object.
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import sys
@@ -22,12 +23,13 @@ from nichelm.model import PRESETS
 def bench_nanogpt(path: Path, preset: str, batch: int, seq: int, vocab: int, steps: int, warmup: int) -> dict:
     spec = importlib.util.spec_from_file_location("nanogpt_model", path / "model.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     shape = PRESETS[preset]
     torch.manual_seed(0)
-    model = mod.GPT(mod.GPTConfig(block_size=seq, vocab_size=vocab, n_layer=shape["n_layer"],
-                                  n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=0.0, bias=True))
-    optimizer = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cpu")
+    with contextlib.redirect_stdout(sys.stderr):      # nanoGPT prints; keep stdout one JSON object
+        spec.loader.exec_module(mod)
+        model = mod.GPT(mod.GPTConfig(block_size=seq, vocab_size=vocab, n_layer=shape["n_layer"],
+                                      n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=0.0, bias=True))
+        optimizer = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cpu")
     x = torch.randint(0, vocab, (batch, seq))
     y = torch.randint(0, vocab, (batch, seq))
 

@@ -64,7 +64,9 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new: list[int], end
         if bool(done.all()) or t == steps - 1:
             break
         valid[:, L + t] = True
-        positions = (L + t - pad)[:, None]
+        # A row that already finished keeps stepping with the batch; clamp its position so it never
+        # runs past the position tables (its tokens are discarded anyway).
+        positions = (L + t - pad).clamp(max=model.cfg.block_size - 1)[:, None]
         logits, _ = model(nxt[:, None], positions=positions, cache=cache, mask=_mask(valid[:, :L + t + 1], 1))
     results = []
     for i in range(B):
