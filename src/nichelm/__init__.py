@@ -1,3 +1,12 @@
 """nichelm: specialized pre-training of small language models for one job."""
 
 __version__ = "0.1.0"
+
+
+def load(path, device: str = "cpu", **kwargs):
+    """A Corrector for a run directory, project file or hf export: ``nichelm.load(p).correct(texts)``.
+
+    Imported lazily so `import nichelm` stays cheap (no torch).
+    """
+    from nichelm.export import load_corrector
+    return load_corrector(path, device=device, **kwargs)

@@ -30,11 +30,26 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from nichelm.evaluate import evaluate_project, print_summary
-    project = _project(args)
-    report = evaluate_project(project, device=args.device)
-    print_summary(report)
-    print(f"\nreport: {project.run_path / 'eval' / 'report.json'}")
+    from nichelm.evaluate import evaluate_external, evaluate_project, print_external_summary, print_summary
+    if args.data is None:
+        if args.project is None:
+            raise UserError("evaluate needs a project file, or --data PATH [--format FMT] [--model RUN]")
+        project = _project(args)
+        report = evaluate_project(project, device=args.device)
+        print_summary(report)
+        print(f"\nreport: {project.run_path / 'eval' / 'report.json'}\n        "
+              f"{project.run_path / 'eval' / 'report.html'}")
+        return
+    model = args.model
+    if model is None and args.project is not None and not args.no_model:
+        model = _project(args).run_path          # the project's own model on outside data
+    if args.no_model:
+        model = None
+    report, out = evaluate_external(Path(args.data), args.format, model=Path(model) if model else None,
+                                    gold=Path(args.gold) if args.gold else None,
+                                    out=Path(args.out) if args.out else None, max_docs=args.max_docs,
+                                    device=args.device, guard_max_change=args.guard)
+    print_external_summary(report, out)
 
 
 def cmd_correct(args):
@@ -53,6 +68,21 @@ def cmd_correct(args):
     corrector = Corrector.from_run(run, device=args.device, guard_max_change=args.guard)
     sys.stdout.write(corrector.correct([text], guard=args.guard >= 0)[0])
     sys.stdout.flush()
+
+
+def cmd_export(args):
+    from nichelm.export import export
+    print(export(args.project, args.format, args.out, args.set or []))
+
+
+def cmd_apply(args):
+    from nichelm.apply import apply, print_report
+    report = apply(args.model, args.input, args.output, shard=args.shard, batch_size=args.batch_size,
+                   threads=args.threads, text_field=args.text_field, output_field=args.output_field,
+                   guard_max_change=args.guard, device=args.device)
+    print_report(report)
+    if report.failed_count:
+        raise SystemExit(1)      # some inputs were skipped; everything else was written
 
 
 def quickstart_template() -> str:
@@ -102,7 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
     p = with_project(sub.add_parser("train", help="train (or resume training) the model"))
     p.set_defaults(func=cmd_train)
-    p = with_project(sub.add_parser("evaluate", help="CER/WER before and after on the test split"))
+    p = sub.add_parser("evaluate", help="CER/WER before and after: a project's test split, or any pair set (--data)")
+    p.add_argument("project", nargs="?", help="project file (TOML); optional with --data")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a project value, e.g. --set train.max_steps=200 (repeatable)")
+    p.add_argument("--data", help="score a pair set instead of the test split: a file or folder")
+    p.add_argument("--format", choices=["icdar", "icdar-lines", "bln600", "csv", "jsonl"],
+                   help="format of --data (default: guessed: folder=icdar, .csv=bln600, .jsonl=jsonl)")
+    p.add_argument("--gold", help="the GS file paired line by line with --data (icdar-lines)")
+    p.add_argument("--model", help="run directory (or export directory) to evaluate; default: the project's run, "
+                                   "or none (raw OCR)")
+    p.add_argument("--no-model", action="store_true", help="score the raw OCR only (after = before)")
+    p.add_argument("--out", help="report folder (default RUN/eval/external/NAME, or ./eval-NAME without a model)")
+    p.add_argument("--max-docs", type=int, default=0, help="only the first N documents (0: all)")
+    p.add_argument("--guard", type=float, default=0.15,
+                   help="keep a window's input when the output differs by more than this share (-1: off)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("correct", help="print the corrected text of a file or stdin")
@@ -112,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guard", type=float, default=0.15,
                    help="keep a window's input when the output differs by more than this share (-1: off)")
     p.set_defaults(func=cmd_correct)
+    p = with_project(sub.add_parser("export", help="write the model for transformers, llama.cpp or CTranslate2"))
+    p.add_argument("--format", default="hf", choices=["hf", "gguf", "ct2"])
+    p.add_argument("--out", help="output folder (default RUN/export/FORMAT)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("apply", help="correct files or folders of .txt/.jsonl with a model, resumably")
+    p.add_argument("--model", required=True, help="a run directory, a project file or an hf export folder")
+    p.add_argument("--input", required=True, nargs="+", help=".txt or .jsonl files, or folders of them")
+    p.add_argument("--output", required=True, help="output folder; outputs mirror the input names")
+    p.add_argument("--shard", help="I/N: take only shard I of N (0-based), e.g. 0/4")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--text-field", default="text", help="jsonl: the field holding the text")
+    p.add_argument("--output-field", default="corrected", help="jsonl: the field added to each output line")
+    p.add_argument("--guard", type=float, default=0.15,
+                   help="keep a window's input when the output differs by more than this share (-1: off)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_apply)
     p = sub.add_parser("quickstart", help="prepare, train and evaluate the embedded default on CPU")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")

@@ -16,12 +16,12 @@ from rapidfuzz.distance import Levenshtein
 
 def char_distance(hyp: str, ref: str) -> int:
     """Character-level Levenshtein distance (unit costs)."""
-    return Levenshtein.distance(hyp, ref)
+    return Levenshtein.distance(hyp, ref, score_hint=16)   # the hint only picks a faster method
 
 
 def word_distance(hyp: str, ref: str) -> int:
     """Word-level Levenshtein distance over whitespace-split tokens."""
-    return Levenshtein.distance(hyp.split(), ref.split())
+    return Levenshtein.distance(hyp.split(), ref.split(), score_hint=16)
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _change_chunks(before: str, after: str) -> list[tuple[bool, str, str]]:
     Unchanged chunks have ``old == new``.
     """
     chunks: list[tuple[bool, str, str]] = []
-    for op in Levenshtein.opcodes(before, after):
+    for op in Levenshtein.opcodes(before, after, score_hint=16):
         old = before[op.src_start : op.src_end]
         new = after[op.dest_start : op.dest_end]
         changed = op.tag != "equal"

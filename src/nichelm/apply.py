@@ -1,0 +1,553 @@
+"""`nichelm apply`: correct a whole corpus with a trained model or an export, resumably, in shards.
+
+Inputs are .txt files (one document each), .jsonl files (one document per line, the text in
+``text_field``) or folders of them (recursive). Outputs mirror the inputs under OUT: a folder
+input's files keep their path inside the folder, a file input keeps its name.
+
+Documents from many files are corrected together (windows of all of them share batches),
+then written in input order. Crash safety without a database:
+
+- a text output is written atomically, then a line naming it is appended to the ledger
+  (OUT/.nichelm-ledger.shard-I-of-N.jsonl) and fsync'd;
+- a jsonl output grows in OUT/.NAME.partial; after each group of documents the partial file
+  is fsync'd, then a ledger line records how many input lines and output bytes it holds.
+  On resume the partial file is cut back to the recorded size and reading restarts at the
+  recorded line, so a kill at any moment loses only unrecorded work and duplicates nothing;
+  when the input ends the partial file is renamed onto the final name.
+
+Unreadable inputs (binary, bad UTF-8, malformed jsonl line, missing field) are reported by
+name and skipped; the run carries on and ``ApplyReport.failed`` lists them (exit code 1).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nichelm.errors import UserError
+from nichelm.io import atomic_write_text
+
+TEXT_SUFFIXES = (".txt",)
+JSONL_SUFFIXES = (".jsonl",)
+MAX_LISTED_FAILURES = 100           # per jsonl file in the ledger; the count is always exact
+
+
+# ---------------------------------------------------------------- inputs and shards
+
+@dataclass(frozen=True)
+class Unit:
+    """One input file and the name its output gets under OUT."""
+    path: Path
+    rel: str                        # posix path relative to OUT
+    kind: str                       # "text" | "jsonl"
+
+
+def _kind(path: Path) -> str:
+    return "jsonl" if path.name.endswith(JSONL_SUFFIXES) else "text"
+
+
+def discover(inputs: list[str | Path]) -> list[Unit]:
+    """Every input file, sorted by output name; two inputs that map to one output name are an error."""
+    units: dict[str, Unit] = {}
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = [Unit(p, p.relative_to(path).as_posix(), _kind(p)) for p in sorted(path.rglob("*"))
+                     if p.is_file() and p.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+                     and not p.name.startswith(".")]
+        elif path.is_file():
+            found = [Unit(path, path.name, _kind(path))]
+        else:
+            raise UserError(f"--input {raw}: no such file or folder")
+        for u in found:
+            other = units.get(u.rel)
+            if other is not None and other.path.resolve() != u.path.resolve():
+                raise UserError(f"--input: {other.path} and {u.path} would both be written to {u.rel}; "
+                                "apply them in separate runs with separate --output folders")
+            units[u.rel] = u
+    return [units[k] for k in sorted(units)]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'1/4' -> (1, 4): this process takes shard 1 of 4 (0-based)."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r}: expected I/N, e.g. --shard 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard {text}: need 0 <= I < N, e.g. --shard 0/4 ... 3/4")
+    return i, n
+
+
+def shard_of(rel: str, n: int) -> int:
+    """A stable hash of the output name: the same file lands in the same shard on every machine,
+    whatever else each machine's input list holds."""
+    return int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:8], "big") % n
+
+
+# ---------------------------------------------------------------- the ledger
+
+@dataclass
+class FileState:
+    """What the ledger says about one input file (records are cumulative per file)."""
+    done: bool = False
+    lines: int = 0                  # jsonl: input lines consumed
+    bytes: int = 0                  # jsonl: output bytes written to the partial file
+    docs: int = 0
+    windows: int = 0
+    kept_too_different: int = 0
+    kept_hit_limit: int = 0
+    tokens: int = 0
+    failed_count: int = 0
+    failed: list = field(default_factory=list)   # ["file:line: why", ...], at most MAX_LISTED_FAILURES
+
+    def record(self, rel: str, event: str) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "done"}
+        return {"event": event, "file": rel, **d}
+
+
+class Ledger:
+    """Append-only jsonl, one per shard, fsync'd after every record; locked against a second writer."""
+
+    def __init__(self, out: Path, shard: tuple[int, int]):
+        self.path = out / f".nichelm-ledger.shard-{shard[0]}-of-{shard[1]}.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        self.files: dict[str, FileState] = {}
+        self.settings: dict | None = None
+        self._fh = open(self.path, "a+b")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            raise UserError(f"{self.path}: another `nichelm apply` is writing this shard of {out}; "
+                            "wait for it or use another --output") from None
+        self._load()
+
+    def _load(self) -> None:
+        self._fh.seek(0)
+        data = self._fh.read()
+        keep = data.rfind(b"\n") + 1          # a line cut by a kill is dropped (its work is redone)
+        if keep < len(data):
+            self._fh.truncate(keep)
+        for n, line in enumerate(data[:keep].splitlines(), 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise UserError(f"{self.path}:{n}: not JSON; the ledger was edited by hand? "
+                                "delete the --output folder to start over") from None
+            if rec["event"] == "start":
+                self.settings = self.settings or rec["settings"]
+            else:
+                fields = {k: v for k, v in rec.items() if k not in ("event", "file")}
+                self.files[rec["file"]] = FileState(done=rec["event"] == "done", **fields)
+
+    def check_settings(self, settings: dict) -> None:
+        """Resuming with another model or other settings would mix two runs' outputs."""
+        if self.settings is not None:
+            for key in sorted(set(settings) | set(self.settings)):
+                if settings.get(key) != self.settings.get(key):
+                    raise UserError(f"{self.path}: this output folder was written with {key} = "
+                                    f"{self.settings.get(key)!r}, now {settings.get(key)!r}; use a new --output "
+                                    "folder (or delete it to start over)")
+        self.append({"event": "start", "settings": settings, "time": time.time()})
+        self.settings = self.settings or settings
+
+    def append(self, rec: dict) -> None:
+        self._fh.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def put(self, rel: str, state: FileState, done: bool) -> None:
+        state.done = done
+        self.files[rel] = state
+        self.append(state.record(rel, "done" if done else "progress"))
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+# ---------------------------------------------------------------- reading documents
+
+@dataclass
+class Doc:
+    unit: Unit
+    line: int                       # jsonl: 1-based input line; text: 0
+    text: str
+    record: dict | None = None      # jsonl: the input object
+
+
+@dataclass
+class Failure:
+    unit: Unit
+    line: int
+    why: str
+
+    def __str__(self):
+        return f"{self.unit.path}{f':{self.line}' if self.line else ''}: {self.why}"
+
+
+@dataclass
+class UnitEnd:
+    unit: Unit
+
+
+def read_text_unit(unit: Unit):
+    try:
+        data = unit.path.read_bytes()
+    except OSError as e:
+        yield Failure(unit, 0, f"cannot read ({e.strerror}); skipped")
+        return
+    if b"\x00" in data:
+        yield Failure(unit, 0, "binary file (NUL bytes), not text; skipped")
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield Failure(unit, 0, f"not UTF-8 (byte {e.start}); convert it to UTF-8; skipped")
+        return
+    yield Doc(unit, 0, text)
+    yield UnitEnd(unit)
+
+
+def read_jsonl_unit(unit: Unit, text_field: str, start_line: int):
+    """Documents from line start_line+1 on; bad lines become Failures (the rest still runs)."""
+    try:
+        fh = open(unit.path, "rb")
+    except OSError as e:
+        yield Failure(unit, 0, f"cannot read ({e.strerror}); skipped")
+        return
+    with fh:
+        for n, raw in enumerate(fh, 1):
+            if n <= start_line:
+                continue
+            yield _jsonl_line(unit, n, raw, text_field)
+    yield UnitEnd(unit)
+
+
+def _jsonl_line(unit: Unit, n: int, raw: bytes, text_field: str):
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Failure(unit, n, f"not UTF-8 (byte {e.start} of the line); skipped")
+    if not line.strip():
+        return None                              # blank line: nothing to correct, nothing to write
+    try:
+        rec = json.loads(line)
+    except ValueError as e:
+        return Failure(unit, n, f"not JSON ({e.msg}); skipped")
+    if not isinstance(rec, dict):
+        return Failure(unit, n, "not a JSON object; skipped")
+    if text_field not in rec:
+        return Failure(unit, n, f"no field {text_field!r} (set --text-field); skipped")
+    if not isinstance(rec[text_field], str):
+        return Failure(unit, n, f"field {text_field!r} is not a string; skipped")
+    return Doc(unit, n, rec[text_field], rec)
+
+
+def events(units: list[Unit], ledger: Ledger, text_field: str, resume_line):
+    """Docs, Failures and UnitEnds of every unfinished unit, in order.
+
+    resume_line(unit) gives the jsonl line to go on from, after checking the partial output
+    really holds what the ledger says (Writer.resume_line)."""
+    for unit in units:
+        state = ledger.files.get(unit.rel)
+        if state is not None and state.done:
+            continue
+        if unit.kind == "text":
+            yield from read_text_unit(unit)
+        else:
+            for ev in read_jsonl_unit(unit, text_field, resume_line(unit)):
+                if ev is not None:
+                    yield ev
+
+
+# ---------------------------------------------------------------- correcting
+
+@dataclass
+class DocResult:
+    text: str
+    windows: int = 0
+    kept_too_different: int = 0
+    kept_hit_limit: int = 0
+    tokens: int = 0                 # tokens the model wrote (its raw output, before the guard)
+
+
+def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[DocResult]:
+    """Corrector.correct, plus per-document guard counts: windows of all texts share batches."""
+    from nichelm.inference import cut_windows
+    cut = [cut_windows(t, corrector.window_chars) for t in texts]
+    fixed = corrector.correct_windows([chunk for pieces in cut for chunk, _ in pieces])
+    tokens = [len(e.ids) for e in corrector.tokenizer.encode_batch([c.raw for c in fixed])] if fixed else []
+    results, k = [], 0
+    for pieces in cut:
+        r, parts = DocResult(""), []
+        for _, sep in pieces:
+            c = fixed[k]
+            parts.append((c.text if guard else c.raw) + sep)
+            r.windows += 1
+            r.kept_too_different += c.kept_input == "too_different"
+            r.kept_hit_limit += c.kept_input == "hit_limit"
+            r.tokens += tokens[k]
+            k += 1
+        r.text = "".join(parts)
+        results.append(r)
+    return results
+
+
+# ---------------------------------------------------------------- writing
+
+class Writer:
+    """Turns corrected documents into files and ledger records, in input order."""
+
+    def __init__(self, out: Path, ledger: Ledger, output_field: str):
+        self.out, self.ledger, self.output_field = out, ledger, output_field
+        self.open: dict[str, tuple] = {}          # rel -> (file handle, FileState) for jsonl outputs
+        self.file_failures: list[str] = []        # whole files skipped by this run (jsonl lines go to the ledger)
+
+    def partial_path(self, rel: str) -> Path:
+        final = self.out / rel
+        return final.with_name(f".{final.name}.partial")
+
+    def _jsonl(self, unit: Unit):
+        """The open partial output of a jsonl unit, cut back to what the ledger recorded."""
+        if unit.rel in self.open:
+            return self.open[unit.rel]
+        state = self.ledger.files.get(unit.rel) or FileState()
+        part, final = self.partial_path(unit.rel), self.out / unit.rel
+        part.parent.mkdir(parents=True, exist_ok=True)
+        if not part.exists() and final.exists() and state.bytes and final.stat().st_size == state.bytes:
+            final.rename(part)                     # killed after the final rename, before the ledger line
+        if not part.exists() or part.stat().st_size < state.bytes:
+            state = FileState()                    # the partial output is gone: start this file over
+        fh = open(part, "r+b" if part.exists() else "w+b")
+        fh.truncate(state.bytes)
+        fh.seek(state.bytes)
+        self.open[unit.rel] = (fh, state)
+        return fh, state
+
+    def resume_line(self, unit: Unit) -> int:
+        return self._jsonl(unit)[1].lines
+
+    def doc(self, doc: Doc, res: DocResult) -> None:
+        if doc.unit.kind == "text":
+            atomic_write_text(self.out / doc.unit.rel, res.text)
+            self.ledger.put(doc.unit.rel, _add(FileState(), res), done=True)
+            return
+        fh, state = self._jsonl(doc.unit)
+        row = dict(doc.record)
+        row[self.output_field] = res.text
+        fh.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        state.lines = doc.line
+        _add(state, res)
+
+    def failure(self, f: Failure) -> None:
+        print(f"nichelm apply: {f}", file=sys.stderr, flush=True)
+        if not f.line:
+            self.file_failures.append(str(f))
+            return
+        _, state = self._jsonl(f.unit)
+        state.lines = f.line
+        state.failed_count += 1
+        if len(state.failed) < MAX_LISTED_FAILURES:
+            state.failed.append(str(f))
+
+    def sync(self) -> None:
+        """Make every jsonl output's progress durable: data first, then the ledger line that counts it."""
+        for rel, (fh, state) in self.open.items():
+            fh.flush()
+            os.fsync(fh.fileno())
+            state.bytes = fh.tell()
+            self.ledger.put(rel, state, done=False)
+
+    def end(self, unit: Unit) -> None:
+        if unit.kind != "jsonl":
+            return
+        fh, state = self._jsonl(unit)              # opens (empty) outputs of files with no documents
+        fh.flush()
+        os.fsync(fh.fileno())
+        state.bytes = fh.tell()
+        fh.close()
+        del self.open[unit.rel]
+        self.ledger.put(unit.rel, state, done=False)
+        os.replace(self.partial_path(unit.rel), self.out / unit.rel)
+        self.ledger.put(unit.rel, state, done=True)
+
+    def close(self) -> None:
+        for fh, _ in self.open.values():
+            fh.close()
+
+
+def _add(state: FileState, r: DocResult) -> FileState:
+    state.docs += 1
+    state.windows += r.windows
+    state.kept_too_different += r.kept_too_different
+    state.kept_hit_limit += r.kept_hit_limit
+    state.tokens += r.tokens
+    return state
+
+
+# ---------------------------------------------------------------- progress
+
+class Progress:
+    """tqdm on a terminal, a plain line every few seconds otherwise (logs of batch jobs)."""
+
+    def __init__(self, total_files: int, every_s: float = 10.0):
+        self.start = self.last = time.time()
+        self.docs = self.tokens = self.files = 0
+        self.total, self.every_s = total_files, every_s
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_files, unit="file", file=sys.stderr)
+
+    def rates(self) -> tuple[float, float]:
+        dt = max(time.time() - self.start, 1e-9)
+        return self.docs / dt, self.tokens / dt
+
+    def update(self, files: int, docs: int, tokens: int) -> None:
+        self.files, self.docs, self.tokens = self.files + files, self.docs + docs, self.tokens + tokens
+        docs_s, tok_s = self.rates()
+        if self.bar is not None:
+            self.bar.update(files)
+            self.bar.set_postfix_str(f"{docs_s:.1f} docs/s, {tok_s:.0f} tok/s")
+        elif time.time() - self.last >= self.every_s:
+            self.last = time.time()
+            print(f"nichelm apply: {self.files}/{self.total} files, {self.docs} documents, "
+                  f"{docs_s:.1f} docs/s, {tok_s:.0f} tok/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- the command
+
+@dataclass
+class ApplyReport:
+    files: int                      # input files in this shard
+    documents: int                  # corrected documents in OUT (this and earlier runs)
+    windows: int
+    kept_too_different: int
+    kept_hit_limit: int
+    tokens: int
+    seconds: float                  # this run
+    documents_this_run: int
+    tokens_this_run: int
+    failed: list[str]               # skipped files and jsonl lines (at most 100 listed per jsonl file)
+    failed_count: int               # all of them
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def model_identity(model: Path) -> str:
+    """Names the weights, so a resume with another model or a newer checkpoint is refused."""
+    from nichelm.checkpoint import latest_checkpoint
+    from nichelm.export import NICHELM_JSON, is_export, run_dir
+    if is_export(model):
+        meta = json.loads((model / NICHELM_JSON).read_text())
+        return f"export of {meta.get('run')} {meta.get('checkpoint')}"
+    ckpt = latest_checkpoint(run_dir(model))
+    return str(ckpt.resolve()) if ckpt else str(model)
+
+
+def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard: str | None = None,
+          batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str = "corrected",
+          guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0) -> ApplyReport:
+    """Correct every input of this shard into OUTPUT; re-running resumes where the last run stopped."""
+    import torch
+
+    from nichelm.export import load_corrector
+    if threads:
+        torch.set_num_threads(threads)
+    model, out = Path(model), Path(output)
+    shard_i, shard_n = parse_shard(shard)
+    units = [u for u in discover(inputs) if shard_of(u.rel, shard_n) == shard_i]
+    guard = guard_max_change >= 0
+    corrector = load_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change)
+    ledger = Ledger(out, (shard_i, shard_n))
+    try:
+        ledger.check_settings({"model": model_identity(model), "guard_max_change": guard_max_change,
+                               "text_field": text_field, "output_field": output_field,
+                               "window_chars": corrector.window_chars})
+        return _run(corrector, units, ledger, out, guard, output_field, text_field,
+                    group_windows or 8 * batch_size)
+    finally:
+        ledger.close()
+
+
+def _run(corrector, units, ledger, out, guard, output_field, text_field, group_windows) -> ApplyReport:
+    from nichelm.inference import cut_windows
+    writer, progress = Writer(out, ledger, output_field), Progress(len(units))
+    started = time.time()
+    done_before = sum(1 for u in units if (s := ledger.files.get(u.rel)) is not None and s.done)
+    progress.update(done_before, 0, 0)
+    group, windows = [], 0
+
+    def flush():
+        docs = [ev for ev in group if isinstance(ev, Doc)]
+        results = iter(correct_documents(corrector, [d.text for d in docs], guard))
+        n_files = n_tokens = 0
+        for ev in group:
+            if isinstance(ev, Doc):
+                res = next(results)
+                writer.doc(ev, res)
+                n_tokens += res.tokens
+            elif isinstance(ev, Failure):
+                writer.failure(ev)
+                n_files += ev.line == 0            # a whole file skipped
+            else:
+                writer.end(ev.unit)
+                n_files += 1
+        writer.sync()
+        progress.update(n_files, len(docs), n_tokens)
+        group.clear()
+
+    try:
+        for ev in events(units, ledger, text_field, writer.resume_line):
+            group.append(ev)
+            if isinstance(ev, Doc):
+                windows += len(cut_windows(ev.text, corrector.window_chars))
+            if windows >= group_windows:
+                flush()
+                windows = 0
+        flush()
+    finally:
+        writer.close()
+        progress.close()
+    return _report(units, ledger, writer, progress, time.time() - started)
+
+
+def _report(units, ledger, writer, progress, seconds) -> ApplyReport:
+    states = [ledger.files[u.rel] for u in units if u.rel in ledger.files]
+    failed = writer.file_failures + [f for s in states for f in s.failed]    # jsonl lines: this run and earlier
+    return ApplyReport(files=len(units), documents=sum(s.docs for s in states),
+                       windows=sum(s.windows for s in states),
+                       kept_too_different=sum(s.kept_too_different for s in states),
+                       kept_hit_limit=sum(s.kept_hit_limit for s in states),
+                       tokens=sum(s.tokens for s in states), seconds=seconds,
+                       documents_this_run=progress.docs, tokens_this_run=progress.tokens, failed=failed,
+                       failed_count=len(writer.file_failures) + sum(s.failed_count for s in states))
+
+
+def print_report(report: ApplyReport, file=sys.stderr) -> None:
+    docs_s = report.documents_this_run / max(report.seconds, 1e-9)
+    tok_s = report.tokens_this_run / max(report.seconds, 1e-9)
+    print(f"nichelm apply: {report.documents} documents in {report.files} files "
+          f"({report.documents_this_run} this run, {docs_s:.1f} docs/s, {tok_s:.0f} tok/s); "
+          f"guard kept the input in {report.kept_too_different} too-different and {report.kept_hit_limit} "
+          f"unfinished windows of {report.windows}", file=file)
+    if report.failed_count:
+        print(f"nichelm apply: {report.failed_count} inputs could not be read and were skipped:", file=file)
+        for f in report.failed:
+            print(f"  {f}", file=file)
+        if report.failed_count > len(report.failed):
+            print(f"  ... and {report.failed_count - len(report.failed)} more", file=file)

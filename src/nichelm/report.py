@@ -1,0 +1,376 @@
+"""report.html: one self-contained page per evaluation, readable offline and attachable anywhere.
+
+Everything is inline: the CSS, and the charts as base64 PNG data URIs drawn with
+matplotlib's Agg canvas (no display, no pyplot global state). Nothing is fetched
+over the network, so the page opens the same from a laptop, a CI artefact or an
+e-mail. Without matplotlib the page is still written, with a note where the
+charts would be, so an evaluation never fails for want of a plotting library.
+
+Contents: the headline before/after table, the loss curves of the run (when its
+metrics.jsonl is known), CER before/after per source, the distribution of the
+per-example CER change, the worst and best examples with the model's edits and
+the remaining errors marked, and the per-example table.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from rapidfuzz.distance import Levenshtein
+
+from nichelm.io import atomic_write_text
+from nichelm.metrics import char_distance, mark_changes_html
+
+SHOWN_EXAMPLES = 3       # worst and best examples shown with their diffs
+EXCERPT_CHARS = 2000     # reference characters shown of a long example
+TABLE_ROWS = 200         # per-example rows shown (all of them stay in report.json)
+BEFORE, AFTER = "#c0504d", "#4f81bd"
+HIST_CHANGE_LIMIT = 50.0  # points of CER change shown in the histogram
+HIST_CER_LIMIT = 150.0    # % CER shown in the raw-OCR histogram
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+       padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+.meta { color: #666; } .note { color: #666; font-style: italic; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.8em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.headline td, .headline th { font-size: 1.1em; }
+.charts { display: flex; flex-wrap: wrap; gap: 1em; }
+.charts figure { margin: 0; } .charts img { width: 520px; max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #666; font-size: 0.9em; }
+.example { border: 1px solid #ddd; border-radius: 4px; padding: 0.5em 0.8em; margin: 0.8em 0; }
+.text { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; white-space: pre-wrap;
+        max-height: 14em; overflow: auto; background: #fafafa; padding: 0.4em; margin: 0.3em 0 0.6em; }
+del { background: #fdd; color: #a00; } ins { background: #dfd; color: #060; text-decoration: none; }
+.worse { color: #a00; } .better { color: #060; }
+"""
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def write_report_html(report: dict, path: Path, run_dir: Path | None = None) -> Path:
+    """Render `report` (a report.json dict) to `path`; `run_dir` adds its loss curves."""
+    path = Path(path)
+    atomic_write_text(path, render_html(report, run_dir))
+    return path
+
+
+def render_html(report: dict, run_dir: Path | None = None) -> str:
+    """The whole page as one string."""
+    data = report.get("data") or {}
+    title = f"nichelm evaluation: {data.get('name') or ((Path(run_dir).name + ', ') if run_dir else '') + 'test split'}"
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>{_e(title)}</h1>", _meta_line(report, run_dir),
+             "<h2>Corpus scores</h2>", _headline_table(report),
+             "<h2>Charts</h2>", _charts(report, run_dir),
+             "<h2>Per source</h2>", _source_table(report),
+             _examples_section(report),
+             _per_example_table(report),
+             "</body></html>\n"]
+    return "\n".join(p for p in parts if p)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _meta_line(report: dict, run_dir: Path | None) -> str:
+    data = report.get("data") or {}
+    bits = []
+    if data:
+        bits.append(f"data <code>{_e(data.get('path'))}</code> ({_e(data.get('format'))})")
+    model = report.get("model", str(run_dir) if run_dir else None)
+    bits.append(f"model <code>{_e(model)}</code>" if model else "no model: the raw OCR is scored")
+    bits.append(f"unit: {_e(report.get('unit', 'example'))}")
+    return f"<p class=\"meta\">{' &middot; '.join(bits)}</p>"
+
+
+def _headline_table(report: dict) -> str:
+    """CER and WER before/after, then the one-number summaries."""
+    rows = [("CER (corpus)", report["cer_before"], report["cer_after"]),
+            ("WER (corpus)", report["wer_before"], report["wer_after"])]
+    body = "".join(f"<tr><td>{name}</td><td>{_pct(b)}</td><td>{_pct(a)}</td><td>{_points(a - b)}</td></tr>"
+                   for name, b, a in rows)
+    table = f"<table class=\"headline\"><tr><th></th><th>before</th><th>after</th><th>change</th></tr>{body}</table>"
+    facts = [("relative improvement (before − after) / before", _pct(report.get("relative_improvement"))),
+             ("examples made worse", _pct(report.get("worse_fraction"))),
+             ("examples made better", _pct(report.get("better_fraction"))),
+             (f"examples ({_e(report.get('unit', 'example'))}s)", f"{report['n_examples']:,}"),
+             ("gold characters", f"{report.get('gold_chars', 0):,}")]
+    if report.get("chars_per_s"):
+        docs = f", {report['docs_per_s']:.2f} docs/s" if report.get("docs_per_s") else ""
+        facts.append(("throughput", f"{report['chars_per_s']:,.0f} chars/s{docs} ({report['seconds']:.1f} s)"))
+    guard = report.get("guard")
+    if guard:
+        facts.append(("do-no-harm guard kept the input", f"{guard.get('kept_too_different', 0)} too different, "
+                                                         f"{guard.get('kept_hit_limit', 0)} unfinished"))
+    if report.get("cer_after_unguarded") is not None:
+        facts.append(("CER after without the guard", _pct(report["cer_after_unguarded"])))
+    rows_html = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in facts)
+    return table + f"<table>{rows_html}</table>"
+
+
+def _source_table(report: dict) -> str:
+    rows = "".join(f"<tr><td>{_e(src)}</td><td>{s['n_examples']:,}</td><td>{_pct(s['cer_before'])}</td>"
+                   f"<td>{_pct(s['cer_after'])}</td><td>{_pct(s['wer_before'])}</td><td>{_pct(s['wer_after'])}</td>"
+                   f"</tr>" for src, s in report.get("per_source", {}).items())
+    return ("<table><tr><th>source</th><th>n</th><th>CER before</th><th>CER after</th><th>WER before</th>"
+            f"<th>WER after</th></tr>{rows}</table>")
+
+
+def _per_example_table(report: dict) -> str:
+    """Every example's CER before/after, most harmed first (capped; report.json has all)."""
+    rows = sorted(report.get("per_example") or [], key=lambda r: (r["cer_after"] - r["cer_before"], r["cer_after"]),
+                  reverse=True)
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{_e(r['id'])}</td><td>{_e(r['source'])}</td><td>{r['chars']:,}</td>"
+                   f"<td>{_pct(r['cer_before'])}</td><td>{_pct(r['cer_after'])}</td>"
+                   f"<td>{_points(r['cer_after'] - r['cer_before'])}</td></tr>" for r in rows[:TABLE_ROWS])
+    note = (f"<p class=\"note\">the {TABLE_ROWS} most harmed of {len(rows):,}; report.json has them all</p>"
+            if len(rows) > TABLE_ROWS else "")
+    unit = _e(report.get("unit", "example"))
+    return (f"<h2>Per {unit}</h2>{note}<table><tr><th>{unit}</th><th>source</th><th>gold chars</th>"
+            f"<th>CER before</th><th>CER after</th><th>change</th></tr>{body}</table>")
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def _examples_section(report: dict) -> str:
+    """Worst and best of the examples stored with their text, with changes marked.
+
+    With a model: its edits (input -> output) and the errors left (output -> gold).
+    Raw OCR only: the OCR errors (input -> gold) of the worst and cleanest documents.
+    """
+    stored = [e for e in report.get("examples") or [] if {"input", "output", "reference"} <= e.keys()]
+    if not stored:
+        return ""
+    order = sorted(range(len(stored)), key=lambda i: _change(stored[i]), reverse=True)
+    worst = [stored[i] for i in order[:SHOWN_EXAMPLES]]
+    best = [stored[i] for i in order[::-1][:SHOWN_EXAMPLES] if i not in order[:SHOWN_EXAMPLES]]
+    model_ran = _model_ran(report)
+    label = ("highest CER change", "lowest CER change") if model_ran else ("highest OCR CER", "lowest OCR CER")
+    parts = [f"<h2>Worst examples ({label[0]})</h2>", *(_example_html(e, model_ran) for e in worst)]
+    if best:
+        parts += [f"<h2>Best examples ({label[1]})</h2>", *(_example_html(e, model_ran) for e in best)]
+    return "\n".join(parts)
+
+
+def _change(example: dict) -> tuple[float, float]:
+    """(CER after - CER before, CER after) of one stored example; the sort key for worst/best."""
+    if "cer_before" in example and "cer_after" in example:      # already scored (long documents are slow to redo)
+        return example["cer_after"] - example["cer_before"], example["cer_after"]
+    ref = example["reference"]
+    n = max(len(ref), 1)
+    before = char_distance(example["input"], ref) / n
+    after = char_distance(example["output"], ref) / n
+    return after - before, after
+
+
+def _example_html(e: dict, model_ran: bool) -> str:
+    delta, after = _change(e)
+    before = after - delta
+    name = f"<b>{_e(e['id'])}</b> " if e.get("id") else ""
+    head = (f"{name}<span class=\"meta\">{_e(e.get('source') or '')}</span> &middot; CER "
+            f"{_pct(before)} &rarr; {_pct(after)} ({_points(delta)})")
+    if e.get("full_chars"):
+        head += f" <span class=\"note\">(the first {len(e['reference']):,} of {e['full_chars']:,} characters)</span>"
+    if not model_ran:
+        return (f"<div class=\"example\">{head}<div>OCR errors (<del>OCR</del> <ins>gold</ins>):</div>"
+                f"<div class=\"text\">{mark_changes_html(e['input'], e['reference'])}</div></div>")
+    return (f"<div class=\"example\">{head}"
+            f"<div>model edits (<del>removed</del> <ins>inserted</ins>):</div>"
+            f"<div class=\"text\">{mark_changes_html(e['input'], e['output'])}</div>"
+            f"<div>errors left (<del>output</del> <ins>gold</ins>):</div>"
+            f"<div class=\"text\">{mark_changes_html(e['output'], e['reference'])}</div></div>")
+
+
+def excerpt(example: dict, limit: int = EXCERPT_CHARS) -> dict:
+    """The example cut to about `limit` reference characters, input and output cut at the aligned place.
+
+    Whole documents can be long (an ICDAR 2017 monograph line has 840k characters):
+    a diff of all of it is slow to compute and unreadable in a page, so long
+    examples keep their beginning, up to a word boundary of the reference, and
+    `full_chars` records the reference's real length.
+    """
+    ref = example["reference"]
+    if len(ref) <= limit * 1.5:
+        return example
+    space = ref.find(" ", limit)
+    cut = space if 0 < space < limit * 1.5 else limit
+    short = dict(example, reference=ref[:cut], full_chars=len(ref))
+    for key in ("input", "output"):
+        ops = Levenshtein.opcodes(example[key], ref, score_hint=16)
+        short[key] = example[key][:_source_offset(ops, cut)]
+    return short
+
+
+def _source_offset(ops, dest: int) -> int:
+    """The offset in the first string aligned with offset `dest` of the second, from rapidfuzz opcodes."""
+    for op in ops:
+        if op.dest_start <= dest < op.dest_end or (dest == op.dest_end and op.tag != "insert"):
+            if op.tag == "insert":
+                return op.src_start
+            return min(op.src_start + (dest - op.dest_start), op.src_end)
+    return ops[-1].src_end if ops else 0
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def _charts(report: dict, run_dir: Path | None) -> str:
+    """All charts as <figure>s with data-URI images; a note instead when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "<p class=\"note\">charts need matplotlib: pip install matplotlib (or nichelm[report])</p>"
+    figures = []
+    history = read_metrics(Path(run_dir) / "metrics.jsonl") if run_dir else []
+    if history:
+        figures.append((loss_curve_png(history), "training and validation loss of the run"))
+    if report.get("per_source"):
+        figures.append((per_source_png(report["per_source"], _model_ran(report)), "corpus CER per source"))
+    rows = report.get("per_example") or []
+    if rows:
+        figures.append(change_histogram_png(rows, _model_ran(report)))
+    return "<div class=\"charts\">" + "".join(
+        f"<figure><img alt=\"{_e(caption)}\" src=\"{png_data_uri(png)}\"><figcaption>{_e(caption)}</figcaption>"
+        f"</figure>" for png, caption in figures) + "</div>"
+
+
+def _model_ran(report: dict) -> bool:
+    """Whether a model produced the outputs (else before = after and the charts show the raw OCR)."""
+    return report.get("model") is not None or report.get("unit") == "window" or any(
+        r["errors_after"] != r["errors_before"] for r in report.get("per_example") or [])
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl; a missing file or a torn last line (training running) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
+
+
+def _figure(width: float = 5.2, height: float = 3.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def loss_curve_png(history: list[dict]) -> bytes:
+    """train_loss and val_loss against the step."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for key, color in (("train_loss", AFTER), ("val_loss", BEFORE)):
+        pts = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), label=key.replace("_", " "), color=color, marker="o" if len(pts) < 30 else None,
+                    markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def per_source_png(per_source: dict, model_ran: bool) -> bytes:
+    """Corpus CER before/after per source as grouped horizontal bars (long source names stay readable)."""
+    names = list(per_source)[:30]
+    fig = _figure(height=max(2.4, 1.2 + 0.45 * len(names) * (2 if model_ran else 1)))
+    ax = fig.add_subplot()
+    ys = range(len(names))
+    before = [100 * per_source[n]["cer_before"] for n in names]
+    bars = [(before, BEFORE, "before (OCR)", -0.2 if model_ran else 0.0)]
+    if model_ran:
+        bars.append(([100 * per_source[n]["cer_after"] for n in names], AFTER, "after (model)", 0.2))
+    for values, color, label, shift in bars:
+        ax.barh([y + shift for y in ys], values, height=0.4 if model_ran else 0.6, color=color, label=label)
+        for y, v in zip(ys, values):
+            ax.annotate(f"{v:.1f}%", (v, y + shift), xytext=(3, 0), textcoords="offset points", va="center",
+                        fontsize=8)
+    ax.set_xlim(0, 1.18 * max((v for values, *_ in bars for v in values), default=1) or 1)
+    if model_ran:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_yticks(list(ys), [n if len(n) <= 24 else n[:23] + "…" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("CER (%)")
+    ax.set_title("CER per source" + ("" if model_ran else " (raw OCR)"))
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def change_histogram_png(rows: list[dict], model_ran: bool) -> tuple[bytes, str]:
+    """Histogram of the per-example CER change (points); raw OCR only: of the per-example CER itself.
+
+    Values are clipped to a readable range (±HIST_CHANGE_LIMIT points, CER up to
+    HIST_CER_LIMIT %): an example with a few gold characters and a long OCR side
+    (ICDAR gold that covers only a heading) can reach thousands of percent and
+    would squash every other bar into one.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    if model_ran:
+        raw = [100 * (r["cer_after"] - r["cer_before"]) for r in rows]
+        lo, hi = -HIST_CHANGE_LIMIT, HIST_CHANGE_LIMIT
+        ax.axvline(0, color="#444", linewidth=1)
+        ax.set_xlabel("CER after − before (points; < 0 is better)")
+        ax.set_title("per-example CER change")
+        caption = "per-example CER change"
+    else:
+        raw = [100 * r["cer_before"] for r in rows]
+        lo, hi = 0.0, HIST_CER_LIMIT
+        ax.set_xlabel("CER of the raw OCR (%)")
+        ax.set_title("per-example CER (raw OCR)")
+        caption = "per-example CER of the raw OCR (no model, so no change to show)"
+    values = [min(max(v, lo), hi) for v in raw]
+    clipped = sum(v != w for v, w in zip(raw, values))
+    if clipped:
+        caption += f"; {clipped} outside [{lo:g}, {hi:g}] drawn at the edge"
+    ax.hist(values, bins=min(40, max(5, len(values) // 3)), color=AFTER if model_ran else BEFORE, edgecolor="white")
+    ax.set_ylabel("examples")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig), caption
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _points(delta: float) -> str:
+    cls = "worse" if delta > 0 else "better" if delta < 0 else ""
+    return f"<span class=\"{cls}\">{100 * delta:+.2f} pts</span>"

@@ -1,0 +1,237 @@
+"""`nichelm apply`: a corpus of .txt/.jsonl in, mirrored corrections out; resumable after SIGKILL with
+byte-identical results, bad inputs reported by name, shards that cover every input exactly once."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nichelm.apply import Ledger, apply, correct_documents, discover, shard_of
+from nichelm.errors import UserError
+from tests.conftest import SENTENCES
+
+
+def build_run(root: Path, arch: str, extra: list[str] = ()) -> Path:
+    """prepare + train a tiny model in-process (seconds on one thread); its outputs need not be good,
+    only the same in every engine."""
+    from nichelm.config import load_project
+    from nichelm.prepare import prepare
+    from nichelm.train import train
+    clean = root / "clean"
+    clean.mkdir(parents=True)
+    for doc in range(12):
+        lines = [SENTENCES[(doc + i) % len(SENTENCES)] + f" Item {doc}.{i}." for i in range(20)]
+        (clean / f"doc{doc}.txt").write_text("\n".join(lines) + "\n")
+    pairs = root / "pairs.jsonl"
+    gold = [SENTENCES[i % len(SENTENCES)] + f" No. {i}." for i in range(60)]
+    pairs.write_text("".join(json.dumps({"input": g.replace("e", "c", 1), "output": g, "id": f"p{i}"}) + "\n"
+                             for i, g in enumerate(gold)))
+    (root / "project.toml").write_text(f"""
+run_dir = "{root / 'run'}"
+seed = 3
+[task]
+window_chars = 60
+[[sources]]
+name = "clean"
+path = "clean"
+role = "clean"
+licence = "test text licence"
+[[sources]]
+name = "pairs"
+path = "pairs.jsonl"
+format = "jsonl"
+id_field = "id"
+licence = "test pairs licence"
+[split]
+val_fraction = 0.1
+test_fraction = 0.1
+[tokenizer]
+vocab_size = 320
+[model]
+arch = "{arch}"
+preset = "nano"
+n_layer = 2
+n_embd = 64
+block_size = 96
+[train]
+max_steps = 12
+batch_size = 8
+eval_every = 100
+warmup_steps = 2
+threads = 1
+""")
+    project = load_project(root / "project.toml", list(extra))
+    prepare(project)
+    train(project)
+    return project.run_path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_run(tmp_path_factory.mktemp("apply_run"), "llama")
+
+
+def noisy(i: int) -> str:
+    text = " ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(1 + i % 3))
+    return text.replace("e", "c", 1 + i % 2).replace("th", "tb", i % 2)
+
+
+def make_corpus(root: Path, n_files: int, n_lines: int = 0) -> Path:
+    """n_files .txt files in nested folders (+ a .jsonl of n_lines records, first in sorted order)."""
+    for i in range(n_files):
+        path = root / f"part{i % 3}" / f"doc{i:04d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(noisy(i) + ("\n" if i % 4 else ""))
+    if n_lines:
+        with (root / "00-records.jsonl").open("w") as f:
+            for i in range(n_lines):
+                f.write(json.dumps({"id": i, "text": noisy(i + 7), "meta": "é"}, ensure_ascii=False) + "\n")
+    return root
+
+
+def tree(out: Path) -> dict[str, bytes]:
+    """Every output file (ledgers and partial files excluded) -> its bytes."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def ledger_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for p in sorted(out.glob(".nichelm-ledger.*")) for line in p.read_text().splitlines()
+            if line.endswith("}")]
+
+
+OPTS = dict(batch_size=32, threads=1, guard_max_change=-1)      # guard off: compare the model's own outputs
+
+
+def test_outputs_are_corrector_outputs_and_mirror_inputs(run, tmp_path):
+    import nichelm
+    corpus = make_corpus(tmp_path / "in", 6, n_lines=4)
+    report = apply(run, [corpus], tmp_path / "out", **OPTS)
+    corrector = nichelm.load(run)
+    texts = [noisy(i) + ("\n" if i % 4 else "") for i in range(6)]
+    for guard in (True, False):
+        assert [r.text for r in correct_documents(corrector, texts, guard)] == corrector.correct(texts, guard)
+    out = tree(tmp_path / "out")
+    assert set(out) == {u.rel for u in discover([corpus])}
+    assert [out[f"part{i % 3}/doc{i:04d}.txt"].decode() for i in range(6)] == corrector.correct(texts, guard=False)
+    rows = [json.loads(line) for line in out["00-records.jsonl"].decode().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2, 3] and all(r["meta"] == "é" for r in rows)
+    assert [r["corrected"] for r in rows] == corrector.correct([noisy(i + 7) for i in range(4)], guard=False)
+    assert report.documents == 10 and report.files == 7 and not report.failed and report.tokens > 0
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(run, tmp_path):
+    corpus = make_corpus(tmp_path / "in", 200, n_lines=150)     # the jsonl spans more than one group
+    apply(run, [corpus], tmp_path / "ref", **OPTS)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "nichelm", "apply", "--model", str(run), "--input", str(corpus), "--output",
+           str(out), "--batch-size", "32", "--threads", "1", "--guard", "-1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if len(ledger_lines(out)) >= 2:                     # the first record after "start"
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done = {r["file"] for r in ledger_lines(out) if r["event"] == "done"}
+    assert len(done) < 201, "the kill came too late to test resuming"
+
+    report = apply(run, [corpus], out, **OPTS)
+    assert tree(out) == tree(tmp_path / "ref")
+    assert len(tree(out)) == 201 and report.files == 201 and report.documents == 350
+    assert not list(out.rglob("*.partial")) and not report.failed
+    finished = [r["file"] for r in ledger_lines(out) if r["event"] == "done"]
+    assert sorted(finished) == sorted(set(finished)) and len(finished) == 201    # nothing done twice
+
+
+class Crash(BaseException):
+    """A kill at one exact point: raised instead of writing one ledger record."""
+
+
+@pytest.mark.parametrize("when", ["progress", "done", "partial-lost"])
+def test_crash_between_data_and_ledger_loses_nothing(run, tmp_path, monkeypatch, when):
+    """'progress': the partial jsonl holds lines the ledger does not count yet (cut back on resume).
+    'done': the finished jsonl was renamed into place but not recorded (taken back and finished).
+    'partial-lost': someone deleted the partial output after the crash (that file starts over)."""
+    corpus = make_corpus(tmp_path / "in", 3, n_lines=40)
+    apply(run, [corpus], tmp_path / "ref", **OPTS)
+    real, seen = Ledger.append, []
+
+    def append(self, rec):
+        if rec.get("file") == "00-records.jsonl" and rec["event"] == when.replace("partial-lost", "progress"):
+            seen.append(rec)
+            if len(seen) == (1 if when == "done" else 2):
+                raise Crash()
+        real(self, rec)
+
+    monkeypatch.setattr(Ledger, "append", append)
+    with pytest.raises(Crash):
+        apply(run, [corpus], tmp_path / "out", group_windows=16, **OPTS)
+    monkeypatch.setattr(Ledger, "append", real)
+    partial = tmp_path / "out" / ".00-records.jsonl.partial"
+    assert partial.exists() == (when != "done")
+    if when == "partial-lost":
+        partial.unlink()
+    report = apply(run, [corpus], tmp_path / "out", group_windows=16, **OPTS)
+    assert tree(tmp_path / "out") == tree(tmp_path / "ref")
+    assert report.documents == 43
+
+
+def test_bad_inputs_are_reported_by_name_and_skipped(run, tmp_path):
+    corpus = make_corpus(tmp_path / "in", 3)
+    (corpus / "binary.txt").write_bytes(b"PK\x03\x04\x00\x00binary")
+    (corpus / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (corpus / "mixed.jsonl").write_text("\n".join([
+        json.dumps({"text": SENTENCES[0]}), "{not json", json.dumps({"body": "x"}), json.dumps([1]),
+        json.dumps({"text": 3}), "", json.dumps({"text": SENTENCES[1]})]) + "\n")
+    cmd = [sys.executable, "-m", "nichelm", "apply", "--model", str(run), "--input", str(corpus),
+           "--output", str(tmp_path / "out"), "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    for name in ("binary.txt: binary file", "latin1.txt: not UTF-8 (byte 3)", "mixed.jsonl:2: not JSON",
+                 "mixed.jsonl:3: no field 'text'", "mixed.jsonl:4: not a JSON object",
+                 "mixed.jsonl:5: field 'text' is not a string"):
+        assert name in proc.stderr
+    out = tree(tmp_path / "out")
+    assert set(out) == {f"part{i}/doc{i:04d}.txt" for i in range(3)} | {"mixed.jsonl"}
+    assert len(out["mixed.jsonl"].decode().splitlines()) == 2
+    again = apply(run, [corpus], tmp_path / "out", threads=1)        # nothing left to do; failures still known
+    assert len(again.failed) == again.failed_count == 6 and again.documents_this_run == 0
+    assert tree(tmp_path / "out") == out
+
+
+def test_shards_cover_every_input_exactly_once(run, tmp_path):
+    corpus = make_corpus(tmp_path / "in", 30, n_lines=5)
+    apply(run, [corpus], tmp_path / "ref", **OPTS)
+    reports = [apply(run, [corpus], tmp_path / "out", shard=f"{i}/2", **OPTS) for i in range(2)]
+    assert tree(tmp_path / "out") == tree(tmp_path / "ref")
+    per_shard = [{r["file"] for r in map(json.loads, p.read_text().splitlines()) if r["event"] == "done"}
+                 for p in sorted((tmp_path / "out").glob(".nichelm-ledger.*"))]
+    assert len(per_shard) == 2 and not per_shard[0] & per_shard[1]
+    assert per_shard[0] | per_shard[1] == set(tree(tmp_path / "ref")) and all(per_shard)
+    assert sum(r.files for r in reports) == 31
+    assert {shard_of(u.rel, 2) for u in discover([corpus])} == {0, 1}
+
+
+def test_user_errors(run, tmp_path):
+    corpus = make_corpus(tmp_path / "in", 2)
+    with pytest.raises(UserError, match="--shard"):
+        apply(run, [corpus], tmp_path / "out", shard="2/2")
+    with pytest.raises(UserError, match="no such file"):
+        apply(run, [tmp_path / "missing"], tmp_path / "out")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "part0").mkdir()
+    (tmp_path / "other" / "part0" / "doc0000.txt").write_text("x")
+    with pytest.raises(UserError, match="both be written to part0/doc0000.txt"):
+        apply(run, [corpus, tmp_path / "other"], tmp_path / "out")
+    apply(run, [corpus], tmp_path / "out", threads=1)
+    with pytest.raises(UserError, match="guard_max_change"):
+        apply(run, [corpus], tmp_path / "out", guard_max_change=0.5)

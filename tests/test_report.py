@@ -1,0 +1,134 @@
+"""report.html: self-contained (inline CSS, charts as PNG data URIs), and it really renders in a browser."""
+
+import base64
+import builtins
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nichelm.evaluate import per_example_scores, score_corrections
+from nichelm.metrics import char_distance
+from nichelm.report import excerpt, read_metrics, render_html, write_report_html
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "screenshot_report.py"
+DATA_URI = re.compile(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?!data:)[a-z]+:""", re.I)
+
+
+def make_report(model: bool = True) -> dict:
+    """A report shaped like evaluate_external's, for 6 documents in 2 sources."""
+    examples = [{"id": f"d{i}", "source": "EN" if i < 3 else "FR", "input": f"Tho cat sat <{i}> & c0unted.",
+                 "output": f"The cat sat <{i}> & counted."} for i in range(6)]
+    outputs = [e["output"] if (model and i % 2) else e["input"] for i, e in enumerate(examples)]
+    if model:
+        outputs[0] = "Tho cat sat <0> & c0untcd."                        # one made worse
+    report = score_corrections(examples, outputs)
+    report.update({"unit": "document", "model": "runs/x" if model else None, "per_example":
+                   per_example_scores(examples, outputs),
+                   "data": {"path": "data/x", "format": "icdar", "name": "x"},
+                   "examples": [{**e, "output": o, "reference": e["output"]} for e, o in zip(examples, outputs)]})
+    return report
+
+
+def write_metrics(run: Path) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"step": s, "train_loss": 5 - s / 10, **({"val_loss": 5.2 - s / 10} if s % 5 == 0 else {})})
+             for s in range(1, 21)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 21, "train_lo')   # torn last line
+
+
+def test_html_is_self_contained_with_embedded_charts(tmp_path):
+    write_metrics(tmp_path / "run")
+    path = write_report_html(make_report(), tmp_path / "report.html", run_dir=tmp_path / "run")
+    page = path.read_text(encoding="utf-8")
+    assert not EXTERNAL.search(page), "report.html must not load anything from outside the page"
+    assert "<link" not in page and "@import" not in page and "<script" not in page
+    images = DATA_URI.findall(page)
+    assert len(images) == 3                            # loss curve, per source, CER change histogram
+    for b64 in images:
+        assert base64.b64decode(b64).startswith(b"\x89PNG\r\n\x1a\n")
+    assert "CER (corpus)" in page and "relative improvement" in page and "made worse" in page
+
+
+def test_examples_mark_insertions_and_deletions_and_escape_text(tmp_path):
+    page = render_html(make_report())
+    assert "<del>o</del><ins>e</ins>" in page          # Tho -> The: the model's edit
+    assert "&lt;1&gt; &amp;" in page and "<1>" not in page
+    assert "Worst examples" in page and "Best examples" in page
+    assert re.search(r"d0</b>.*?\+\d", page, re.S)     # the harmed document is listed first among the worst
+
+
+def test_raw_ocr_report_says_so_and_draws_the_raw_cer(tmp_path):
+    page = render_html(make_report(model=False))
+    assert "no model: the raw OCR is scored" in page
+    assert "per-example CER of the raw OCR" in page and len(DATA_URI.findall(page)) == 2   # no run: no loss curve
+    assert "OCR errors" in page
+
+
+def test_long_examples_are_cut_at_the_aligned_place():
+    """A 60k-character document is shown as an aligned excerpt; its scores stay those of the whole text."""
+    gold = " ".join(f"The committee met on day {i} at the town hall." for i in range(1200))
+    ocr = gold.replace("committee", "cornmittee").replace("hall", "hal1")
+    out = gold.replace("hall", "hal1")
+    short = excerpt({"input": ocr, "output": out, "reference": gold, "cer_before": 0.1, "cer_after": 0.05})
+    assert short["full_chars"] == len(gold) and 2000 <= len(short["reference"]) < 2100
+    assert gold[len(short["reference"])] == " "                      # cut at a word boundary
+    # Cut at the same place on every side: the excerpt's edits are just those of its sentences
+    # (3 per sentence in the OCR: m -> rn, l -> 1; 1 in the output), none from a misaligned tail.
+    n = short["reference"].count("committee")
+    assert char_distance(short["input"], short["reference"]) <= 3 * n + 1
+    assert char_distance(short["output"], short["reference"]) <= n + 1
+    assert short["cer_before"] == 0.1
+    page = render_html({**make_report(), "examples": [short]})
+    assert f"the first {len(short['reference']):,} of {len(gold):,} characters" in page
+    small = {"input": "a", "output": "a", "reference": "b"}
+    assert excerpt(small) is small
+
+
+def test_metrics_reader_skips_torn_lines(tmp_path):
+    write_metrics(tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert read_metrics(tmp_path / "absent.jsonl") == []
+
+
+def test_without_matplotlib_the_page_is_still_written(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    page = render_html(make_report())
+    assert "charts need matplotlib" in page and "<img" not in page and "CER (corpus)" in page
+
+
+def test_screenshot_shows_the_charts(tmp_path):
+    """Headless Chromium renders the demo report; the PNG is a real page, not a blank or error screen."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import screenshot_report
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    if screenshot_report.find_browser() is None:
+        pytest.skip("no Chromium (set $CHROMIUM or apt-get install -y chromium): the screenshot check needs one")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--demo", str(tmp_path / "demo"), "--height", "1400"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shot = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(shot["png"]).is_file() and (shot["width"], shot["height"]) == (1200, 1400)
+    # A blank page is one colour; text alone gives a few hundred anti-aliased greys. The charts add the
+    # red/blue bars and lines, so require many colours and those two hues in quantity.
+    assert shot["colours"] > 500 and shot["top_colour_share"] < 0.95
+    from matplotlib.image import imread
+    img = imread(shot["png"])[..., :3]
+    red = ((img[..., 0] > 0.65) & (img[..., 1] < 0.4) & (img[..., 2] < 0.4)).sum()     # before bars, val loss
+    blue = ((img[..., 2] > 0.65) & (img[..., 0] < 0.45) & (img[..., 1] < 0.6)).sum()   # after bars, histogram
+    assert red > 2000 and blue > 2000, (red, blue)
