@@ -179,8 +179,8 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
 
     raw_model = model
     if cfg.compile:
-        import torch._dynamo
-        torch._dynamo.config.suppress_errors = True   # a machine without a working compiler falls back to eager
+        from torch import _dynamo
+        _dynamo.config.suppress_errors = True         # a machine without a working compiler falls back to eager
         model = torch.compile(model)
     if ddp.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
