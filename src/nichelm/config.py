@@ -48,6 +48,10 @@ class SourceConfig:
 class NoiseConfig:
     target_cer: float = 0.06
     profile: str = "english"
+    # Names of `pairs` sources whose TRAIN-split pairs calibrate the noise (noise.fit_noise):
+    # their corpus CER, error-type shares and confusion table replace target_cer and the
+    # profile's built-in shares and confusions. Empty: the profile as it is, at target_cer.
+    calibrate_on: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -144,6 +148,11 @@ class Project:
                 continue
             d[f.name] = _to_plain(getattr(self, f.name))
         return d
+
+
+def source_name(src: SourceConfig, index: int) -> str:
+    """A source's name in the manifest, reports and noise.calibrate_on: `name`, else FILE#INDEX."""
+    return src.name or f"{Path(src.path).name}#{index}"
 
 
 def package_path(spec: str) -> Path:
@@ -287,6 +296,17 @@ def validate(p: Project, file: str) -> None:
             raise UserError(f"{file}: '{key}.path' = {s.path!r}: {p.resolve(s.path)} does not exist")
         if s.format == "icdar-lines" and not (s.gold_path and p.resolve(s.gold_path).exists()):
             raise UserError(f"{file}: '{key}.gold_path' must name the existing GS file for format icdar-lines")
+    from nichelm.data.noise import PROFILE_WEIGHTS
+    if p.noise.profile not in PROFILE_WEIGHTS:
+        raise UserError(f"{file}: 'noise.profile' is {p.noise.profile!r}; use one of {', '.join(PROFILE_WEIGHTS)}")
+    names = {source_name(s, i): s for i, s in enumerate(p.sources)}
+    for name in p.noise.calibrate_on:
+        if name not in names:
+            raise UserError(f"{file}: 'noise.calibrate_on' names {name!r}, which is not a source here; "
+                            f"source names: {', '.join(names)} (set sources.name to name one)")
+        if names[name].role != "pairs":
+            raise UserError(f"{file}: 'noise.calibrate_on' names {name!r}, a {names[name].role!r} source; "
+                            "calibration needs real (OCR, gold) pairs: role = 'pairs'")
     if "{input}" not in p.task.prompt_template:
         raise UserError(f"{file}: 'task.prompt_template' must contain {{input}}")
     if p.model.arch not in ("gpt2", "llama"):

@@ -3,6 +3,7 @@
 The steps, each a small function:
   read      every source into Documents (readers.py), with its filters
   split     whole documents into train/val/test by a seeded hash (never a document across splits)
+  calibrate optionally fit the noise on the train-split pairs of noise.calibrate_on (noise.fit_noise)
   window    documents into examples that fit the context
   noise     clean examples get a synthetic OCR input (noise.py), seeded per example
   dedupe    val/test examples whose text also occurs in train are dropped
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from nichelm.config import Project, SourceConfig
-from nichelm.data.noise import OCRNoise
+from nichelm.config import source_name as source_name   # re-exported: prepare.source_name is public
+from nichelm.data.noise import OCRNoise, fit_noise
 from nichelm.data.readers import Document, pair_segments_to_windows, read_documents
 from nichelm.data.shards import write_shards
 from nichelm.data.tokenizer import save_tokenizer, special_tokens, train_tokenizer
@@ -69,10 +71,6 @@ def _apply_filters(doc: Document, names: list[str], where: str) -> Document:
 
 
 # ------------------------------------------------------------------ steps
-
-def source_name(src: SourceConfig, index: int) -> str:
-    return src.name or f"{Path(src.path).name}#{index}"
-
 
 def read_source(project: Project, src: SourceConfig, index: int) -> list[Document]:
     path = project.resolve(src.path)
@@ -148,20 +146,25 @@ def prepare(project: Project, force: bool = False) -> dict:
         if old.get("fingerprint") == fp and (run / "tokenizer" / "tokenizer.json").is_file():
             log(f"{manifest_path}: data already prepared for this project (use --force to rebuild)")
             return old
-    noise = OCRNoise(target_cer=project.noise.target_cer, seed=project.seed, profile=project.noise.profile)
     split_cfg = project.split
-    examples: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    source_records = []
+    loaded = []      # (index, source, name, path, [(document, split)]): every source read and split first
     for i, src in enumerate(project.sources):
         name = source_name(src, i)
         path = project.resolve(src.path)
         log(f"reading {name} ({src.format}, {src.role}) from {path}")
         docs = read_source(project, src, i)
+        splits = [src.split if src.split != "auto" else split_of(
+            project.seed, name, doc.doc_id, split_cfg.val_fraction, split_cfg.test_fraction) for doc in docs]
+        loaded.append((i, src, name, path, list(zip(docs, splits))))
+    noise, fit = make_noise(project, loaded, data_dir)
+    target_cer = noise.target_cer
+    examples: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    source_records = []
+    for i, src, name, path, docs_split in loaded:
+        docs = [doc for doc, _ in docs_split]
         raw_score = CorpusScore()
         counts = Counter()
-        for doc in docs:
-            split = src.split if src.split != "auto" else split_of(
-                project.seed, name, doc.doc_id, split_cfg.val_fraction, split_cfg.test_fraction)
+        for doc, split in docs_split:
             counts[f"documents_{split}"] += 1
             if src.role == "pairs":
                 for ocr, gold in scoring_units(doc, src.format):
@@ -183,7 +186,8 @@ def prepare(project: Project, force: bool = False) -> dict:
             log(f"  {name}: {len(docs)} documents, raw OCR corpus CER {100 * raw_score.cer:.2f}% "
                 f"WER {100 * raw_score.wer:.2f}% over {raw_score.chars:,} gold characters")
         else:
-            log(f"  {name}: {len(docs)} documents (clean; synthetic noise at target CER {project.noise.target_cer:.1%})")
+            how = "calibrated" if fit else "synthetic"
+            log(f"  {name}: {len(docs)} documents (clean; {how} noise at target CER {100 * target_cer:.2f}%)")
         source_records.append(record)
 
     dropped = _dedupe(examples)
@@ -217,8 +221,9 @@ def prepare(project: Project, force: bool = False) -> dict:
         "chars_per_token": _chars_per_token(tokenizer, examples["train"][:2000]),
         "tokenizer": {"vocab_size": tokenizer.get_vocab_size(), "type": "byte-level BPE (HF tokenizers)",
                       "special_tokens": specials},
-        "noise": {"target_cer": project.noise.target_cer, "profile": project.noise.profile,
-                  "measured_cer_train": score_pairs((e.input, e.output) for e in synth).cer if synth else None},
+        "noise": {"target_cer": target_cer, "profile": project.noise.profile,
+                  "measured_cer_train": score_pairs((e.input, e.output) for e in synth).cer if synth else None,
+                  **({"calibrated_on": project.noise.calibrate_on, "fit": fit_summary(fit)} if fit else {})},
         "filters": {"dedupe_dropped": dropped, "split": "by document (seeded hash)",
                     "window_chars": project.task.window_chars},
         "raw_ocr_all_pairs": _all_pairs_score(source_records),
@@ -228,6 +233,56 @@ def prepare(project: Project, force: bool = False) -> dict:
         f"{manifest['examples']['val']}/{manifest['examples']['test']}, "
         f"{token_counts['train']:,} train tokens, vocabulary {tokenizer.get_vocab_size()}")
     return manifest
+
+
+# Rows of the measured confusion table the noise draws from. Real multi-character errors are a
+# long tail (BLN600: the 60 most frequent cover 2% of them, 2,000 rows cover 24%; substitutions
+# 94%, deletions 88%, insertions 86%); the manifest shows the top MANIFEST_CONFUSIONS and the whole
+# fit is written to data/noise_fit.json.
+NOISE_TABLE_ROWS = 2000
+MANIFEST_CONFUSIONS = 60
+
+
+def calibration_pairs(doc: Document, fmt: str, window_chars: int) -> list[tuple[str, str]]:
+    """(OCR, gold) pairs of one document for fitting the noise: rows for csv/jsonl, else aligned windows.
+
+    Windows keep the quadratic alignment of whole ICDAR documents out of the fit.
+    """
+    if fmt in ("csv", "jsonl"):
+        return scoring_units(doc, fmt)
+    return [(w.input, w.output) for w in pair_segments_to_windows(doc, window_chars) if w.input is not None]
+
+
+def make_noise(project: Project, loaded: list, data_dir: Path) -> tuple[OCRNoise, dict | None]:
+    """The noise for clean sources: the profile at target_cer, or fitted on noise.calibrate_on's train pairs."""
+    cfg = project.noise
+    if not cfg.calibrate_on:
+        (data_dir / "noise_fit.json").unlink(missing_ok=True)     # from an earlier calibrated run
+        return OCRNoise(target_cer=cfg.target_cer, seed=project.seed, profile=cfg.profile), None
+    wanted = set(cfg.calibrate_on)
+    pairs = [pair for _, src, name, _, docs_split in loaded if name in wanted
+             for doc, split in docs_split if split == "train"          # never val/test: they measure the model
+             for pair in calibration_pairs(doc, src.format, project.task.window_chars)]
+    if not any(gold.strip() for _, gold in pairs):
+        raise UserError(f"{project.source_file}: 'noise.calibrate_on' = {cfg.calibrate_on}: these sources have "
+                        "no train-split pairs to fit the noise on; check their split setting")
+    fit = fit_noise(pairs, profile=cfg.profile, top=NOISE_TABLE_ROWS)
+    if fit["target_cer"] >= 1:
+        raise UserError(f"{project.source_file}: 'noise.calibrate_on' = {cfg.calibrate_on}: the OCR of these pairs "
+                        f"has a corpus CER of {fit['target_cer']:.0%}; check input_field/output_field")
+    atomic_write_json(data_dir / "noise_fit.json", fit)
+    shares = ", ".join(f"{k} {v:.1f}%" for k, v in sorted(fit["weights"].items(), key=lambda kv: -kv[1]) if v)
+    log(f"noise fitted on {fit['pairs']:,} train pairs of {', '.join(cfg.calibrate_on)}: "
+        f"CER {100 * fit['target_cer']:.2f}% over {fit['gold_chars']:,} gold characters; {shares}")
+    return OCRNoise.from_fit(fit, seed=project.seed), fit
+
+
+def fit_summary(fit: dict) -> dict:
+    """What the manifest records of a noise fit (the whole table is in data/noise_fit.json)."""
+    return {"cer": fit["target_cer"], "weights": fit["weights"], "pairs": fit["pairs"],
+            "gold_chars": fit["gold_chars"], "error_events": fit["error_events"],
+            "confusion_rows": len(fit["confusions"]), "table": "noise_fit.json",
+            "top_confusions": fit["confusions"][:MANIFEST_CONFUSIONS]}
 
 
 def _dedupe(examples: dict[str, list[Example]]) -> dict:

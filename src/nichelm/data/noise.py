@@ -27,6 +27,19 @@ How it works, per text:
 Randomness comes from ``random.Random`` seeded by a stable hash of
 ``(seed, key)``, so ``corrupt(text, key)`` is reproducible across processes
 and does not depend on which texts were corrupted before.
+
+Calibration on real pairs: ``fit_noise(pairs)`` aligns each (OCR, gold) pair
+(``Levenshtein.opcodes`` of gold -> OCR), merges consecutive edit operations
+into *error spans*, sorts every span into one of ``ERROR_TYPES`` (see
+``classify_span``) and returns the corpus CER, the event shares per type and
+the most frequent confusions (gold substring -> OCR substring, with counts and
+the number of times each gold substring occurs in the gold text).
+``OCRNoise.from_fit(fit)`` (or ``OCRNoise(confusions=..., source_counts=...)``)
+then draws substitutions, multi-character errors, deletions and inserted
+characters from that measured table. A source occurrence is hit at its
+measured per-occurrence rate (count / occurrences), so frequent letters are not
+over-corrupted; sources the table does not cover keep the built-in
+confusions, scaled down to the rarest measured rate so the measured ones lead.
 """
 
 from __future__ import annotations
@@ -35,6 +48,9 @@ import bisect
 import hashlib
 import math
 import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from rapidfuzz.distance import Levenshtein
@@ -218,6 +234,15 @@ _LIGATURES: dict[str, tuple[tuple[str, float], ...]] = {
 
 _BURST_WINDOW = 6  # characters either side of the previous event
 
+# (gold, OCR) pairs that count as the ligature error type.
+_LIGATURE_PAIRS = frozenset((src, repl) for src, pairs in _LIGATURES.items() for repl, _ in pairs)
+_HYPHEN_BREAK = re.compile(r"-\s+")
+
+# Error types whose replacements a measured confusion table can supply; the
+# other types (spaces, hyphenation, long s, ligatures) have fixed forms.
+TABLE_TYPES = ("substitution", "multi", "deletion", "insertion")
+_ANY_CHAR = "\x00any"  # stand-in source key; never a real gold substring (NUL is dropped by readers)
+
 
 @dataclass(frozen=True)
 class _Options:
@@ -314,6 +339,16 @@ class OCRNoise:
 
     ``weights`` overrides the profile's relative event shares by type (see
     ``ERROR_TYPES``); a weight of 0 switches a type off.
+
+    ``confusions`` is a measured table ``[[gold, ocr, count], ...]`` (as
+    returned by ``fit_noise``): rows of the types in ``TABLE_TYPES`` replace the
+    built-in confusions for their gold substring (insertion rows, gold ``""``,
+    replace the inserted-character table); gold substrings the table does not
+    cover keep the built-in confusions, scaled down to the rarest measured
+    rate. ``source_counts`` maps each gold substring to its number of
+    occurrences in the text the table was measured on, turning counts into
+    per-occurrence rates; without it the counts are used as per-occurrence
+    weights directly, like the built-in tables.
     """
 
     def __init__(
@@ -323,6 +358,8 @@ class OCRNoise:
         profile: str = "english",
         weights: dict[str, float] | None = None,
         burstiness: float = 0.25,
+        confusions: Sequence[Sequence] | None = None,
+        source_counts: dict[str, int] | None = None,
     ) -> None:
         if profile not in PROFILE_WEIGHTS:
             raise ValueError(f"unknown noise profile {profile!r}; choose one of {sorted(PROFILE_WEIGHTS)}")
@@ -335,13 +372,41 @@ class OCRNoise:
         self.profile = profile
         self.burstiness = burstiness
         self.weights = self._resolve_weights(profile, weights)
-        self._substitutions = self._options_table(_merge(_SUBSTITUTIONS, _SUBSTITUTIONS_EXTRA[profile]))
-        self._multi = self._options_table(_merge(_MULTI, _MULTI_EXTRA[profile]))
-        self._ligatures = self._options_table(_LIGATURES)
+        substitutions = _merge(_SUBSTITUTIONS, _SUBSTITUTIONS_EXTRA[profile])
+        multi = _merge(_MULTI, _MULTI_EXTRA[profile])
         self._inserted = _INSERTED[profile]
-        self._long_s = _Options.build("s", _LONG_S[profile])
         self._delete = _Options.build("x", (("", 1.0),))  # any one char -> "": cost 1
+        # Measured deletions (None: every non-space char alike, self._delete), and those of
+        # longer gold substrings ("e," -> "").
+        self._deletions: dict[str, _Options] | None = None
+        self._deletions_longer: dict[str, _Options] = {}
+        self.confusions = [list(row) for row in confusions] if confusions else []
+        if self.confusions:
+            measured = _measured_tables(self.confusions, source_counts)
+            substitutions = _with_fallback(measured["substitution"], substitutions)
+            multi = _with_fallback(measured["multi"], multi)
+            if measured["insertion"]:
+                self._inserted = tuple((repl, w) for repl, w in measured["insertion"][""].items())
+            if measured["deletion"]:
+                # The built-in deletion hits any character alike: one stand-in source.
+                deletions = _with_fallback(measured["deletion"], {_ANY_CHAR: (("", 1.0),)})
+                self._delete = _Options.build("x", deletions.pop(_ANY_CHAR))  # uncovered chars
+                self._deletions = self._options_table(deletions)
+                self._deletions_longer = {src: o for src, o in self._deletions.items() if len(src) > 1}
+        self._substitutions = self._options_table(substitutions)
+        self._multi = self._options_table(multi)
+        self._ligatures = self._options_table(_LIGATURES)
+        self._long_s = _Options.build("s", _LONG_S[profile])
         self._char_options: dict[tuple[str, str], _Options] = {}
+
+    @classmethod
+    def from_fit(cls, fit: dict, seed: int = 0, burstiness: float = 0.25, **overrides) -> OCRNoise:
+        """Noise calibrated by ``fit_noise``: its CER, type shares and confusion table."""
+        kwargs = dict(target_cer=fit["target_cer"], seed=seed, profile=fit.get("profile", "english"),
+                      weights=fit["weights"], burstiness=burstiness, confusions=fit.get("confusions"),
+                      source_counts=fit.get("source_counts"))
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
     @staticmethod
     def _resolve_weights(profile: str, weights: dict[str, float] | None) -> dict[str, float]:
@@ -426,7 +491,11 @@ class OCRNoise:
     def _deletion_sites(self, text: str) -> list[_Site]:
         if len(text) < 2:
             return []
-        return [(i, i + 1, self._delete) for i, c in enumerate(text) if not c.isspace()]
+        if self._deletions is None:
+            return [(i, i + 1, self._delete) for i, c in enumerate(text) if not c.isspace()]
+        table, fallback = self._deletions, self._delete
+        sites = [(i, i + 1, table.get(c, fallback)) for i, c in enumerate(text) if not c.isspace()]
+        return sites + self._table_sites(text, self._deletions_longer) if self._deletions_longer else sites
 
     def _insertion_sites(self, text: str) -> list[_Site]:
         return [
@@ -532,3 +601,157 @@ class OCRNoise:
         if not remaining:
             return None
         return rng.choices(remaining, weights=[s[2].total for s in remaining])[0]
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def error_spans(gold: str, ocr: str) -> list[tuple[str, str]]:
+    """(gold, ocr) substrings for each run of consecutive non-equal edit operations."""
+    spans: list[tuple[str, str]] = []
+    cur: tuple[str, str] | None = None
+    for op in Levenshtein.opcodes(gold, ocr):
+        if op.tag == "equal":
+            if cur:
+                spans.append(cur)
+            cur = None
+            continue
+        old, new = gold[op.src_start : op.src_end], ocr[op.dest_start : op.dest_end]
+        cur = (cur[0] + old, cur[1] + new) if cur else (old, new)
+    if cur:
+        spans.append(cur)
+    return spans
+
+
+def classify_span(gold: str, ocr: str) -> str:
+    """The error type (one of ``ERROR_TYPES``) of one error span, gold -> OCR.
+
+    Whitespace-only insertions and deletions are spurious and lost spaces; an
+    inserted ``-`` plus whitespace is a line-end hyphenation (``construc- tion``);
+    ``s`` read as ``f`` or ``ſ`` is long s; ``fi`` -> ``ﬁ`` and the like are
+    ligatures; other insertions and deletions (any length) keep those names; one
+    character for one is a substitution and everything else is multi.
+    """
+    if not gold:
+        if ocr.isspace():
+            return "spurious_space"
+        return "hyphenation" if _HYPHEN_BREAK.fullmatch(ocr) else "insertion"
+    if not ocr:
+        return "lost_space" if gold.isspace() else "deletion"
+    if gold == "s" and ocr in ("f", "\u017f"):
+        return "long_s"
+    if (gold, ocr) in _LIGATURE_PAIRS:
+        return "ligature"
+    if len(gold) == 1 and len(ocr) == 1:
+        return "substitution"
+    return "multi"
+
+
+def fit_noise(
+    pairs: Iterable[tuple[str, str]],
+    profile: str = "english",
+    top: int = 60,
+    max_span: int = 4,
+) -> dict:
+    """Measure real OCR noise on (ocr, gold) pairs; the result drives ``OCRNoise.from_fit``.
+
+    Returns a JSON-able dict:
+
+    - ``target_cer``: corpus CER of the pairs (total edits / total gold characters);
+    - ``weights``: the share (percent) of error events per type of ``ERROR_TYPES``;
+    - ``confusions``: the ``top`` most frequent ``[gold, ocr, count]`` spans of the
+      types in ``TABLE_TYPES`` with at most ``max_span`` characters a side (longer
+      spans, e.g. garbled lines, still count in the CER and the weights);
+    - ``source_counts``: occurrences of each confusion's gold substring in the gold
+      text (overlapping; ``""`` counts gold characters), for per-occurrence rates;
+    - ``profile``, ``pairs``, ``gold_chars``, ``error_events`` for the record.
+
+    Pairs should be sentence- or window-sized: the alignment is quadratic in length.
+    """
+    if profile not in PROFILE_WEIGHTS:
+        raise ValueError(f"unknown noise profile {profile!r}; choose one of {sorted(PROFILE_WEIGHTS)}")
+    types: Counter[str] = Counter()
+    confusions: Counter[tuple[str, str]] = Counter()
+    golds: list[str] = []
+    edits = chars = n_pairs = 0
+    for ocr, gold in pairs:
+        n_pairs += 1
+        golds.append(gold)
+        chars += len(gold)
+        edits += Levenshtein.distance(ocr, gold)
+        for old, new in error_spans(gold, ocr):
+            kind = classify_span(old, new)
+            types[kind] += 1
+            if kind in TABLE_TYPES and len(old) <= max_span and len(new) <= max_span:
+                confusions[(old, new)] += 1
+    if not chars:
+        raise ValueError("fit_noise needs at least one pair with a non-empty gold side")
+    events = sum(types.values())
+    if events:
+        weights = {name: round(100.0 * types[name] / events, 3) for name in ERROR_TYPES}
+    else:  # perfect OCR: nothing to measure, keep the profile's shape (at CER 0 it is unused)
+        weights = dict(PROFILE_WEIGHTS[profile])
+    table = sorted(confusions.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    joined = "\x00".join(golds)  # NUL never matches inside a gold substring
+    sources = {old for (old, _), _ in table}
+    source_counts = {old: (chars if not old else len(_find_all(joined, old))) for old in sorted(sources)}
+    return {
+        "profile": profile,
+        "target_cer": round(edits / chars, 6),
+        "weights": weights,
+        "confusions": [[old, new, n] for (old, new), n in table],
+        "source_counts": source_counts,
+        "pairs": n_pairs,
+        "gold_chars": chars,
+        "error_events": events,
+    }
+
+
+def _measured_tables(
+    confusions: Sequence[Sequence], source_counts: dict[str, int] | None
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per table type: gold -> {ocr: per-occurrence rate} from ``[gold, ocr, count]`` rows."""
+    tables: dict[str, dict[str, dict[str, float]]] = {name: {} for name in TABLE_TYPES}
+    for row in confusions:
+        if (len(row) != 3 or not isinstance(row[0], str) or not isinstance(row[1], str)
+                or isinstance(row[2], bool) or not isinstance(row[2], (int, float))):
+            raise ValueError(f"confusion rows must be [gold, ocr, count], got {row!r}")
+        old, new, count = row
+        if count < 0:
+            raise ValueError(f"confusion count must be >= 0, got {row!r}")
+        kind = classify_span(old, new) if old != new else None
+        if kind not in TABLE_TYPES or count == 0:
+            continue  # identical strings, or a type with a fixed form (spaces, hyphenation, ...)
+        rate = float(count)
+        if source_counts is not None and kind != "insertion":
+            occurrences = source_counts.get(old)
+            if occurrences is None:
+                raise ValueError(f"source_counts has no entry for the confusion source {old!r}")
+            if occurrences <= 0:
+                continue
+            rate /= occurrences
+        slot = tables[kind].setdefault(old, {})
+        slot[new] = slot.get(new, 0.0) + rate
+    return tables
+
+
+def _with_fallback(
+    measured: dict[str, dict[str, float]],
+    builtin: dict[str, tuple[tuple[str, float], ...]],
+) -> dict[str, tuple[tuple[str, float], ...]]:
+    """Measured sources with their rates; other built-in sources scaled to the rarest measured rate.
+
+    The scale maps built-in weights to rates on the sources both tables know,
+    taking the smallest ratio: a source outside the measured top list was rarer
+    than every source in it, so its built-in confusions must not outweigh them.
+    """
+    if not measured:
+        return dict(builtin)
+    totals = {src: sum(reps.values()) for src, reps in measured.items()}
+    builtin_totals = {src: sum(w for _, w in pairs) for src, pairs in builtin.items()}
+    ratios = [totals[s] / builtin_totals[s] for s in totals if builtin_totals.get(s, 0) > 0]
+    scale = min(ratios) if ratios else min(totals.values()) / max(max(builtin_totals.values(), default=1.0), 1e-12)
+    table = {src: tuple((repl, w * scale) for repl, w in pairs)
+             for src, pairs in builtin.items() if src not in measured}
+    table.update({src: tuple(reps.items()) for src, reps in measured.items()})
+    return table
