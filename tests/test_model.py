@@ -45,3 +45,21 @@ def test_loss_mask_follows_markers():
     mask = loss_mask(row, IN, OUT, END)[0].tolist()
     # trained: the positions from the output marker through the last output token (which predicts END)
     assert mask == [False, False, False, True, True, True, False, False, False, True, True]
+
+
+def test_beam_search_with_one_beam_is_greedy_and_wider_beams_score_higher():
+    from nichelm.generate import beam_search
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch="llama", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
+    prompt, cpu = [5, 6, 7, 8, 9], torch.device("cpu")
+    greedy = generate(model, [prompt], [10], end_id=0, device=cpu)[0]
+    assert beam_search(model, prompt, 10, 0, cpu, beams=1).tokens == greedy.tokens
+
+    def logprob(seq, end):
+        x = torch.tensor([prompt + seq + ([0] if end else [])])
+        lp = torch.log_softmax(model(x)[0][0], -1)
+        return sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(seq + ([0] if end else [])))
+
+    wide = beam_search(model, prompt, 10, 0, cpu, beams=4, length_penalty=0.0)   # raw log-probability
+    if not wide.hit_limit and not greedy.hit_limit:
+        assert logprob(wide.tokens, True) >= logprob(greedy.tokens, True) - 1e-4

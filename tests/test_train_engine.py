@@ -90,3 +90,28 @@ def test_stop_and_resume_in_process(tiny_project, tmp_path, optimizer, schedule)
         runs[name] = losses(project.run_path)
     assert runs["straight"] == runs["resumed"]
     assert runs["straight"][-1][1] < runs["straight"][0][1]
+
+
+def test_batch_tokens_accumulates_to_the_same_step(tiny_project, tmp_path):
+    """4 rows x 2 micro-batches (batch_tokens) computes the step of 8 rows at once."""
+    import torch
+
+    from nichelm.config import load_project
+    from nichelm.errors import UserError
+    from nichelm.prepare import prepare
+    from nichelm.train import train
+
+    torch.set_num_threads(1)
+    result = {}
+    for name, sets in {"one": ["train.batch_size=8"],
+                       "accum": ["train.batch_size=4", f"train.batch_tokens={8 * 96}"]}.items():
+        project = load_project(tiny_project, [f"run_dir={tmp_path / name}", "train.max_steps=4", "train.eval_every=0",
+                                              *sets])
+        prepare(project)
+        train(project)
+        result[name] = losses(project.run_path)
+    for (_, a), (_, b) in zip(result["one"], result["accum"]):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    bad = load_project(tiny_project, [f"run_dir={tmp_path / 'accum'}", "train.batch_size=4", "train.batch_tokens=100"])
+    with pytest.raises(UserError, match="batch_tokens"):
+        train(bad)

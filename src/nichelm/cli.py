@@ -116,6 +116,11 @@ def cmd_bench_train(args):
                                  threads=args.threads, compile=args.compile, peak_tflops=args.peak_tflops)))
 
 
+def add_guard(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guard", type=float, default=0.15,
+                   help="keep a window's input when the output differs by more than this share (-1: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nichelm", description="Specialized pre-training of small language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -145,16 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", action="store_true", help="score the raw OCR only (after = before)")
     p.add_argument("--out", help="report folder (default RUN/eval/external/NAME, or ./eval-NAME without a model)")
     p.add_argument("--max-docs", type=int, default=0, help="only the first N documents (0: all)")
-    p.add_argument("--guard", type=float, default=0.15,
-                   help="keep a window's input when the output differs by more than this share (-1: off)")
+    add_guard(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("correct", help="print the corrected text of a file or stdin")
     p.add_argument("file", nargs="?", help="a UTF-8 text file, or - for stdin (default)")
     p.add_argument("--run", required=True, help="a run directory with a trained model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--guard", type=float, default=0.15,
-                   help="keep a window's input when the output differs by more than this share (-1: off)")
+    add_guard(p)
     p.set_defaults(func=cmd_correct)
     p = with_project(sub.add_parser("export", help="write the model for transformers, llama.cpp or CTranslate2"))
     p.add_argument("--format", default="hf", choices=["hf", "gguf", "ct2"])
@@ -169,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--text-field", default="text", help="jsonl: the field holding the text")
     p.add_argument("--output-field", default="corrected", help="jsonl: the field added to each output line")
-    p.add_argument("--guard", type=float, default=0.15,
-                   help="keep a window's input when the output differs by more than this share (-1: off)")
+    add_guard(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_apply)
     p = sub.add_parser("quickstart", help="prepare, train and evaluate the embedded default on CPU")

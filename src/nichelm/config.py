@@ -102,7 +102,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"             # auto | cpu | cuda
     threads: int = 0                 # 0 = torch's default
-    compile: bool = False
+    compile: bool | str = "auto"     # auto: on for CUDA, off on CPU (compiling costs more than it saves in short CPU runs)
+    batch_tokens: int = 0            # >0: tokens per optimizer step; grad_accum follows from it
+    tensorboard: bool = False        # also write RUN/tensorboard/ (needs the tensorboard package)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class EvalConfig:
     batch_size: int = 64
     guard_max_change: float = 0.15   # keep the input when the output differs by more than this share of it
     max_new_tokens_ratio: float = 1.5
+    beams: int = 1                   # 1 = greedy (batched); >1 = beam search
 
 
 @dataclass
@@ -321,6 +324,8 @@ def validate(p: Project, file: str) -> None:
         raise UserError(f"{file}: 'train.schedule' is {p.train.schedule!r}; use cosine or wsd")
     if p.train.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"{file}: 'train.device' is {p.train.device!r}; use auto, cpu or cuda")
+    if p.train.compile not in (True, False, "auto"):
+        raise UserError(f"{file}: 'train.compile' is {p.train.compile!r}; use true, false or \"auto\"")
     for key in ("max_steps", "batch_size", "grad_accum"):
         if getattr(p.train, key) < 1:
             raise UserError(f"{file}: 'train.{key}' must be at least 1")

@@ -72,7 +72,8 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         raise UserError(f"{run}/data/examples.test.jsonl is empty; raise split.test_fraction or add data")
     corrector = Corrector.from_run(run, device=device, batch_size=project.eval.batch_size,
                                    guard_max_change=project.eval.guard_max_change,
-                                   max_new_tokens_ratio=project.eval.max_new_tokens_ratio)
+                                   max_new_tokens_ratio=project.eval.max_new_tokens_ratio,
+                                   beams=project.eval.beams)
     t0 = time.perf_counter()
     results = corrector.correct_windows([e["input"] for e in examples])
     seconds = time.perf_counter() - t0

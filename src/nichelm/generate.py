@@ -87,3 +87,46 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
         for i, g in zip(idx, gens):
             results[i] = g
     return results
+
+
+@torch.no_grad()
+def beam_search(model: GPT, prompt: list[int], max_new: int, end_id: int, device: torch.device,
+                beams: int = 4, length_penalty: float = 1.0) -> Generation:
+    """Beam search for one prompt (the beams are the batch). Finished hypotheses are ranked by
+    log-probability / length**length_penalty; stops once `beams` hypotheses have ended."""
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.cfg, beams, len(prompt) + max_new, device, dtype)
+    x = torch.tensor([prompt], dtype=torch.long, device=device).repeat(beams, 1)
+    logits, _ = model(x, cache=cache)                          # causal prefill, no padding
+    scores = torch.full((beams,), float("-inf"), device=device)
+    scores[0] = 0.0                                            # all beams start identical: keep one
+    seqs: list[list[int]] = [[] for _ in range(beams)]
+    finished: list[tuple[float, list[int]]] = []
+    for _ in range(max_new):
+        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        vocab = logp.shape[-1]
+        top = (scores[:, None] + logp).view(-1).topk(2 * beams)
+        keep = []
+        for score, index in zip(top.values.tolist(), top.indices.tolist()):
+            beam, token = divmod(index, vocab)
+            if score == float("-inf"):
+                break
+            if token == end_id:
+                finished.append((score / max(len(seqs[beam]), 1) ** length_penalty, seqs[beam]))
+            elif len(keep) < beams:
+                keep.append((score, beam, token))
+        if len(finished) >= beams or not keep:
+            break
+        while len(keep) < beams:                               # pad with a dead copy
+            keep.append((float("-inf"), keep[0][1], keep[0][2]))
+        source = torch.tensor([b for _, b, _ in keep], device=device)
+        cache.k, cache.v = cache.k[:, source], cache.v[:, source]
+        seqs = [seqs[b] + [t] for _, b, t in keep]
+        scores = torch.tensor([s for s, _, _ in keep], device=device)
+        step = torch.tensor([[t] for _, _, t in keep], dtype=torch.long, device=device)
+        see_all = torch.ones((beams, 1, 1, cache.length + 1), dtype=torch.bool, device=device)
+        logits, _ = model(step, cache=cache, mask=see_all)
+    if finished:
+        return Generation(tokens=max(finished, key=lambda f: f[0])[1], hit_limit=False)
+    best = int(scores.argmax())
+    return Generation(tokens=seqs[best], hit_limit=True)

@@ -15,7 +15,7 @@ import torch
 from nichelm.checkpoint import latest_checkpoint, load_model_weights
 from nichelm.data.tokenizer import load_tokenizer
 from nichelm.errors import UserError
-from nichelm.generate import generate
+from nichelm.generate import beam_search, generate
 from nichelm.metrics import char_distance
 from nichelm.model import GPT, ModelConfig
 
@@ -70,7 +70,8 @@ def cut_windows(text: str, max_chars: int) -> list[tuple[str, str]]:
 
 class Corrector:
     def __init__(self, model: GPT, tokenizer, task: dict, device: torch.device | str = "cpu",
-                 batch_size: int = 64, guard_max_change: float = 0.15, max_new_tokens_ratio: float = 1.5):
+                 batch_size: int = 64, guard_max_change: float = 0.15, max_new_tokens_ratio: float = 1.5,
+                 beams: int = 1):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prompt_template = task["prompt_template"]
@@ -80,6 +81,7 @@ class Corrector:
         self.batch_size = batch_size
         self.guard_max_change = guard_max_change
         self.max_new_tokens_ratio = max_new_tokens_ratio
+        self.beams = beams                 # 1: batched greedy; >1: beam search, one window at a time
         self.stats = GuardStats()
 
     @classmethod
@@ -116,7 +118,11 @@ class Corrector:
             todo.append(i)
             prompts.append(ids)
             budgets.append(budget)
-        gens = generate(self.model, prompts, budgets, self.end_id, self.device, self.batch_size) if todo else []
+        if self.beams > 1:
+            gens = [beam_search(self.model, p, b, self.end_id, self.device, beams=self.beams)
+                    for p, b in zip(prompts, budgets)]
+        else:
+            gens = generate(self.model, prompts, budgets, self.end_id, self.device, self.batch_size) if todo else []
         for i, g in zip(todo, gens):
             raw = self.tokenizer.decode(g.tokens).strip()
             results[i] = self._guard(windows[i], raw, g.hit_limit)

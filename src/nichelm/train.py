@@ -97,6 +97,17 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> Optimiz
     return Optimizers(opts)
 
 
+def accumulation_steps(cfg, seq_len: int, world_size: int) -> int:
+    """Micro-batches per optimizer step: train.grad_accum, or enough to reach train.batch_tokens."""
+    if cfg.batch_tokens <= 0:
+        return cfg.grad_accum
+    per_micro = cfg.batch_size * seq_len * world_size
+    if cfg.batch_tokens % per_micro:
+        raise UserError(f"train.batch_tokens = {cfg.batch_tokens} is not a multiple of batch_size x block_size x "
+                        f"processes = {per_micro}; pick a multiple, e.g. {per_micro * max(1, cfg.batch_tokens // per_micro)}")
+    return cfg.batch_tokens // per_micro
+
+
 class Distributed:
     """Rank/world from torchrun's environment; a no-op for a single process."""
 
@@ -178,7 +189,7 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
         atomic_write_text(run / "model_config.json", json.dumps(mcfg.to_dict(), indent=2) + "\n")
 
     raw_model = model
-    if cfg.compile:
+    if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
         from torch import _dynamo
         _dynamo.config.suppress_errors = True         # a machine without a working compiler falls back to eager
         model = torch.compile(model)
@@ -187,11 +198,13 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * ddp.world_size
+    grad_accum = accumulation_steps(cfg, seq_len, ddp.world_size)
+    tokens_per_step = cfg.batch_size * grad_accum * seq_len * ddp.world_size
     flops_per_step = raw_model.flops_per_token(seq_len) * tokens_per_step
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     budget_s = cfg.max_minutes * 60
     metrics_file = open(run / "metrics.jsonl", "a") if ddp.main else None
+    board = _tensorboard(run) if (cfg.tensorboard and ddp.main) else None
     progress_bar = _progress(cfg.max_steps, start_step) if ddp.main else None
     if ddp.main:
         log(f"model {mcfg.arch} {raw_model.num_params() / 1e6:.2f}M params, {mcfg.n_layer} layers, d={mcfg.n_embd}; "
@@ -210,12 +223,14 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
             group["lr"] = lr
         # Normalise by the output tokens of the whole global step (all micro-batches, all ranks), so
         # N processes x B rows compute exactly the loss and gradient of one process with N*B rows.
-        batches = [train_data.get(step, micro, cfg.grad_accum, cfg.batch_size) for micro in range(cfg.grad_accum)]
+        batches = [train_data.get(step, micro, grad_accum, cfg.batch_size) for micro in range(grad_accum)]
+        if device.type == "cuda":              # pinned pages let the copies below run asynchronously
+            batches = [tuple(t.pin_memory() for t in b) for b in batches]
         n_tokens = ddp.sum(torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))).item()
         loss_sum = torch.zeros((), device=device)
         for micro, batch in enumerate(batches):
             x, y, mask = (t.to(device, non_blocking=True) for t in batch)
-            sync = nullcontext() if (not ddp.enabled or micro == cfg.grad_accum - 1) else model.no_sync()
+            sync = nullcontext() if (not ddp.enabled or micro == grad_accum - 1) else model.no_sync()
             with sync:
                 with autocast:
                     _, loss = model(x, y, mask, reduction="sum")
@@ -250,6 +265,10 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+            if board:
+                for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                    if record.get(key) is not None:
+                        board.add_scalar(key, record[key], step)
             if progress_bar:
                 progress_bar(step, record)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps and ddp.main:
@@ -264,6 +283,8 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
         _save(run, step, raw_model, optimizer, elapsed, tokens_seen, cfg)
         if metrics_file:
             metrics_file.close()
+        if board:
+            board.close()
         log(f"trained to step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}, "
             f"{tokens_seen / 1e6:.2f}M tokens in {elapsed / 60:.1f} min")
     ddp.close()
@@ -287,6 +308,14 @@ def evaluate_loss(model, data: TaskBatches, cfg, device, autocast) -> float:
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
+
+
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run / "tensorboard"))
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
