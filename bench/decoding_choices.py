@@ -1,11 +1,11 @@
-"""Decoding choices on a project's held-out test split: do-no-harm bound, greedy vs beam, window size.
+"""Decoding choices on a project's held-out split: do-no-harm bound, greedy vs beam, window size.
 
-Usage: python bench/decoding_choices.py PROJECT.toml [--set run_dir=...] [--beam-examples 150]
+Usage: python bench/decoding_choices.py PROJECT.toml [--set run_dir=...] [--split val|test] [--beam-examples 150]
 Prints one JSON object:
-  guard:   corpus CER, WER and worse share of the test windows for several guard bounds, from one
+  guard:   corpus CER, WER and worse share of the split's windows for several guard bounds, from one
            greedy decode (the guard only chooses between the model's output and the input);
-  beam:    greedy vs beam search (4 beams) on the first N test windows;
-  windows: whole test documents corrected with windows of 80/120/180/240 characters (no overlap),
+  beam:    greedy vs beam search (4 beams) on the first N windows;
+  windows: whole documents corrected with windows of 80/120/180/240 characters (no overlap),
            with the project's guard bound.
 """
 
@@ -27,12 +27,14 @@ def main():
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--beam-examples", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", default="val", choices=["val", "test"],
+                    help="choose decoding settings on val; report test once they are chosen")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     project = load_project(args.project, args.set)
-    examples = read_examples(project.run_path / "data" / "examples.test.jsonl")
+    examples = read_examples(project.run_path / "data" / f"examples.{args.split}.jsonl")
     corrector = Corrector.from_run(project.run_path, guard_max_change=-1)
-    out = {"run": str(project.run_path), "n_examples": len(examples)}
+    out = {"run": str(project.run_path), "split": args.split, "n_examples": len(examples)}
 
     t0 = time.perf_counter()
     results = corrector.correct_windows([e["input"] for e in examples])
