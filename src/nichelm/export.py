@@ -140,6 +140,11 @@ def _qkv_sizes(cfg: ModelConfig) -> list[int]:
     return [cfg.n_head * head_dim, cfg.kv_heads * head_dim, cfg.kv_heads * head_dim]
 
 
+# Our block parameter names -> GPT2LMHeadModel's, and whether HF's Conv1D stores the matrix transposed.
+GPT2_LAYER_NAMES = (("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
+                    ("norm2", "ln_2", False), ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True))
+
+
 def to_hf(state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our parameters -> transformers names and layouts, vocabulary rows cut to the tokenizer's size.
 
@@ -154,9 +159,7 @@ def to_hf(state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out["transformer.wpe.weight"] = state["wpe.weight"]
         for i in range(cfg.n_layer):
             s, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs, transpose in (("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
-                                            ("attn.proj", "attn.c_proj", True), ("norm2", "ln_2", False),
-                                            ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)):
+            for ours, theirs, transpose in GPT2_LAYER_NAMES:
                 w = state[s + ours + ".weight"]
                 out[h + theirs + ".weight"] = w.t() if transpose else w
                 out[h + theirs + ".bias"] = state[s + ours + ".bias"]
@@ -194,9 +197,7 @@ def from_hf(tensors: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out["wpe.weight"] = tensors["transformer.wpe.weight"]
         for i in range(cfg.n_layer):
             s, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs, transpose in (("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
-                                            ("attn.proj", "attn.c_proj", True), ("norm2", "ln_2", False),
-                                            ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)):
+            for ours, theirs, transpose in GPT2_LAYER_NAMES:
                 w = tensors[h + theirs + ".weight"]
                 out[s + ours + ".weight"] = w.t() if transpose else w
                 out[s + ours + ".bias"] = tensors[h + theirs + ".bias"]
