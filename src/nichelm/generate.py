@@ -21,53 +21,56 @@ class Generation:
     hit_limit: bool          # stopped by the length bound, not by the end marker
 
 
-def _mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:
-    """(B, 1, q_len, K) boolean: causal over the last q_len keys, and never a padding key.
+def _prefill_bias(valid: torch.Tensor, dtype) -> torch.Tensor:
+    """(B, 1, L, L) additive mask for the prompt: causal, and never a padding key.
 
     A query on a padding position would see no key at all (NaN); it may see itself.
     """
-    B, K = valid.shape
-    q_pos = torch.arange(K - q_len, K, device=valid.device)[:, None]
-    k_pos = torch.arange(K, device=valid.device)[None, :]
-    causal = k_pos <= q_pos
-    allowed = causal[None] & valid[:, None, :]
-    allowed |= (k_pos == q_pos)[None]
-    return allowed[:, None]
+    L = valid.shape[1]
+    pos = torch.arange(L, device=valid.device)
+    allowed = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]
+    allowed |= torch.eye(L, dtype=torch.bool, device=valid.device)[None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill_(~allowed, float("-inf"))[:, None]
 
 
 @torch.no_grad()
 def generate_batch(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: int,
-                   device: torch.device) -> list[Generation]:
+                   device: torch.device, forward=None) -> list[Generation]:
     B, L = len(prompts), max(len(p) for p in prompts)
     steps = max(max_new)
+    total = L + steps
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     x = torch.zeros((B, L), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         x[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-    total = L + steps
-    valid = torch.zeros((B, total), dtype=torch.bool, device=device)
-    valid[:, :L] = torch.arange(L, device=device)[None] >= pad[:, None]
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.cfg, B, total, device, dtype)
+    valid = torch.arange(L, device=device)[None] >= pad[:, None]
+    # One additive mask serves every decoding step: -inf on the prompt's padding, 0 elsewhere
+    # (generated positions are never padding). Step t sees its first L + t + 1 columns.
+    bias = torch.zeros((B, 1, 1, total), dtype=dtype, device=device)
+    bias[:, 0, 0, :L].masked_fill_(~valid, float("-inf"))
 
     positions = (torch.arange(L, device=device)[None] - pad[:, None]).clamp(min=0)
-    logits, _ = model(x, positions=positions, cache=cache, mask=_mask(valid[:, :L], L))
+    forward = model if forward is None else forward        # e.g. the model under torch.compile
+    logits, _ = forward(x, positions=positions, cache=cache, mask=_prefill_bias(valid, dtype))
     limits = torch.tensor(max_new, device=device)
     out = torch.zeros((B, steps), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_out = torch.zeros(B, dtype=torch.long, device=device)
+    # A row that already finished keeps stepping with the batch; clamp its position so it never
+    # runs past the position tables (its tokens are discarded anyway).
+    positions = (L - pad)[:, None]
     for t in range(steps):
         nxt = logits[:, -1].argmax(dim=-1)
         out[:, t] = nxt
         n_out += (~done).long()
         done |= (nxt == end_id) | (n_out >= limits)
-        if bool(done.all()) or t == steps - 1:
+        if t == steps - 1 or bool(done.all()):
             break
-        valid[:, L + t] = True
-        # A row that already finished keeps stepping with the batch; clamp its position so it never
-        # runs past the position tables (its tokens are discarded anyway).
-        positions = (L + t - pad).clamp(max=model.cfg.block_size - 1)[:, None]
-        logits, _ = model(nxt[:, None], positions=positions, cache=cache, mask=_mask(valid[:, :L + t + 1], 1))
+        logits, _ = forward(nxt[:, None], positions=positions.clamp(max=model.cfg.block_size - 1), cache=cache,
+                          mask=bias[..., :L + t + 1])
+        positions += 1
     results = []
     for i in range(B):
         seq = out[i, : int(n_out[i])].tolist()
@@ -76,14 +79,27 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new: list[int], end
     return results
 
 
+def compile_for_decoding(model: GPT):
+    """The model under torch.compile with dynamic shapes, for `forward=` below: two graphs (prompt and
+    step), whatever the batch size and lengths. Compiling takes ~10-20 s on a 2-core CPU and then
+    decodes ~2x faster (BENCHMARKS.md), so it pays on corpora, not on a few windows. A machine
+    without a working compiler falls back to eager."""
+    from torch import _dynamo
+    _dynamo.config.suppress_errors = True
+    return torch.compile(model, dynamic=True)
+
+
 def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: int, device: torch.device,
-             batch_size: int = 64) -> list[Generation]:
-    """Greedy continuations for many prompts; batches group prompts of similar length."""
+             batch_size: int = 64, forward=None) -> list[Generation]:
+    """Greedy continuations for many prompts; batches group prompts of similar length.
+
+    forward: what runs the model (default the model itself; compile_for_decoding(model) to compile)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        gens = generate_batch(model, [prompts[i] for i in idx], [max_new[i] for i in idx], end_id, device)
+        gens = generate_batch(model, [prompts[i] for i in idx], [max_new[i] for i in idx], end_id, device,
+                              forward)
         for i, g in zip(idx, gens):
             results[i] = g
     return results
@@ -120,7 +136,7 @@ def beam_search(model: GPT, prompt: list[int], max_new: int, end_id: int, device
         while len(keep) < beams:                               # pad with a dead copy
             keep.append((float("-inf"), keep[0][1], keep[0][2]))
         source = torch.tensor([b for _, b, _ in keep], device=device)
-        cache.k, cache.v = cache.k[:, source], cache.v[:, source]
+        cache.reorder(source)
         seqs = [seqs[b] + [t] for _, b, t in keep]
         scores = torch.tensor([s for s, _, _ in keep], device=device)
         step = torch.tensor([[t] for _, _, t in keep], dtype=torch.long, device=device)

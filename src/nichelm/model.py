@@ -85,21 +85,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (layers, B, kv_heads, max_len, head_dim)."""
+    """Preallocated keys/values, one (B, kv_heads, max_len, head_dim) tensor per layer.
+
+    One tensor per layer (not one 5-D tensor) so that writing a step into a layer's cache is an
+    in-place update of that tensor, which torch.compile keeps in place instead of copying the cache.
+    """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         head_dim = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.length = 0                                    # filled positions (same for all rows)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        t = k.shape[2]
-        self.k[layer, :, :, self.length:self.length + t] = k
-        self.v[layer, :, :, self.length:self.length + t] = v
-        end = self.length + t
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the given rows, in that order (beam search)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
+
+def decode_attention(q, k, v, bias):
+    """Attention of one query per row over the cache: q (B, H, 1, D), k/v (B, KVH, T, D), bias (B, 1, 1, T)
+    additive. Grouped heads share a key/value head by a reshape, not a copy."""
+    B, H, _, D = q.shape
+    if bias.dtype == torch.bool:                                  # allowed/blocked -> 0/-inf
+        bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill_(~bias, float("-inf"))
+    group = H // k.shape[1]
+    q = q.reshape(B, k.shape[1], group, D)                        # heads of one kv head together
+    scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5 + bias
+    y = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+    return y.reshape(B, H, 1, D)
 
 
 class Attention(nn.Module):
@@ -131,7 +152,9 @@ class Attention(nn.Module):
         if mask is None:   # training / plain forward: causal, no padding
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:              # generation: explicit mask (causal + left padding)
+        elif T == 1:       # one decoding step: plain math beats SDPA's kernels for a single query
+            y = decode_attention(q, k, v, mask)
+        else:              # prompt with an explicit mask (causal + left padding)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
