@@ -235,3 +235,110 @@ def test_user_errors(run, tmp_path):
     apply(run, [corpus], tmp_path / "out", threads=1)
     with pytest.raises(UserError, match="guard_max_change"):
         apply(run, [corpus], tmp_path / "out", guard_max_change=0.5)
+
+
+def write_parquet(path: Path, n_rows: int, row_group_size: int = 4, **extra) -> Path:
+    """id, text (row 3 null), meta and any extra columns; small row groups so a resume skips some."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"id": list(range(n_rows)), "text": [None if i == 3 else noisy(i) for i in range(n_rows)],
+                      "meta": ["é"] * n_rows, **extra})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_keeps_every_column_and_row_and_reports_bad_rows(run, tmp_path, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from nichelm import load
+    corpus = tmp_path / "in"
+    write_parquet(corpus / "books.parquet", 10, corrected=list(range(10)))    # an old 'corrected' is replaced
+    write_parquet(corpus / "sub" / "other.parquet", 2, row_group_size=1)
+    pq.write_table(pq.read_table(corpus / "books.parquet").drop_columns(["text"]), corpus / "no_text.parquet")
+    (corpus / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    report = apply(run, [corpus], tmp_path / "out", group_windows=8, **OPTS)
+    err = capsys.readouterr().err
+    for name in ("books.parquet:4: column 'text' is null, not a string", "no_text.parquet:1: no column 'text'",
+                 "no_text.parquet:10: no column 'text'", "broken.parquet: not a readable parquet file"):
+        assert name in err and any(name in f for f in report.failed)
+    assert report.failed_count == 1 + 10 + 1 and report.documents == 9 + 2
+    out = tmp_path / "out"
+    assert set(tree(out)) == {"books.parquet", "sub/other.parquet", "no_text.parquet"}
+    assert not list(out.rglob("*.partial"))
+    books = pq.read_table(out / "books.parquet")
+    assert books.column_names == ["id", "text", "meta", "corrected"] and books.num_rows == 10
+    rows = books.to_pylist()
+    assert [r["id"] for r in rows] == list(range(10)) and all(r["meta"] == "é" for r in rows)
+    expected = load(run, guard_max_change=-1).correct([noisy(i) for i in range(10) if i != 3], guard=False)
+    assert [r["corrected"] for r in rows] == expected[:3] + [None] + expected[3:]
+    assert pq.read_table(out / "no_text.parquet").column("corrected").null_count == 10
+    again = apply(run, [corpus], out, group_windows=8, **OPTS)          # only the broken file is left to try
+    assert again.documents_this_run == 0 and again.failed_count == report.failed_count
+
+
+@pytest.mark.parametrize("when", ["progress", "done", "parts-lost"])
+def test_parquet_crash_then_resume_equals_an_uninterrupted_run(run, tmp_path, monkeypatch, when):
+    """'progress': a part file was written but the ledger does not count it (deleted on resume).
+    'done': the output was renamed into place but not recorded (combined again).
+    'parts-lost': someone deleted the partial folder after the crash (that file starts over)."""
+    pytest.importorskip("pyarrow")
+    corpus = tmp_path / "in"
+    write_parquet(corpus / "books.parquet", 24)
+    make_corpus(corpus, 2)
+    apply(run, [corpus], tmp_path / "ref", group_windows=8, **OPTS)
+    real, seen = Ledger.append, []
+
+    def append(self, rec):
+        if rec.get("file") == "books.parquet" and rec["event"] == when.replace("parts-lost", "progress"):
+            seen.append(rec)
+            if len(seen) == (1 if when == "done" else 2):
+                raise Crash()
+        real(self, rec)
+
+    monkeypatch.setattr(Ledger, "append", append)
+    with pytest.raises(Crash):
+        apply(run, [corpus], tmp_path / "out", group_windows=8, **OPTS)
+    monkeypatch.setattr(Ledger, "append", real)
+    partial = tmp_path / "out" / ".books.parquet.partial"
+    if when == "done":
+        assert (tmp_path / "out" / "books.parquet").exists() and partial.exists()
+    else:
+        assert sorted(p.name for p in partial.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+    if when == "parts-lost":
+        import shutil
+        shutil.rmtree(partial)
+    report = apply(run, [corpus], tmp_path / "out", group_windows=8, **OPTS)
+    assert tree(tmp_path / "out") == tree(tmp_path / "ref")
+    assert report.documents == 23 + 2 and report.failed_count == 1 and not partial.exists()
+
+
+def test_parquet_sigkill_then_resume_equals_an_uninterrupted_run(run, tmp_path):
+    pytest.importorskip("pyarrow")
+    corpus = write_parquet(tmp_path / "in" / "books.parquet", 60)
+    apply(run, [corpus], tmp_path / "ref", batch_size=8, threads=1, guard_max_change=-1)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "nichelm", "apply", "--model", str(run), "--input", str(corpus), "--output",
+           str(out), "--batch-size", "8", "--threads", "1", "--guard", "-1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if any(r["event"] == "progress" for r in ledger_lines(out)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not any(r["event"] == "done" for r in ledger_lines(out)), "the kill came too late to test resuming"
+    report = apply(run, [corpus], out, batch_size=8, threads=1, guard_max_change=-1)
+    assert tree(out) == tree(tmp_path / "ref") and report.documents == 59
+    assert report.documents_this_run < 59                    # it resumed; it did not start over
+
+
+def test_parquet_without_pyarrow_names_the_file_and_the_fix(run, tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    path = write_parquet(tmp_path / "in" / "books.parquet", 2)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(UserError, match=r"books.parquet: reading parquet needs pyarrow: pip install 'nichelm\[parquet\]'"):
+        apply(run, [tmp_path / "in"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

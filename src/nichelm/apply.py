@@ -1,8 +1,9 @@
 """`nichelm apply`: correct a whole corpus with a trained model or an export, resumably, in shards.
 
 Inputs are .txt files (one document each), .jsonl files (one document per line, the text in
-``text_field``) or folders of them (recursive). Outputs mirror the inputs under OUT: a folder
-input's files keep their path inside the folder, a file input keeps its name.
+``text_field``), .parquet files (one document per row, the text in column ``text_field``; needs
+pyarrow) or folders of them (recursive). Outputs mirror the inputs under OUT: a folder input's
+files keep their path inside the folder, a file input keeps its name.
 
 Documents from many files are corrected together (windows of all of them share batches),
 then written in input order. Crash safety without a database:
@@ -14,9 +15,15 @@ then written in input order. Crash safety without a database:
   On resume the partial file is cut back to the recorded size and reading restarts at the
   recorded line, so a kill at any moment loses only unrecorded work and duplicates nothing;
   when the input ends the partial file is renamed onto the final name.
+- a parquet output's new column grows as part files in the folder OUT/.NAME.partial/, each
+  written atomically, then counted in a ledger line (input rows consumed, parts). On resume,
+  parts the ledger does not count are deleted and reading restarts at the recorded row. When
+  the input ends, its columns plus the new one are written to a temporary file renamed onto
+  OUT/NAME (row order and every other column kept), then the parts are removed.
 
-Unreadable inputs (binary, bad UTF-8, malformed jsonl line, missing field) are reported by
-name and skipped; the run carries on and ``ApplyReport.failed`` lists them (exit code 1).
+Unreadable inputs (binary, bad UTF-8, malformed jsonl line, missing field, corrupt parquet) are
+reported by name and skipped; a parquet row without a string text keeps its place with a null
+output. The run carries on and ``ApplyReport.failed`` lists them (exit code 1).
 """
 
 from __future__ import annotations
@@ -25,17 +32,20 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nichelm.errors import UserError
-from nichelm.io import atomic_write_text
+from nichelm.io import atomic_file, atomic_write_bytes, atomic_write_text
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
-MAX_LISTED_FAILURES = 100           # per jsonl file in the ledger; the count is always exact
+PARQUET_SUFFIXES = (".parquet",)
+COMPILE_MIN_BYTES = 1_000_000        # compile='auto': ~10k windows; below that compiling costs more than it saves
+MAX_LISTED_FAILURES = 100           # per jsonl/parquet file in the ledger; the count is always exact
 
 
 # ---------------------------------------------------------------- inputs and shards
@@ -45,10 +55,12 @@ class Unit:
     """One input file and the name its output gets under OUT."""
     path: Path
     rel: str                        # posix path relative to OUT
-    kind: str                       # "text" | "jsonl"
+    kind: str                       # "text" | "jsonl" | "parquet"
 
 
 def _kind(path: Path) -> str:
+    if path.name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
     return "jsonl" if path.name.endswith(JSONL_SUFFIXES) else "text"
 
 
@@ -59,7 +71,7 @@ def discover(inputs: list[str | Path]) -> list[Unit]:
         path = Path(raw)
         if path.is_dir():
             found = [Unit(p, p.relative_to(path).as_posix(), _kind(p)) for p in sorted(path.rglob("*"))
-                     if p.is_file() and p.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+                     if p.is_file() and p.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)
                      and not p.name.startswith(".")]
         elif path.is_file():
             found = [Unit(path, path.name, _kind(path))]
@@ -99,8 +111,9 @@ def shard_of(rel: str, n: int) -> int:
 class FileState:
     """What the ledger says about one input file (records are cumulative per file)."""
     done: bool = False
-    lines: int = 0                  # jsonl: input lines consumed
+    lines: int = 0                  # jsonl: input lines consumed; parquet: input rows consumed
     bytes: int = 0                  # jsonl: output bytes written to the partial file
+    parts: int = 0                  # parquet: part files in the partial folder
     docs: int = 0
     windows: int = 0
     kept_too_different: int = 0
@@ -179,7 +192,7 @@ class Ledger:
 @dataclass
 class Doc:
     unit: Unit
-    line: int                       # jsonl: 1-based input line; text: 0
+    line: int                       # jsonl: 1-based input line; parquet: 1-based row; text: 0
     text: str
     record: dict | None = None      # jsonl: the input object
 
@@ -252,17 +265,71 @@ def _jsonl_line(unit: Unit, n: int, raw: bytes, text_field: str):
     return Doc(unit, n, rec[text_field], rec)
 
 
+def pyarrow_for(path: Path):
+    """(pyarrow, pyarrow.parquet), imported only when a parquet input needs them."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs pyarrow: pip install 'nichelm[parquet]'") from None
+    return pyarrow, pyarrow.parquet
+
+
+def read_parquet_unit(unit: Unit, text_field: str, start_row: int):
+    """Documents from row start_row+1 on (rows count from 1, like jsonl lines); a row without a string
+    in column text_field is a Failure (the row stays, its output is null); a file pyarrow cannot read
+    is one Failure for the whole file."""
+    pa, pq = pyarrow_for(unit.path)
+    try:
+        pf = pq.ParquetFile(unit.path)
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            has = ", ".join(map(repr, names[:8])) + (", ..." if len(names) > 8 else "")
+            why = f"no column {text_field!r} (it has {has}; set --text-field); output null"
+            for n in range(start_row + 1, pf.metadata.num_rows + 1):
+                yield Failure(unit, n, why)
+        else:
+            groups, n = [], 0                       # skip whole row groups that are done
+            for g in range(pf.num_row_groups):
+                rows = pf.metadata.row_group(g).num_rows
+                if groups or n + rows > start_row:
+                    groups.append(g)
+                else:
+                    n += rows
+            for batch in pf.iter_batches(batch_size=1024, columns=[text_field], row_groups=groups) if groups else ():
+                for value in batch.column(0).to_pylist():
+                    n += 1
+                    if n <= start_row:
+                        continue
+                    if isinstance(value, str):
+                        yield Doc(unit, n, value)
+                    else:
+                        what = "null" if value is None else f"a {type(value).__name__}"
+                        yield Failure(unit, n, f"column {text_field!r} is {what}, not a string; output null")
+    except (OSError, pa.ArrowException) as e:
+        yield Failure(unit, 0, f"not a readable parquet file ({_first_line(e)}); skipped")
+        return
+    yield UnitEnd(unit)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def events(units: list[Unit], ledger: Ledger, text_field: str, resume_line):
     """Docs, Failures and UnitEnds of every unfinished unit, in order.
 
-    resume_line(unit) gives the jsonl line to go on from, after checking the partial output
-    really holds what the ledger says (Writer.resume_line)."""
+    resume_line(unit) gives the jsonl line or parquet row to go on from, after checking the partial
+    output really holds what the ledger says (Writer.resume_line)."""
     for unit in units:
         state = ledger.files.get(unit.rel)
         if state is not None and state.done:
             continue
         if unit.kind == "text":
             yield from read_text_unit(unit)
+        elif unit.kind == "parquet":
+            yield from read_parquet_unit(unit, text_field, resume_line(unit))
         else:
             for ev in read_jsonl_unit(unit, text_field, resume_line(unit)):
                 if ev is not None:
@@ -284,7 +351,7 @@ def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[D
     """Corrector.correct, plus per-document guard counts: windows of all texts share batches."""
     from nichelm.inference import cut_windows
     cut = [cut_windows(t, corrector.window_chars) for t in texts]
-    fixed = corrector.correct_windows([chunk for pieces in cut for chunk, _ in pieces])
+    fixed = corrector.correct_pieces(cut)
     tokens = [len(e.ids) for e in corrector.tokenizer.encode_batch([c.raw for c in fixed])] if fixed else []
     results, k = [], 0
     for pieces in cut:
@@ -310,7 +377,8 @@ class Writer:
     def __init__(self, out: Path, ledger: Ledger, output_field: str):
         self.out, self.ledger, self.output_field = out, ledger, output_field
         self.open: dict[str, tuple] = {}          # rel -> (file handle, FileState) for jsonl outputs
-        self.file_failures: list[str] = []        # whole files skipped by this run (jsonl lines go to the ledger)
+        self.tables: dict[str, tuple] = {}        # rel -> (outputs not yet in a part, FileState) for parquet
+        self.file_failures: list[str] = []        # whole files skipped by this run (jsonl lines, parquet rows: ledger)
 
     def partial_path(self, rel: str) -> Path:
         final = self.out / rel
@@ -333,13 +401,32 @@ class Writer:
         self.open[unit.rel] = (fh, state)
         return fh, state
 
+    def _parquet(self, unit: Unit):
+        """The outputs of a parquet unit not yet in a part file, and its state, the part files checked
+        against the ledger."""
+        if unit.rel in self.tables:
+            return self.tables[unit.rel]
+        state = self.ledger.files.get(unit.rel) or FileState()
+        folder = self.partial_path(unit.rel)
+        if not parts_hold(folder, state.parts, state.lines):
+            state = FileState()                    # the part files are gone or short: start this file over
+        keep_parts(folder, state.parts)
+        self.tables[unit.rel] = ([], state)
+        return self.tables[unit.rel]
+
     def resume_line(self, unit: Unit) -> int:
-        return self._jsonl(unit)[1].lines
+        return (self._parquet(unit) if unit.kind == "parquet" else self._jsonl(unit))[1].lines
 
     def doc(self, doc: Doc, res: DocResult) -> None:
         if doc.unit.kind == "text":
             atomic_write_text(self.out / doc.unit.rel, res.text)
             self.ledger.put(doc.unit.rel, _add(FileState(), res), done=True)
+            return
+        if doc.unit.kind == "parquet":
+            values, state = self._parquet(doc.unit)
+            values.append(res.text)
+            state.lines = doc.line
+            _add(state, res)
             return
         fh, state = self._jsonl(doc.unit)
         row = dict(doc.record)
@@ -352,22 +439,48 @@ class Writer:
         print(f"nichelm apply: {f}", file=sys.stderr, flush=True)
         if not f.line:
             self.file_failures.append(str(f))
+            self.tables.pop(f.unit.rel, None)      # a parquet file that broke mid-way: drop its unrecorded rows
             return
-        _, state = self._jsonl(f.unit)
+        if f.unit.kind == "parquet":
+            values, state = self._parquet(f.unit)
+            values.append(None)                    # the row stays, with a null output
+        else:
+            _, state = self._jsonl(f.unit)
         state.lines = f.line
         state.failed_count += 1
         if len(state.failed) < MAX_LISTED_FAILURES:
             state.failed.append(str(f))
 
     def sync(self) -> None:
-        """Make every jsonl output's progress durable: data first, then the ledger line that counts it."""
+        """Make every jsonl and parquet output's progress durable: data first, then the ledger line that
+        counts it."""
         for rel, (fh, state) in self.open.items():
             fh.flush()
             os.fsync(fh.fileno())
             state.bytes = fh.tell()
             self.ledger.put(rel, state, done=False)
+        for rel in self.tables:
+            self._flush_part(rel)
+
+    def _flush_part(self, rel: str) -> None:
+        """A parquet output's pending rows become the next part file; then the ledger counts it."""
+        values, state = self.tables[rel]
+        if values:
+            write_part(self.partial_path(rel), state.parts, values)
+            state.parts += 1
+            values.clear()
+        self.ledger.put(rel, state, done=False)
 
     def end(self, unit: Unit) -> None:
+        if unit.kind == "parquet":
+            self._parquet(unit)                    # opens the outputs of files with no rows
+            self._flush_part(unit.rel)
+            _, state = self.tables.pop(unit.rel)
+            folder = self.partial_path(unit.rel)
+            combine_parts(unit.path, folder, state.parts, self.out / unit.rel, self.output_field)
+            self.ledger.put(unit.rel, state, done=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            return
         if unit.kind != "jsonl":
             return
         fh, state = self._jsonl(unit)              # opens (empty) outputs of files with no documents
@@ -383,6 +496,59 @@ class Writer:
     def close(self) -> None:
         for fh, _ in self.open.values():
             fh.close()
+
+
+def part_path(folder: Path, i: int) -> Path:
+    return folder / f"part-{i:06d}.parquet"
+
+
+def parts_hold(folder: Path, n: int, rows: int) -> bool:
+    """Do the first n part files of a parquet output exist and hold `rows` rows in all?"""
+    pa, pq = pyarrow_for(folder)
+    try:
+        return sum(pq.read_metadata(part_path(folder, i)).num_rows for i in range(n)) == rows
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def keep_parts(folder: Path, n: int) -> None:
+    """Delete what the partial folder holds besides its first n parts (parts the ledger does not
+    count yet, temporary files of a killed write)."""
+    keep = {part_path(folder, i).name for i in range(n)}
+    for p in (folder.iterdir() if folder.is_dir() else ()):
+        if p.name not in keep:
+            p.unlink()
+
+
+def write_part(folder: Path, i: int, values: list) -> None:
+    """Part i of a parquet output: one string column (null for failed rows), written atomically."""
+    pa, pq = pyarrow_for(folder)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"output": pa.array(values, pa.string())}), sink)
+    atomic_write_bytes(part_path(folder, i), sink.getvalue().to_pybytes())
+
+
+def combine_parts(source: Path, folder: Path, n: int, final: Path, output_field: str) -> None:
+    """FINAL: the input's columns, rows and row groups as they are, plus output_field (replaced in place
+    when the input has that column) from the n parts; written atomically, one row group in memory."""
+    pa, pq = pyarrow_for(source)
+    column = pa.concat_arrays([pq.read_table(part_path(folder, i)).column(0).combine_chunks() for i in range(n)]
+                              or [pa.array([], pa.string())])
+    pf = pq.ParquetFile(source)
+    if len(column) != pf.metadata.num_rows:
+        raise UserError(f"{source}: has {pf.metadata.num_rows} rows but {folder} holds {len(column)} outputs; "
+                        "was the input changed during the run? delete that folder and re-run")
+    schema, field = pf.schema_arrow, pa.field(output_field, pa.string())
+    at = schema.get_field_index(output_field)
+    schema = schema.set(at, field) if at >= 0 else schema.append(field)
+    with atomic_file(final) as fh, pq.ParquetWriter(fh, schema) as writer:
+        pos = 0
+        for g in range(pf.num_row_groups):
+            group = pf.read_row_group(g)
+            piece = column.slice(pos, group.num_rows)
+            pos += group.num_rows
+            group = group.set_column(at, field, piece) if at >= 0 else group.append_column(field, piece)
+            writer.write_table(group, row_group_size=max(1, group.num_rows))
 
 
 def _add(state: FileState, r: DocResult) -> FileState:
@@ -461,8 +627,13 @@ def model_identity(model: Path) -> str:
 
 def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard: str | None = None,
           batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str = "corrected",
-          guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0) -> ApplyReport:
-    """Correct every input of this shard into OUTPUT; re-running resumes where the last run stopped."""
+          guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0,
+          window_overlap: int = 0, backend: str = "torch", compile: str | bool = "auto") -> ApplyReport:
+    """Correct every input of this shard into OUTPUT; re-running resumes where the last run stopped.
+
+    backend: the decoding engine, "torch" (nichelm's own), "ct2" or "vllm" (nichelm.backends).
+    compile: torch.compile the torch engine; "auto" = when this shard holds at least
+    COMPILE_MIN_BYTES of input (compiling costs ~15 s on a 2-core CPU and then decodes ~2x faster)."""
     import torch
 
     from nichelm.export import load_corrector
@@ -471,13 +642,22 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
     model, out = Path(model), Path(output)
     shard_i, shard_n = parse_shard(shard)
     units = [u for u in discover(inputs) if shard_of(u.rel, shard_n) == shard_i]
+    parquet = next((u for u in units if u.kind == "parquet"), None)
+    if parquet is not None:
+        pyarrow_for(parquet.path)                  # a missing pyarrow is named before the model loads
     guard = guard_max_change >= 0
-    corrector = load_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change)
+    if compile == "auto":
+        compile = sum(u.path.stat().st_size for u in units) >= COMPILE_MIN_BYTES
+    corrector = load_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change,
+                               window_overlap=window_overlap, backend=backend,
+                               compile=bool(compile) and backend == "torch")
     ledger = Ledger(out, (shard_i, shard_n))
     try:
         ledger.check_settings({"model": model_identity(model), "guard_max_change": guard_max_change,
                                "text_field": text_field, "output_field": output_field,
-                               "window_chars": corrector.window_chars})
+                               "window_chars": corrector.window_chars,
+                               **({"window_overlap": window_overlap} if window_overlap else {}),
+                               **({"backend": backend} if backend != "torch" else {})})
         return _run(corrector, units, ledger, out, guard, output_field, text_field,
                     group_windows or 8 * batch_size)
     finally:

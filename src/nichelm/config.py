@@ -114,6 +114,7 @@ class EvalConfig:
     guard_max_change: float = 0.15   # keep the input when the output differs by more than this share of it
     max_new_tokens_ratio: float = 1.5
     beams: int = 1                   # 1 = greedy (batched); >1 = beam search
+    window_overlap: int = 0          # characters of context each side of a document's windows (0 = none)
 
 
 @dataclass
@@ -329,6 +330,8 @@ def validate(p: Project, file: str) -> None:
     for key in ("max_steps", "batch_size", "grad_accum"):
         if getattr(p.train, key) < 1:
             raise UserError(f"{file}: 'train.{key}' must be at least 1")
+    if p.eval.window_overlap < 0:
+        raise UserError(f"{file}: 'eval.window_overlap' must be 0 or more (characters of context)")
     if p.tokenizer.vocab_size < 300:
         raise UserError(f"{file}: 'tokenizer.vocab_size' must be at least 300 (256 bytes + markers + merges)")
 

@@ -73,7 +73,7 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     corrector = Corrector.from_run(run, device=device, batch_size=project.eval.batch_size,
                                    guard_max_change=project.eval.guard_max_change,
                                    max_new_tokens_ratio=project.eval.max_new_tokens_ratio,
-                                   beams=project.eval.beams)
+                                   beams=project.eval.beams, window_overlap=project.eval.window_overlap)
     t0 = time.perf_counter()
     results = corrector.correct_windows([e["input"] for e in examples])
     seconds = time.perf_counter() - t0
@@ -201,7 +201,8 @@ def read_external_examples(data: Path, fmt: str, gold: Path | None = None, max_d
     return examples
 
 
-def load_corrector(model: Path, device: str = "cpu", guard_max_change: float = 0.15, batch_size: int = 64):
+def load_corrector(model: Path, device: str = "cpu", guard_max_change: float = 0.15, batch_size: int = 64,
+                   window_overlap: int = 0):
     """A corrector for --model: `nichelm.load` when this nichelm has it (run, project file or export),
     else `Corrector.from_run` for a run directory."""
     import nichelm
@@ -210,11 +211,13 @@ def load_corrector(model: Path, device: str = "cpu", guard_max_change: float = 0
         raise UserError(f"{model}: no such model; give --model a run directory or an export directory")
     load = getattr(nichelm, "load", None)
     if load is not None:
-        return load(model, device=device, guard_max_change=guard_max_change, batch_size=batch_size)
+        return load(model, device=device, guard_max_change=guard_max_change, batch_size=batch_size,
+                    window_overlap=window_overlap)
     if not (model / "checkpoints").is_dir():
         raise UserError(f"{model}: not a run directory (no checkpoints/); give --model a directory made by "
                         "`nichelm train`")
-    return Corrector.from_run(model, device=device, guard_max_change=guard_max_change, batch_size=batch_size)
+    return Corrector.from_run(model, device=device, guard_max_change=guard_max_change, batch_size=batch_size,
+                              window_overlap=window_overlap)
 
 
 def model_run_dir(model: Path | None) -> Path | None:
@@ -236,7 +239,8 @@ def default_out_dir(model: Path | None, data: Path) -> Path:
 
 def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None = None, gold: Path | None = None,
                       out: Path | None = None, max_docs: int = 0, device: str = "cpu",
-                      guard_max_change: float = 0.15, batch_size: int = 64) -> tuple[dict, Path]:
+                      guard_max_change: float = 0.15, batch_size: int = 64,
+                      window_overlap: int = 0) -> tuple[dict, Path]:
     """Score `model` (None: the raw OCR alone) on a pair set; write report.json and report.html into `out`.
 
     Returns (report, out). The report has the project evaluation's keys (the
@@ -247,7 +251,8 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
     gold = Path(gold) if gold is not None else None
     fmt = fmt or guess_format(data, gold)
     examples = read_external_examples(data, fmt, gold, max_docs)
-    corrector = load_corrector(model, device, guard_max_change, batch_size) if model is not None else None
+    corrector = (load_corrector(model, device, guard_max_change, batch_size, window_overlap)
+                 if model is not None else None)
     inputs = [e["input"] for e in examples]
     t0 = time.perf_counter()
     outputs, unguarded = correct_documents(corrector, inputs) if corrector else (inputs, inputs)
@@ -278,7 +283,7 @@ def correct_documents(corrector, texts: list[str]) -> tuple[list[str], list[str]
         outputs = corrector.correct(texts)
         return outputs, outputs
     cut = [cut_windows(t, corrector.window_chars) for t in texts]
-    fixed = iter(corrector.correct_windows([chunk for pieces in cut for chunk, _ in pieces]))
+    fixed = iter(corrector.correct_pieces(cut))
     guarded, unguarded = [], []
     for pieces in cut:
         done = [(next(fixed), sep) for _, sep in pieces]
@@ -301,6 +306,7 @@ def _run_facts(data, fmt, gold, model, corrector, examples, seconds) -> dict:
     }
     stats = getattr(corrector, "stats", None)
     if stats is not None:
+        facts["window_overlap"] = getattr(corrector, "window_overlap", 0)
         facts["guard"] = {"max_change": getattr(corrector, "guard_max_change", None), "windows": stats.windows,
                           "kept_too_different": stats.kept_too_different, "kept_hit_limit": stats.kept_hit_limit}
     return facts

@@ -4,7 +4,8 @@
         tokenizer.json + tokenizer_config.json (PreTrainedTokenizerFast), generation_config.json,
         task.json (prompt template and end marker), nichelm.json, README.md (model card)
   gguf  RUN/export/gguf/model.gguf: llama.cpp's tensor names and metadata (f32)
-  ct2   RUN/export/ct2/: CTranslate2's converter run on the hf export, plus task.json
+  ct2   RUN/export/ct2/: CTranslate2's converter run on the hf export, plus task.json and nichelm.json
+        (so `nichelm apply --backend ct2` and ``load(..., backend="ct2")`` take the folder as it is)
 
 Weights come from the newest complete checkpoint. Our model pads its vocabulary to a
 multiple of 128; exports carry only the tokenizer's rows. Configs are built here, never
@@ -372,7 +373,7 @@ def hf_to_ct2(hf: Path, out: Path, quantization: str | None = None) -> Path:
         from ctranslate2.converters import TransformersConverter
     except ImportError:
         raise UserError("--format ct2 needs CTranslate2: pip install ctranslate2 (or nichelm[export])") from None
-    files = ["tokenizer.json", "tokenizer_config.json", "task.json", "README.md"]
+    files = ["tokenizer.json", "tokenizer_config.json", "task.json", "README.md", NICHELM_JSON]
     TransformersConverter(str(hf), copy_files=files).convert(str(out), quantization=quantization)
     end = json.loads((hf / "task.json").read_text())["end_marker"]
     arch = json.loads((hf / NICHELM_JSON).read_text())["model_config"]["arch"]
@@ -513,15 +514,55 @@ def is_export(path: Path) -> bool:
     return (Path(path) / NICHELM_JSON).is_file()
 
 
-def load_corrector(path: str | Path, device: str = "cpu", **kwargs):
-    """A Corrector for a run directory, a project file, or an hf export folder (same engine for all)."""
+def is_ct2_export(path: Path) -> bool:
+    """A folder written by CTranslate2's converter (`nichelm export --format ct2`; it also holds nichelm.json)."""
+    return (Path(path) / "model.bin").is_file()
+
+
+def model_shape(path: Path) -> tuple[ModelConfig, Path, dict]:
+    """(model config, tokenizer.json, task) of a run, project file or export folder; no weights are read."""
+    if path.is_dir() and (is_export(path) or is_ct2_export(path)):
+        if not is_export(path):
+            raise UserError(f"{path}: no {NICHELM_JSON} (exported by an older nichelm); re-run "
+                            "`nichelm export --format ct2`, or give the run or its hf export")
+        meta = json.loads((path / NICHELM_JSON).read_text())
+        task = json.loads((path / "task.json").read_text())
+        return ModelConfig(**meta["model_config"]), path / "tokenizer.json", task
+    run = run_dir(path)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise UserError(f"{run}: no complete checkpoint; run `nichelm train` first")
+    cfg = ModelConfig(**json.loads((ckpt / "trainer.json").read_text())["model_config"])
+    return cfg, run / "tokenizer" / "tokenizer.json", json.loads((run / "task.json").read_text())
+
+
+def load_corrector(path: str | Path, device: str = "cpu", backend: str = "torch", **kwargs):
+    """A Corrector for a run directory, a project file, or an hf export folder (same engine for all).
+
+    backend (nichelm.backends): "torch" decodes with nichelm's own engine; "ct2" and "vllm" run the
+    same weights in CTranslate2 or vLLM, and the Corrector's model then only gives the shape (on the
+    meta device: no weights read). "ct2" also takes a folder made by `nichelm export --format ct2`."""
+    from nichelm.backends import BACKENDS, open_backend
     from nichelm.inference import Corrector
     path = Path(path)
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if not path.exists():
         raise UserError(f"{path}: not found; give a run directory, a project file or an export folder")
-    if path.is_dir() and not is_export(path) and not (path / "checkpoints").is_dir():
+    if path.is_dir() and not is_export(path) and not is_ct2_export(path) and not (path / "checkpoints").is_dir():
         raise UserError(f"{path}: neither a run directory (no checkpoints/) nor an hf export (no {NICHELM_JSON}); "
                         "give a run, a project file, or a folder made by `nichelm export --format hf`")
+    if is_ct2_export(path) and backend != "ct2":
+        raise UserError(f"{path}: a CTranslate2 export runs only with --backend ct2; give the run or its hf "
+                        f"export for --backend {backend}")
+    if backend != "torch":
+        from nichelm.data.tokenizer import load_tokenizer
+        cfg, tokenizer, task = model_shape(path)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        corrector = Corrector(model, load_tokenizer(tokenizer), task, device=device, **kwargs)
+        corrector.backend = open_backend(backend, path, corrector, device)
+        return corrector
     if not is_export(path):
         corrector = Corrector.from_run(run_dir(path), device=device, **kwargs)
     else:

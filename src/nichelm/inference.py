@@ -5,17 +5,21 @@ Used by `nichelm evaluate`, `nichelm correct` and `nichelm.load(...)`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rapidfuzz.distance import Indel
 
 from nichelm.checkpoint import latest_checkpoint, load_model_weights
 from nichelm.data.tokenizer import load_tokenizer
 from nichelm.errors import UserError
-from nichelm.generate import beam_search, generate
+from nichelm.backends import TorchBackend
+from nichelm.generate import compile_for_decoding
 from nichelm.metrics import char_distance
 from nichelm.model import GPT, ModelConfig
 
@@ -57,7 +61,7 @@ def cut_windows(text: str, max_chars: int) -> list[tuple[str, str]]:
             cuts = [c for c in cuts if c >= max_chars // 2]
             spaces = [m.start() for m in re.finditer(r"\s", window)]
             if cuts:
-                end = pos + cuts[-1] + 1
+                end = pos + cuts[-1]          # just after the punctuation: the whitespace is the separator
             elif spaces and spaces[-1] > 0:
                 end = pos + spaces[-1]
             # else: one word longer than the window; cut it hard
@@ -68,21 +72,98 @@ def cut_windows(text: str, max_chars: int) -> list[tuple[str, str]]:
     return pieces
 
 
+def context_span(text: str, start: int, end: int, overlap: int) -> tuple[int, int]:
+    """(left, right): text[left:right] is text[start:end] with up to `overlap` characters of context each side.
+
+    Context is whole words only (a word the limit would cut is left out), starts and ends on a
+    non-space, and never leaves the text.
+    """
+    left = max(0, start - overlap)
+    if 0 < left < start and not text[left - 1].isspace():        # mid-word: skip to the next whitespace
+        m = re.compile(r"\s").search(text, left, start)
+        left = m.start() if m else start
+    while left < start and text[left].isspace():
+        left += 1
+    right = min(len(text), end + overlap)
+    if end < right < len(text) and not text[right].isspace():    # mid-word: back to the last whitespace
+        while right > end and not text[right - 1].isspace():
+            right -= 1
+    while right > end and text[right - 1].isspace():
+        right -= 1
+    return left, right
+
+
+def map_offset(opcodes, pos: int, n_src: int, n_out: int, take_inserts: bool = False) -> int:
+    """The output offset of the boundary before src[pos], given the opcodes of an alignment of (src, out).
+
+    Inside an equal or replace block the offset moves along (proportionally for a replace of unequal
+    length); inside a deleted block it is the point where the deletion was. Text the output inserts
+    exactly at pos lies after the offset (right-hand side), or before it with take_inserts. The end
+    of src maps to the end of the output.
+    """
+    if pos >= n_src:
+        return n_out
+    for tag, i1, i2, j1, j2 in opcodes:
+        if i1 == pos and not (take_inserts and tag == "insert"):
+            return j1
+        if i1 < pos < i2:
+            return j1 + round((pos - i1) * (j2 - j1) / (i2 - i1))
+    return n_out
+
+
+def core_output(src: str, out: str, start: int, end: int, end_takes_inserts: bool = True) -> str:
+    """The part of `out` (the model's correction of `src`) that corresponds to src[start:end], stripped.
+
+    Alignment: longest common subsequence (Indel opcodes) of the two texts with every whitespace
+    character counted twice, so among alignments that match as many characters, one that keeps the
+    separators' whitespace matched wins; plain character alignment may, at equal cost, match a
+    letter instead and move a boundary into the neighbouring word ("a rn" -> "an m" matching the
+    n's). Boundaries map by map_offset. At the edges a core claims what the output inserts right at
+    its start and (end_takes_inserts) right at its end: cores are cut at whitespace, so text inserted
+    touching a core belongs to it, and text inserted inside a separator to neither (separators are
+    kept from the input). Where a word longer than a window was cut hard, two cores touch: pass
+    end_takes_inserts=False, so an insertion at the cut goes to the right-hand window only, never
+    to both. Insertions before src[0] or after src[-1] go to the core only where it reaches that end.
+    """
+    if start <= 0 and end >= len(src):
+        return out
+    src_at, out_at = _spread_offsets(src), _spread_offsets(out)     # original offset -> spread offset
+    ops = [tuple(op) for op in Indel.opcodes(_spread(src), _spread(out))]
+    left, right = (map_offset(ops, src_at[p], src_at[-1], out_at[-1], take_inserts=t)
+                   for p, t in ((start, False), (end, end_takes_inserts)))
+    # back to offsets in out; an offset inside a doubled whitespace character rounds down (stripped anyway)
+    return out[bisect.bisect_right(out_at, left) - 1:bisect.bisect_right(out_at, right) - 1].strip()
+
+
+def _spread(text: str) -> str:
+    return "".join(c + c if c.isspace() else c for c in text)
+
+
+def _spread_offsets(text: str) -> list[int]:
+    return list(itertools.accumulate((2 if c.isspace() else 1 for c in text), initial=0))
+
+
 class Corrector:
     def __init__(self, model: GPT, tokenizer, task: dict, device: torch.device | str = "cpu",
                  batch_size: int = 64, guard_max_change: float = 0.15, max_new_tokens_ratio: float = 1.5,
-                 beams: int = 1):
+                 beams: int = 1, window_overlap: int = 0, compile: bool = False):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            model = model.to(torch.bfloat16)   # bf16 weights and KV cache on GPU; logits come back as fp32
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prompt_template = task["prompt_template"]
         self.end_id = tokenizer.token_to_id(task["end_marker"])
         self.window_chars = int(task.get("window_chars", 100))
-        self.device = torch.device(device)
         self.batch_size = batch_size
         self.guard_max_change = guard_max_change
         self.max_new_tokens_ratio = max_new_tokens_ratio
         self.beams = beams                 # 1: batched greedy; >1: beam search, one window at a time
+        # torch.compile for decoding: ~2x faster after ~15 s of compiling (CPU); for corpora, not a few windows
+        self.forward = compile_for_decoding(self.model) if compile else self.model
+        self.window_overlap = max(0, int(window_overlap))   # characters of context each side (correct_pieces)
         self.stats = GuardStats()
+        self.backend = TorchBackend(self)   # what decodes (nichelm.backends); load(..., backend=) swaps it
 
     @classmethod
     def from_run(cls, run: Path, device: str = "cpu", **kwargs) -> "Corrector":
@@ -118,11 +199,7 @@ class Corrector:
             todo.append(i)
             prompts.append(ids)
             budgets.append(budget)
-        if self.beams > 1:
-            gens = [beam_search(self.model, p, b, self.end_id, self.device, beams=self.beams)
-                    for p, b in zip(prompts, budgets)]
-        else:
-            gens = generate(self.model, prompts, budgets, self.end_id, self.device, self.batch_size) if todo else []
+        gens = self.backend.generate(prompts, budgets) if todo else []
         for i, g in zip(todo, gens):
             raw = self.tokenizer.decode(g.tokens).strip()
             results[i] = self._guard(windows[i], raw, g.hit_limit)
@@ -139,11 +216,67 @@ class Corrector:
             return Correction(source, raw, "too_different")
         return Correction(raw, raw)
 
+    def correct_pieces(self, cut: list[list[tuple[str, str]]]) -> list[Correction]:
+        """One Correction per chunk of cut_windows' pieces (all documents, in order).
+
+        window_overlap 0: correct_windows on the chunks as they are. k > 0: each chunk's core (the
+        chunk less any edge whitespace, which is kept from the input) goes to the model with up to
+        k characters of whole-word context each side (less where the prompt and its output budget
+        would not fit the model's context); only the output aligned to the core is kept
+        (core_output), and the guard compares that with the core, as it would without context.
+        """
+        if self.window_overlap <= 0:
+            return self.correct_windows([chunk for pieces in cut for chunk, _ in pieces])
+        jobs, inputs, results = [], [], []
+        for pieces in cut:
+            text, pos = "".join(chunk + sep for chunk, sep in pieces), 0
+            for n, (chunk, sep) in enumerate(pieces):
+                core = chunk.strip()
+                lead, trail = chunk[:len(chunk) - len(chunk.lstrip())], chunk[len(chunk.rstrip()):]
+                start = pos + len(lead)
+                pos += len(chunk) + len(sep)
+                if not core:                           # blank: nothing to correct
+                    results.append(Correction(chunk, chunk))
+                    continue
+                src, a, b = self._with_context(text, start, start + len(core))
+                touches_next = not (trail or sep) and n + 1 < len(pieces)      # a word cut hard
+                jobs.append((len(results), lead, core, trail, a, b, src, not touches_next))
+                inputs.append(src)
+                results.append(None)
+        for job, (raw, hit_limit) in zip(jobs, self._raw_windows(inputs)):
+            i, lead, core, trail, a, b, src, end_inserts = job
+            c = self._guard(core, core_output(src, raw, a, b, end_inserts), hit_limit)
+            results[i] = Correction(lead + c.text + trail, lead + c.raw + trail, c.kept_input)
+        self.stats.windows += len(results)
+        return results
+
+    def _with_context(self, text: str, start: int, end: int) -> tuple[str, int, int]:
+        """(model input, core start, core end in it): the widest context up to window_overlap that fits."""
+        k = self.window_overlap
+        while k > 0:
+            left, right = context_span(text, start, end, k)
+            src = text[left:right]
+            n_in = len(self.tokenizer.encode(src).ids)
+            if len(self._prompt_ids(src)) + int(n_in * self.max_new_tokens_ratio) + 8 <= self.model.cfg.block_size:
+                return src, start - left, end - left
+            k //= 2
+        return text[start:end], 0, end - start
+
+    def _raw_windows(self, windows: list[str]) -> list[tuple[str, bool]]:
+        """(model output, hit the limit) per window, from correct_windows with its guard and counts off."""
+        saved_guard, saved_stats = self.guard_max_change, vars(self.stats).copy()
+        self.guard_max_change = -1
+        try:
+            fixed = self.correct_windows(windows) if windows else []
+        finally:
+            self.guard_max_change = saved_guard
+            vars(self.stats).update(saved_stats)
+        return [(c.raw, c.kept_input == "hit_limit") for c in fixed]
+
     def correct(self, texts: list[str], guard: bool = True) -> list[str]:
         """Correct texts of any length: cut into windows, correct, stitch back in order."""
         cut = [cut_windows(t, self.window_chars) for t in texts]
-        flat = [chunk for pieces in cut for chunk, _ in pieces]
-        fixed = self.correct_windows(flat)
+        fixed = self.correct_pieces(cut)
         out, k = [], 0
         for pieces in cut:
             parts = []
