@@ -190,3 +190,36 @@ def test_gguf_export_follows_llama_cpp_conventions(run, exported):
     with torch.no_grad():
         ours, _ = corrector.model(torch.tensor([ids]))
         assert (ggml_forward(tensors, cfg, ids) - ours[0]).abs().max().item() < 1e-4
+
+
+def test_llama_cpp_runs_the_gguf_like_nichelm(run, exported):
+    """llama.cpp itself (llama-cpp-python, built from the registry's sdist; .ci/run installs it) loads
+    the GGUF, tokenizes prompts to the same ids, and decodes greedily to the same outputs."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                                    "(pip install llama-cpp-python builds llama.cpp, ~7 min on 2 cores)")
+    import numpy as np
+
+    from nichelm import load
+    from nichelm.export import export
+    gguf_file = export(run, "gguf") / "model.gguf"
+    corrector = load(exported)
+    cfg = corrector.model.cfg
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=cfg.block_size, logits_all=True, verbose=False,
+                          n_threads=1)
+    for prompt in prompts_from(exported, 6):
+        ids = corrector.tokenizer.encode(prompt).ids
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.array(llm.scores[len(ids) - 1])[: cfg.vocab_size]
+        with torch.no_grad():
+            ours, _ = corrector.model(torch.tensor([ids]))
+        assert np.abs(theirs - ours[0, -1].numpy()).max() < 1e-2      # llama.cpp's own f32 kernels
+        budget = min(30, cfg.block_size - len(ids))
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if token == corrector.end_id or len(got) == budget:
+                break
+            got.append(token)
+        want = corrector.backend.generate([ids], [budget])[0].tokens
+        assert got == want
