@@ -156,6 +156,22 @@ class Crash(BaseException):
     """A kill at one exact point: raised instead of writing one ledger record."""
 
 
+def crash_on_ledger(monkeypatch, file: str, event: str, nth: int):
+    """The nth ledger record `event` of `file` raises Crash instead of being written (the process
+    "dies" just before it); returns the function that puts the real ledger back."""
+    real, seen = Ledger.append, []
+
+    def append(self, rec):
+        if rec.get("file") == file and rec["event"] == event:
+            seen.append(rec)
+            if len(seen) == nth:
+                raise Crash()
+        real(self, rec)
+
+    monkeypatch.setattr(Ledger, "append", append)
+    return lambda: monkeypatch.setattr(Ledger, "append", real)
+
+
 @pytest.mark.parametrize("when", ["progress", "done", "partial-lost"])
 def test_crash_between_data_and_ledger_loses_nothing(run, tmp_path, monkeypatch, when):
     """'progress': the partial jsonl holds lines the ledger does not count yet (cut back on resume).
@@ -163,19 +179,11 @@ def test_crash_between_data_and_ledger_loses_nothing(run, tmp_path, monkeypatch,
     'partial-lost': someone deleted the partial output after the crash (that file starts over)."""
     corpus = make_corpus(tmp_path / "in", 3, n_lines=40)
     apply(run, [corpus], tmp_path / "ref", **OPTS)
-    real, seen = Ledger.append, []
-
-    def append(self, rec):
-        if rec.get("file") == "00-records.jsonl" and rec["event"] == when.replace("partial-lost", "progress"):
-            seen.append(rec)
-            if len(seen) == (1 if when == "done" else 2):
-                raise Crash()
-        real(self, rec)
-
-    monkeypatch.setattr(Ledger, "append", append)
+    undo = crash_on_ledger(monkeypatch, "00-records.jsonl", when.replace("partial-lost", "progress"),
+                           nth=1 if when == "done" else 2)
     with pytest.raises(Crash):
         apply(run, [corpus], tmp_path / "out", group_windows=16, **OPTS)
-    monkeypatch.setattr(Ledger, "append", real)
+    undo()
     partial = tmp_path / "out" / ".00-records.jsonl.partial"
     assert partial.exists() == (when != "done")
     if when == "partial-lost":
@@ -286,19 +294,11 @@ def test_parquet_crash_then_resume_equals_an_uninterrupted_run(run, tmp_path, mo
     write_parquet(corpus / "books.parquet", 24)
     make_corpus(corpus, 2)
     apply(run, [corpus], tmp_path / "ref", group_windows=8, **OPTS)
-    real, seen = Ledger.append, []
-
-    def append(self, rec):
-        if rec.get("file") == "books.parquet" and rec["event"] == when.replace("parts-lost", "progress"):
-            seen.append(rec)
-            if len(seen) == (1 if when == "done" else 2):
-                raise Crash()
-        real(self, rec)
-
-    monkeypatch.setattr(Ledger, "append", append)
+    undo = crash_on_ledger(monkeypatch, "books.parquet", when.replace("parts-lost", "progress"),
+                           nth=1 if when == "done" else 2)
     with pytest.raises(Crash):
         apply(run, [corpus], tmp_path / "out", group_windows=8, **OPTS)
-    monkeypatch.setattr(Ledger, "append", real)
+    undo()
     partial = tmp_path / "out" / ".books.parquet.partial"
     if when == "done":
         assert (tmp_path / "out" / "books.parquet").exists() and partial.exists()
