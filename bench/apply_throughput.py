@@ -72,12 +72,12 @@ def timed(fn, repeats: int) -> dict:
 
 def run_nichelm(corrector, prompts, limits, batch, repeats, compile=False):
     from nichelm.generate import compile_for_decoding, generate
-    forward = compile_for_decoding(corrector.model) if compile else corrector.model
+    step = compile_for_decoding() if compile else None
 
     def go(warmup):
         p, b = (prompts[:batch], limits[:batch]) if warmup else (prompts, limits)
         gens = generate(corrector.model, p, b, corrector.end_id, torch.device("cpu"), batch_size=batch,
-                        forward=forward)
+                        step=step)
         return [g.tokens for g in gens]
     return timed(go, repeats)
 

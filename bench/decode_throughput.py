@@ -93,11 +93,11 @@ def main(argv=None) -> dict:
                   "batch_size": args.batch_size, "windows": len(prompts), "prompt_tokens": sum(map(len, prompts)),
                   "new_tokens": args.new_tokens, "engines": {}}
         runs = {}
-        for name, forward in (("nichelm", "compiled"), ("nichelm-eager", None)):
+        for name, compiled in (("nichelm", True), ("nichelm-eager", False)):
             if name in engines:
-                fwd = compile_for_decoding(model) if forward else model
+                step = compile_for_decoding() if compiled else None
                 runs[name] = timed(lambda p, b: generate(model, p, b, corrector.end_id, device, args.batch_size,
-                                                         forward=fwd), prompts, budgets, args.batch_size)
+                                                         step=step), prompts, budgets, args.batch_size)
         if "vllm" in engines:
             try:
                 from nichelm.backends import VLLMBackend

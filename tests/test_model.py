@@ -39,7 +39,7 @@ def test_compiled_decoding_equals_eager():
     budgets = [int(b) for b in torch.randint(1, 25, (23,), generator=gen)]
     eager = generate(model, prompts, budgets, end_id=0, device=torch.device("cpu"), batch_size=8)
     compiled = generate(model, prompts, budgets, end_id=0, device=torch.device("cpu"), batch_size=8,
-                        forward=compile_for_decoding(model))
+                        step=compile_for_decoding())
     assert [g.tokens for g in compiled] == [g.tokens for g in eager]
     assert [g.hit_limit for g in compiled] == [g.hit_limit for g in eager]
 

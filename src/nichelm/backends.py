@@ -47,7 +47,7 @@ def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]
 
 
 class TorchBackend:
-    """nichelm's engine on the Corrector's own model. Reads the Corrector's model, forward, device,
+    """nichelm's engine on the Corrector's own model. Reads the Corrector's model, step, device,
     batch_size and beams at every call, so changing them on the Corrector takes effect."""
     name = "torch"
 
@@ -61,7 +61,7 @@ class TorchBackend:
         if c.beams > 1:
             return [beam_search(c.model, p, b, c.end_id, c.device, beams=c.beams) for p, b in zip(prompts, max_new)]
         return generate(c.model, prompts, max_new, c.end_id, c.device, c.batch_size,
-                        forward=getattr(c, "forward", None))
+                        step=getattr(c, "step", None))
 
 
 class CT2Backend:

@@ -33,9 +33,21 @@ def _prefill_bias(valid: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill_(~allowed, float("-inf"))[:, None]
 
 
+def greedy_step(model: GPT, tokens, positions, cache: KVCache, mask, done, n_out, limits, end_id: int):
+    """One forward pass and its bookkeeping, in one function so torch.compile makes it one graph:
+    returns each row's next token; counts it for rows still running (n_out) and marks rows that
+    reach the end marker or their budget (done). Both updates are in place."""
+    logits, _ = model(tokens, positions=positions, cache=cache, mask=mask)
+    nxt = logits[:, -1].argmax(dim=-1)
+    n_out += (~done).long()
+    done |= (nxt == end_id) | (n_out >= limits)
+    return nxt
+
+
 @torch.no_grad()
 def generate_batch(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: int,
-                   device: torch.device, forward=None) -> list[Generation]:
+                   device: torch.device, step=None) -> list[Generation]:
+    step = greedy_step if step is None else step           # or compile_for_decoding()
     B, L = len(prompts), max(len(p) for p in prompts)
     steps = max(max_new)
     total = L + steps
@@ -50,26 +62,24 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new: list[int], end
     # (generated positions are never padding). Step t sees its first L + t + 1 columns.
     bias = torch.zeros((B, 1, 1, total), dtype=dtype, device=device)
     bias[:, 0, 0, :L].masked_fill_(~valid, float("-inf"))
-
-    positions = (torch.arange(L, device=device)[None] - pad[:, None]).clamp(min=0)
-    forward = model if forward is None else forward        # e.g. the model under torch.compile
-    logits, _ = forward(x, positions=positions, cache=cache, mask=_prefill_bias(valid, dtype))
     limits = torch.tensor(max_new, device=device)
     out = torch.zeros((B, steps), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_out = torch.zeros(B, dtype=torch.long, device=device)
+    # Asking whether every row is done makes the host wait for the device; on a GPU ask every 8 steps.
+    check_every = 8 if device.type == "cuda" else 1
+
+    positions = (torch.arange(L, device=device)[None] - pad[:, None]).clamp(min=0)
+    nxt = step(model, x, positions, cache, _prefill_bias(valid, dtype), done, n_out, limits, end_id)
     # A row that already finished keeps stepping with the batch; clamp its position so it never
     # runs past the position tables (its tokens are discarded anyway).
     positions = (L - pad)[:, None]
     for t in range(steps):
-        nxt = logits[:, -1].argmax(dim=-1)
         out[:, t] = nxt
-        n_out += (~done).long()
-        done |= (nxt == end_id) | (n_out >= limits)
-        if t == steps - 1 or bool(done.all()):
+        if t == steps - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
-        logits, _ = forward(nxt[:, None], positions=positions.clamp(max=model.cfg.block_size - 1), cache=cache,
-                          mask=bias[..., :L + t + 1])
+        nxt = step(model, nxt[:, None], positions.clamp(max=model.cfg.block_size - 1), cache,
+                   bias[..., :L + t + 1], done, n_out, limits, end_id)
         positions += 1
     results = []
     for i in range(B):
@@ -79,27 +89,27 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new: list[int], end
     return results
 
 
-def compile_for_decoding(model: GPT):
-    """The model under torch.compile with dynamic shapes, for `forward=` below: two graphs (prompt and
-    step), whatever the batch size and lengths. Compiling takes ~10-20 s on a 2-core CPU and then
+def compile_for_decoding():
+    """greedy_step under torch.compile with dynamic shapes, for `step=` below: two graphs (prompt
+    and step) whatever the batch size and lengths. Compiling takes ~10-20 s on a 2-core CPU and then
     decodes ~2x faster (BENCHMARKS.md), so it pays on corpora, not on a few windows. A machine
     without a working compiler falls back to eager."""
     from torch import _dynamo
     _dynamo.config.suppress_errors = True
-    return torch.compile(model, dynamic=True)
+    return torch.compile(greedy_step, dynamic=True)
 
 
 def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: int, device: torch.device,
-             batch_size: int = 64, forward=None) -> list[Generation]:
+             batch_size: int = 64, step=None) -> list[Generation]:
     """Greedy continuations for many prompts; batches group prompts of similar length.
 
-    forward: what runs the model (default the model itself; compile_for_decoding(model) to compile)."""
+    step: what runs one decoding step (default greedy_step; compile_for_decoding() to compile)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         gens = generate_batch(model, [prompts[i] for i in idx], [max_new[i] for i in idx], end_id, device,
-                              forward)
+                              step)
         for i, g in zip(idx, gens):
             results[i] = g
     return results

@@ -160,7 +160,7 @@ class Corrector:
         self.max_new_tokens_ratio = max_new_tokens_ratio
         self.beams = beams                 # 1: batched greedy; >1: beam search, one window at a time
         # torch.compile for decoding: ~2x faster after ~15 s of compiling (CPU); for corpora, not a few windows
-        self.forward = compile_for_decoding(self.model) if compile else self.model
+        self.step = compile_for_decoding() if compile else None
         self.window_overlap = max(0, int(window_overlap))   # characters of context each side (correct_pieces)
         self.stats = GuardStats()
         self.backend = TorchBackend(self)   # what decodes (nichelm.backends); load(..., backend=) swaps it
