@@ -104,6 +104,8 @@ class TrainConfig:
     threads: int = 0                 # 0 = torch's default
     compile: bool | str = "auto"     # auto: on for CUDA, off on CPU (compiling costs more than it saves in short CPU runs)
     batch_tokens: int = 0            # >0: tokens per optimizer step; grad_accum follows from it
+    parallel: str = "ddp"            # under torchrun: ddp (a whole model per GPU) | fsdp (FSDP2 fully_shard:
+                                     # weights, grads and optimizer state sharded across GPUs)
     tensorboard: bool = False        # also write RUN/tensorboard/ (needs the tensorboard package)
 
 
@@ -325,6 +327,11 @@ def validate(p: Project, file: str) -> None:
         raise UserError(f"{file}: 'train.schedule' is {p.train.schedule!r}; use cosine or wsd")
     if p.train.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"{file}: 'train.device' is {p.train.device!r}; use auto, cpu or cuda")
+    if p.train.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"{file}: 'train.parallel' is {p.train.parallel!r}; use ddp or fsdp")
+    if p.train.parallel == "fsdp" and p.train.optimizer == "muon":
+        raise UserError(f"{file}: train.parallel = \"fsdp\" with train.optimizer = \"muon\": Muon orthogonalises "
+                        "whole matrices and FSDP holds shards of them; use adamw with fsdp, or parallel = \"ddp\"")
     if p.train.compile not in (True, False, "auto"):
         raise UserError(f"{file}: 'train.compile' is {p.train.compile!r}; use true, false or \"auto\"")
     for key in ("max_steps", "batch_size", "grad_accum"):

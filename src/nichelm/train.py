@@ -1,4 +1,5 @@
-"""The training loop: one process on CPU/GPU, or many under torchrun (DDP).
+"""The training loop: one process on CPU/GPU, or many under torchrun (DDP, or FSDP2 with
+train.parallel = "fsdp").
 
 Re-running the same command resumes from the newest complete checkpoint: model,
 optimizer, step, elapsed time and RNG state come back, and the data order is a
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nichelm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nichelm.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from nichelm.config import Project, model_config
 from nichelm.data.loader import TaskBatches
 from nichelm.data.shards import load_split
@@ -88,8 +89,9 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> Optimiz
     decay = [p for _, p in params if p.dim() >= 2 and id(p) not in muon_ids]
     no_decay = [p for _, p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    sharded = any(hasattr(p, "device_mesh") for _, p in params)       # FSDP2 shards: the foreach kernels
     opts = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                              fused=device.type == "cuda")]
+                              fused=device.type == "cuda" and not sharded)]
     if use_muon:
         # match_rms_adamw scales Muon's update to AdamW's RMS, so one lr schedule serves both.
         opts.insert(0, torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -127,9 +129,10 @@ class Distributed:
         return self.rank == 0
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """All-reduced sum; under NCCL a CUDA tensor, and the host does not wait for it."""
         if self.enabled:
-            if dist.get_backend() == "nccl":
-                value = value.cuda()
+            if dist.get_backend() == "nccl":         # a pinned copy does not make the host wait for the GPU
+                value = value.pin_memory().cuda(non_blocking=True)
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
@@ -173,11 +176,16 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
 
     torch.manual_seed(project.seed)
     model = GPT(mcfg).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    start_step, elapsed_before, tokens_seen = 0, 0.0, 0
     ckpt = latest_checkpoint(run)
+    fsdp = ddp.enabled and cfg.parallel == "fsdp"
+    if fsdp:
+        if ckpt is not None:           # checkpoints hold whole weights: load them, then shard
+            load_model_weights(model, ckpt / "model.safetensors")
+        shard_model(model, device)
+    optimizer = make_optimizer(model, cfg, device)     # after sharding: it steps the shards
+    start_step, elapsed_before, tokens_seen = 0, 0.0, 0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizer, weights=not fsdp)
         start_step, elapsed_before, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
         if ddp.main:
             log(f"resuming from {ckpt} (step {start_step})")
@@ -193,7 +201,7 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
         from torch import _dynamo
         _dynamo.config.suppress_errors = True         # a machine without a working compiler falls back to eager
         model = torch.compile(model)
-    if ddp.enabled:
+    if ddp.enabled and not fsdp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
@@ -208,14 +216,16 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
     progress_bar = _progress(cfg.max_steps, start_step) if ddp.main else None
     if ddp.main:
         log(f"model {mcfg.arch} {raw_model.num_params() / 1e6:.2f}M params, {mcfg.n_layer} layers, d={mcfg.n_embd}; "
-            f"{tokens_per_step} tokens/step on {device} x{ddp.world_size}")
+            f"{tokens_per_step} tokens/step on {device} x{ddp.world_size}"
+            + (f" ({'fsdp' if fsdp else 'ddp'})" if ddp.enabled else ""))
 
     step, t_start = start_step, time.perf_counter()
     last_loss, val_loss = float("nan"), None
     t_last, steps_since_log, eval_seconds = t_start, 0, 0.0   # tokens/s excludes validation time
     while step < cfg.max_steps:
         elapsed = elapsed_before + (time.perf_counter() - t_start)
-        if budget_s > 0 and ddp.any(elapsed >= budget_s):     # ranks must agree on when to stop
+        # Ranks must agree on when to stop; asking them is a host sync, so ask every 10 steps.
+        if budget_s > 0 and (not ddp.enabled or step % 10 == 0) and ddp.any(elapsed >= budget_s):
             break
         progress = elapsed / budget_s if budget_s > 0 else step / cfg.max_steps
         lr = lr_at(progress, step, cfg)
@@ -226,16 +236,21 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
         batches = [train_data.get(step, micro, grad_accum, cfg.batch_size) for micro in range(grad_accum)]
         if device.type == "cuda":              # pinned pages let the copies below run asynchronously
             batches = [tuple(t.pin_memory() for t in b) for b in batches]
-        n_tokens = ddp.sum(torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))).item()
+        # The masks are on the host; the global count stays a tensor (on the GPU under NCCL), read
+        # back only when logging, so a step never waits for the device.
+        n_tokens = ddp.sum(torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))).clamp(min=1.0)
         loss_sum = torch.zeros((), device=device)
         for micro, batch in enumerate(batches):
             x, y, mask = (t.to(device, non_blocking=True) for t in batch)
-            sync = nullcontext() if (not ddp.enabled or micro == grad_accum - 1) else model.no_sync()
+            last_micro = micro == grad_accum - 1
+            if fsdp:
+                raw_model.set_requires_gradient_sync(last_micro)  # reduce-scatter once per step
+            sync = model.no_sync() if (ddp.enabled and not fsdp and not last_micro) else nullcontext()
             with sync:
                 with autocast:
                     _, loss = model(x, y, mask, reduction="sum")
-                # DDP averages gradients over ranks; scale by world size so the result is a global-token mean.
-                (loss * ddp.world_size / max(n_tokens, 1.0)).backward()
+                # DDP/FSDP average gradients over ranks; scale by world size so the result is a global-token mean.
+                (loss * ddp.world_size / n_tokens).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
@@ -251,7 +266,7 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
             eval_seconds += time.perf_counter() - t_eval
         steps_since_log += 1
         if step % cfg.log_every == 0 or is_last:
-            last_loss = ddp.sum(loss_sum).item() / max(n_tokens, 1.0)
+            last_loss = ddp.sum(loss_sum).item() / n_tokens.item()
             now = time.perf_counter()
             dt = (now - t_last - eval_seconds) / steps_since_log        # seconds per training step
             t_last, steps_since_log, eval_seconds = now, 0, 0.0
@@ -271,16 +286,18 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
                         board.add_scalar(key, record[key], step)
             if progress_bar:
                 progress_bar(step, record)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps and ddp.main:
-            _save(run, step, raw_model, optimizer, elapsed_before + time.perf_counter() - t_start, tokens_seen, cfg)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps and (ddp.main or fsdp):
+            _save(run, step, raw_model, optimizer, elapsed_before + time.perf_counter() - t_start, tokens_seen, cfg,
+                  write=ddp.main)
         if stop_after_steps is not None and step - start_step >= stop_after_steps:
             break
 
-    if ddp.main:
+    if ddp.main or fsdp:                        # FSDP: every rank takes part in the forward and the gather
         if not (cfg.eval_every and val_loss is not None and step % cfg.eval_every == 0):
             val_loss = evaluate_loss(raw_model, val_data, cfg, device, autocast)   # the final figure
         elapsed = elapsed_before + time.perf_counter() - t_start
-        _save(run, step, raw_model, optimizer, elapsed, tokens_seen, cfg)
+        _save(run, step, raw_model, optimizer, elapsed, tokens_seen, cfg, write=ddp.main)
+    if ddp.main:
         if metrics_file:
             metrics_file.close()
         if board:
@@ -291,10 +308,21 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
     return {"step": step, "train_loss": last_loss, "val_loss": val_loss, "tokens": tokens_seen}
 
 
-def _save(run, step, model, optimizer, elapsed, tokens, cfg):
+def _save(run, step, model, optimizer, elapsed, tokens, cfg, write: bool = True):
     save_checkpoint(run, step, model, optimizer,
                     {"step": step, "elapsed_s": elapsed, "tokens": tokens, "model_config": model.cfg.to_dict()},
-                    keep=cfg.keep_checkpoints)
+                    keep=cfg.keep_checkpoints, write=write)
+
+
+def shard_model(model: GPT, device: torch.device) -> None:
+    """FSDP2: each block, then the rest (embeddings, final norm, head; a tied head stays with its
+    embedding), sharded across the ranks; on CUDA the shards compute in bf16 and reduce in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if device.type == "cuda" else MixedPrecisionPolicy())
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 @torch.no_grad()
