@@ -11,12 +11,11 @@ import contextlib
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from nichelm.bench import bench_train
+from nichelm.bench import bench_train, time_steps
 from nichelm.model import PRESETS
 
 
@@ -41,13 +40,7 @@ def bench_nanogpt(path: Path, preset: str, batch: int, seq: int, vocab: int, ste
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):
-        one_step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = one_step()
-    loss.item()
-    return {"tokens_per_s": batch * seq * steps / (time.perf_counter() - t0)}
+    return {"tokens_per_s": batch * seq * steps / time_steps(one_step, warmup, steps, torch.device("cpu"))}
 
 
 def main():

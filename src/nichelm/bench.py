@@ -19,6 +19,24 @@ class _OptimizerSettings:
     lr, beta1, beta2, weight_decay = 3e-4, 0.9, 0.95, 0.1
 
 
+
+def time_steps(one_step, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` training steps after `warmup` untimed ones (the compile, the allocator).
+    One loss is read at the end, so queued GPU work is inside the timing; peak memory counts from
+    the first timed step."""
+    for _ in range(warmup):
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = one_step()
+    loss.item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
 def bench_train(preset: str = "d6", arch: str = "gpt2", device: str = "cpu", steps: int = 10, warmup: int = 3,
                 batch: int = 8, seq: int = 256, vocab: int = 50257, threads: int = 0, compile: bool = False,
                 peak_tflops: float | None = None) -> dict:
@@ -43,18 +61,7 @@ def bench_train(preset: str = "d6", arch: str = "gpt2", device: str = "cpu", ste
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):
-        one_step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = one_step()
-    loss.item()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds = time_steps(one_step, warmup, steps, dev)
     tokens_per_s = batch * seq * steps / seconds
     if peak_tflops is None and dev.type == "cuda":
         peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(dev)), None)
