@@ -158,3 +158,13 @@ def test_a_missing_backend_is_one_line_naming_the_fix(run, tmp_path, monkeypatch
         nichelm.load(run, backend="ct2")
     with pytest.raises(UserError, match="use one of torch, ct2, vllm"):
         nichelm.load(run, backend="onnx")
+
+
+def test_compiled_torch_engine_applies_like_eager(ending_run, tmp_path):
+    """apply --compile on: torch.compile'd decoding writes the same outputs as eager decoding, with
+    windows that end early and windows that hit their budget."""
+    corpus = make_corpus(tmp_path / "in", 4, n_lines=3)
+    eager = apply(ending_run, [corpus], tmp_path / "eager", compile=False, **OPTS)
+    compiled = apply(ending_run, [corpus], tmp_path / "compiled", compile=True, **OPTS)
+    assert tree(tmp_path / "compiled") == tree(tmp_path / "eager")
+    assert compiled.kept_hit_limit == eager.kept_hit_limit and eager.kept_hit_limit > 0
