@@ -1,15 +1,23 @@
 """Corrected tokens/s on CPU: nichelm's engine vs transformers `generate()` (vs CTranslate2 if installed).
 
-    python bench/apply_throughput.py RUN_OR_EXPORT [--threads 2] [--batch-size 32] [--windows 256] [--repeats 3]
+    python bench/apply_throughput.py RUN_OR_EXPORT [--threads 2] [--batch-size 32] [--windows 256] [--rounds 5]
 
 Every engine gets the same exported weights, the same prompts (windows of the run's test split,
 or of built-in sentences for an export folder without its run) and the same batch size, and
 decodes greedily. Tokens counted are those each row needs (up to its end marker or nichelm's
 per-row budget); an engine that cannot stop rows early pays for its extra work in time.
-`same_as_nichelm` is the share of rows whose tokens equal nichelm's (eager). Engines: nichelm (eager),
-nichelm-compiled (torch.compile; its compile time is in `warmup_s`, not in the timed passes),
-transformers, ctranslate2. Each engine: one warm-up batch, then `--repeats` timed passes, median
-reported. Prints one JSON object.
+`same_as_nichelm` is the share of rows whose tokens equal nichelm's (eager, one token a step).
+
+Engines: nichelm (eager, one token per forward pass), nichelm-compiled (torch.compile; its compile
+time is in `warmup_s`, not in the timed passes), nichelm-copy and nichelm-copy-compiled (copy drafts
+of --draft-tokens tokens checked per pass, drafted from each window's own tokens, as `apply` does),
+transformers, transformers-prompt-lookup (transformers' own copy drafts, prompt_lookup_num_tokens;
+batch size 1, the only one it takes), ctranslate2.
+
+Every engine first warms up on one batch (where torch.compile compiles); then `--rounds` rounds each
+time every engine once over all windows, in turn, so that a machine whose speed drifts (a shared
+VM) slows every engine alike. Reported: the median round and the best; every round is listed.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -57,86 +65,98 @@ def useful(tokens: list[int], budget: int, end_id: int) -> list[int]:
     return tokens[: tokens.index(end_id)] if end_id in tokens else tokens
 
 
-def timed(fn, repeats: int) -> dict:
-    """Warm up on one batch (this is where torch.compile compiles), then time `repeats` full passes."""
-    start = time.perf_counter()
-    fn(warmup=True)
-    warmup = time.perf_counter() - start
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn(warmup=False)
-        seconds.append(time.perf_counter() - start)
-    return {"warmup_s": warmup, "seconds": seconds, "out": out}
-
-
-def run_nichelm(corrector, prompts, limits, batch, repeats, compile=False):
-    from nichelm.generate import compile_for_decoding, generate
-    step = compile_for_decoding() if compile else None
-
-    def go(warmup):
-        p, b = (prompts[:batch], limits[:batch]) if warmup else (prompts, limits)
-        gens = generate(corrector.model, p, b, corrector.end_id, torch.device("cpu"), batch_size=batch,
-                        step=step)
-        return [g.tokens for g in gens]
-    return timed(go, repeats)
-
-
 def batches(prompts, batch):
-    """Length-sorted batches, as nichelm's generate() makes them."""
+    """Length-sorted batches (what transformers and CTranslate2 are given)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     return [order[i:i + batch] for i in range(0, len(order), batch)]
 
 
-def run_transformers(export_dir, prompts, limits, batch, end_id, repeats):
+def nichelm_engine(corrector, prompts, limits, sources, batch, compile=False, draft_tokens=0):
+    """go(subset) -> token lists, with nichelm's engine (continuous batching of `batch` rows)."""
+    from nichelm.generate import compile_for_decoding, generate
+    step = compile_for_decoding() if compile else None
+
+    def go(idx):
+        gens = generate(corrector.model, [prompts[i] for i in idx], [limits[i] for i in idx], corrector.end_id,
+                        torch.device("cpu"), batch_size=batch, step=step, draft_tokens=draft_tokens,
+                        sources=[sources[i] for i in idx])
+        return [g.tokens for g in gens]
+    return go
+
+
+def transformers_engine(export_dir, prompts, limits, batch, end_id, lookup=0):
+    """transformers' generate(), greedy, left-padded length-sorted batches; lookup > 0: its
+    prompt-lookup drafts of that many tokens."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(export_dir).eval()
+    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
 
-    def go(warmup):
-        out = [None] * len(prompts)
-        for idx in batches(prompts, batch)[:1] if warmup else batches(prompts, batch):
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), end_id)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):                      # left padding, like nichelm
+    def go(idx):
+        out = {}
+        sub = [prompts[i] for i in idx]
+        for part in batches(sub, batch):
+            rows = [idx[p] for p in part]
+            width = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), width), end_id)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, i in enumerate(rows):                      # left padding
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
             with torch.no_grad():
                 gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=end_id,
-                                     eos_token_id=end_id, max_new_tokens=max(limits[i] for i in idx))
-            for row, i in enumerate(idx):
+                                     eos_token_id=end_id, max_new_tokens=max(limits[i] for i in rows), **extra)
+            for row, i in enumerate(rows):
                 out[i] = useful(gen[row, width:].tolist(), limits[i], end_id)
-        return out
-    return timed(go, repeats)
+        return [out[i] for i in idx]
+    return go
 
 
-def run_ctranslate2(ct2_dir, corrector, prompts, limits, batch, threads, repeats):
+def ctranslate2_engine(ct2_dir, corrector, prompts, limits, batch, threads):
     import ctranslate2
     generator = ctranslate2.Generator(str(ct2_dir), device="cpu", intra_threads=threads)
     tok = corrector.tokenizer
     end = tok.id_to_token(corrector.end_id)
 
-    def go(warmup):
-        out = [None] * len(prompts)
-        for idx in batches(prompts, batch)[:1] if warmup else batches(prompts, batch):
-            res = generator.generate_batch([[tok.id_to_token(t) for t in prompts[i]] for i in idx],
-                                           max_length=max(limits[i] for i in idx), sampling_topk=1,
+    def go(idx):
+        out = {}
+        sub = [prompts[i] for i in idx]
+        for part in batches(sub, batch):
+            rows = [idx[p] for p in part]
+            res = generator.generate_batch([[tok.id_to_token(t) for t in prompts[i]] for i in rows],
+                                           max_length=max(limits[i] for i in rows), sampling_topk=1,
                                            end_token=end, include_prompt_in_result=False, max_batch_size=batch)
-            for r, i in zip(res, idx):
+            for r, i in zip(res, rows):
                 out[i] = useful(r.sequences_ids[0], limits[i], corrector.end_id)
-        return out
-    return timed(go, repeats)
+        return [out[i] for i in idx]
+    return go
+
+
+def measure(engines: dict, n: int, batch: int, rounds: int) -> dict:
+    """Warm every engine up on one batch, then `rounds` rounds of every engine in turn over all n rows."""
+    runs = {}
+    for name, go in engines.items():
+        start = time.perf_counter()
+        go(list(range(min(batch, n))))
+        runs[name] = {"warmup_s": time.perf_counter() - start, "seconds": []}
+    everything = list(range(n))
+    for _ in range(rounds):
+        for name, go in engines.items():
+            start = time.perf_counter()
+            runs[name]["out"] = go(everything)
+            runs[name]["seconds"].append(time.perf_counter() - start)
+    return runs
 
 
 def summary(run: dict, reference, limits) -> dict:
-    """Median of the timed passes (this machine's timings vary from run to run); all passes listed."""
+    """Median and best round (this machine's timings vary from run to run); every round listed."""
     outputs = run["out"]
     # Each row costs its tokens plus the end marker when it stopped before its budget.
     tokens = sum(len(o) + (len(o) < b) for o, b in zip(outputs, limits))
     seconds = statistics.median(run["seconds"])
     same = sum(o == r for o, r in zip(outputs, reference)) / len(outputs)
     return {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-            "tokens_per_s_each_pass": [round(tokens / s, 1) for s in run["seconds"]],
+            "tokens_per_s_best": round(tokens / min(run["seconds"]), 1),
+            "tokens_per_s_each_round": [round(tokens / s, 1) for s in run["seconds"]],
             "warmup_s": round(run["warmup_s"], 2), "windows_per_s": round(len(outputs) / seconds, 2),
             "same_as_nichelm": round(same, 4)}
 
@@ -147,55 +167,71 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--windows", type=int, default=256, help="how many windows to correct")
-    ap.add_argument("--repeats", type=int, default=3, help="timed passes per engine (the median is reported)")
-    ap.add_argument("--engines", default="nichelm,nichelm-compiled,transformers,ctranslate2")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (each engine once per round)")
+    ap.add_argument("--draft-tokens", type=int, default=None,
+                    help="copy-draft length of the nichelm-copy engines (default: nichelm's DRAFT_TOKENS)")
+    ap.add_argument("--engines", default="nichelm,nichelm-compiled,nichelm-copy,nichelm-copy-compiled,"
+                                         "transformers,transformers-prompt-lookup,ctranslate2")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from nichelm.export import export, is_export, run_dir
+    from nichelm.generate import DRAFT_TOKENS
     model = Path(args.model)
-    engines = args.engines.split(",")
+    wanted = args.engines.split(",")
+    draft = DRAFT_TOKENS if args.draft_tokens is None else args.draft_tokens
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = model if is_export(model) else export(run_dir(model), "hf", Path(tmp) / "hf")
         from nichelm import load
         corrector = load(export_dir)
         texts = windows_for(export_dir if is_export(model) else run_dir(model), args.windows)
         prompts = [corrector.tokenizer.encode(corrector.prompt_template.format(input=t)).ids for t in texts]
+        sources = [corrector.tokenizer.encode(t).ids for t in texts]
         limits = budgets(corrector, prompts, texts)
-        eager = run_nichelm(corrector, prompts, limits, args.batch_size, args.repeats)
-        reference = eager["out"]
+        engines, versions, skipped = {}, {}, {}
+        for name, compile, k in (("nichelm", False, 0), ("nichelm-compiled", True, 0),
+                                 ("nichelm-copy", False, draft), ("nichelm-copy-compiled", True, draft)):
+            if name == "nichelm" or name in wanted:
+                engines[name] = nichelm_engine(corrector, prompts, limits, sources, args.batch_size, compile, k)
+        if "transformers" in wanted or "transformers-prompt-lookup" in wanted:
+            import transformers
+            versions["transformers"] = versions["transformers-prompt-lookup"] = transformers.__version__
+        if "transformers" in wanted:
+            engines["transformers"] = transformers_engine(export_dir, prompts, limits, args.batch_size,
+                                                          corrector.end_id)
+        if "transformers-prompt-lookup" in wanted:
+            engines["transformers-prompt-lookup"] = transformers_engine(export_dir, prompts, limits, 1,
+                                                                        corrector.end_id, lookup=draft)
+        if "ctranslate2" in wanted:
+            try:
+                import ctranslate2
+                from nichelm.export import hf_to_ct2
+                ct2_dir = hf_to_ct2(export_dir, Path(tmp) / "ct2")
+                engines["ctranslate2"] = ctranslate2_engine(ct2_dir, corrector, prompts, limits, args.batch_size,
+                                                            args.threads)
+                versions["ctranslate2"] = ctranslate2.__version__
+            except ImportError:
+                skipped["ctranslate2"] = "ctranslate2 is not installed (pip install ctranslate2)"
+        runs = measure(engines, len(prompts), args.batch_size, args.rounds)
+        reference = runs["nichelm"]["out"]
         result = {"model": str(model), "arch": corrector.model.cfg.arch, "params": sum(
                       p.numel() for p in corrector.model.parameters()),
                   "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": args.threads,
                   "torch": torch.__version__, "batch_size": args.batch_size, "windows": len(prompts),
-                  "prompt_tokens": sum(map(len, prompts)), "engines": {}}
-        result["engines"]["nichelm"] = summary(eager, reference, limits)
-        if "nichelm-compiled" in engines:
-            run = run_nichelm(corrector, prompts, limits, args.batch_size, args.repeats, compile=True)
-            result["engines"]["nichelm-compiled"] = summary(run, reference, limits)
-        if "transformers" in engines:
-            import transformers
-            run = run_transformers(export_dir, prompts, limits, args.batch_size, corrector.end_id, args.repeats)
-            result["engines"]["transformers"] = dict(summary(run, reference, limits),
-                                                     version=transformers.__version__)
-        if "ctranslate2" in engines:
-            result["engines"]["ctranslate2"] = ct2_result(export_dir, tmp, corrector, prompts, limits, reference, args)
-        base = result["engines"].get("transformers", {}).get("tokens_per_s")
-        if base:
-            result["speedup_vs_transformers"] = {name: round(e["tokens_per_s"] / base, 2)
+                  "prompt_tokens": sum(map(len, prompts)), "draft_tokens": draft, "rounds": args.rounds,
+                  "engines": {}}
+        for name, run in runs.items():
+            result["engines"][name] = summary(run, reference, limits)
+            if name in versions:
+                result["engines"][name]["version"] = versions[name]
+        if "transformers-prompt-lookup" in result["engines"]:
+            result["engines"]["transformers-prompt-lookup"]["batch_size"] = 1
+        result["engines"].update({name: {"skipped": why} for name, why in skipped.items()})
+        base = result["engines"].get("transformers", {})
+        if "tokens_per_s" in base:
+            result["speedup_vs_transformers"] = {name: round(e["tokens_per_s"] / base["tokens_per_s"], 2)
                                                  for name, e in result["engines"].items() if "tokens_per_s" in e}
     print(json.dumps(result, indent=2))
     return result
-
-
-def ct2_result(export_dir, tmp, corrector, prompts, limits, reference, args) -> dict:
-    try:
-        import ctranslate2
-    except ImportError:
-        return {"skipped": "ctranslate2 is not installed (pip install ctranslate2)"}
-    from nichelm.export import hf_to_ct2
-    ct2_dir = hf_to_ct2(export_dir, Path(tmp) / "ct2")
-    run = run_ctranslate2(ct2_dir, corrector, prompts, limits, args.batch_size, args.threads, args.repeats)
-    return dict(summary(run, reference, limits), version=ctranslate2.__version__)
 
 
 if __name__ == "__main__":

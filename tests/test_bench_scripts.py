@@ -38,3 +38,16 @@ def test_decode_throughput_smoke_on_cpu(tiny_run):
         import vllm  # noqa: F401
     except ImportError:                  # no vLLM here: the JSON says why instead of a figure
         assert "pip install vllm" in result["engines"]["vllm"]["skipped"]
+
+
+def test_apply_throughput_smoke_on_cpu(tiny_run):
+    """Every engine decodes the same windows; copy drafts change nothing (same tokens as nichelm)."""
+    bench = _import("apply_throughput")
+    result = bench.main([str(tiny_run), "--threads", "1", "--batch-size", "4", "--windows", "12", "--rounds", "1",
+                         "--draft-tokens", "3", "--engines", "nichelm,nichelm-copy,transformers"])
+    engines = result["engines"]
+    assert set(engines) == {"nichelm", "nichelm-copy", "transformers"} and result["windows"] == 12
+    assert engines["nichelm-copy"]["same_as_nichelm"] == 1.0
+    assert engines["nichelm-copy"]["tokens"] == engines["nichelm"]["tokens"] > 0
+    assert all(len(e["tokens_per_s_each_round"]) == 1 for e in engines.values())
+    assert result["speedup_vs_transformers"]["transformers"] == 1.0

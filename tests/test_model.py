@@ -5,43 +5,123 @@ import pytest
 import torch
 
 from nichelm.data.loader import loss_mask
-from nichelm.generate import compile_for_decoding, generate
+from nichelm.generate import Steps, align_to_source, compile_for_decoding, decode_step, generate
 from nichelm.model import GPT, ModelConfig
+
+CPU = torch.device("cpu")
+
+
+def uncached_greedy(model, prompt, budget, end_id=0):
+    """The reference: full forward passes over the growing sequence, one row alone."""
+    x, ref = torch.tensor([prompt]), []
+    for _ in range(budget):
+        nxt = int(model(x)[0][0, -1].argmax())
+        ref.append(nxt)
+        if nxt == end_id:
+            break
+        x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    return ref[:-1] if ref and ref[-1] == end_id else ref
+
+
+def random_prompts(n, seed=1, vocab=300):
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, vocab, (int(k),), generator=gen).tolist() for k in torch.randint(3, 30, (n,), generator=gen)]
+    return prompts, [int(b) for b in torch.randint(1, 25, (n,), generator=gen)]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_batched_cached_greedy_equals_uncached(arch):
+    """More prompts than rows: finished rows take the next prompt (continuous batching) and every
+    output is what the row would decode alone, without a cache."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(arch=arch, vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
-    gens = generate(model, prompts, [10, 10, 10], end_id=0, device=torch.device("cpu"), batch_size=8)
-    for prompt, gen in zip(prompts, gens):
-        x, ref = torch.tensor([prompt]), []
-        for _ in range(10):
-            logits, _ = model(x)
-            nxt = int(logits[0, -1].argmax())
-            ref.append(nxt)
-            if nxt == 0:
-                break
-            x = torch.cat([x, torch.tensor([[nxt]])], 1)
-        assert gen.tokens == (ref[:-1] if ref[-1] == 0 else ref)
+    prompts, budgets = random_prompts(11)
+    prompts[:3] = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
+    gens = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=3)
+    for prompt, budget, gen in zip(prompts, budgets, gens):
+        ref = uncached_greedy(model, prompt, budget)
+        assert gen.tokens == ref
+        assert gen.hit_limit == (len(ref) == budget)
+
+
+def counting_steps():
+    """Eager steps that count the decoding steps (forward passes after the prompts) in `calls`."""
+    calls = []
+
+    def decode(*args):
+        calls.append(1)
+        return decode_step(*args)
+    return Steps(decode=decode), calls
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_copy_drafts_never_change_the_output(arch):
+    """Drafts come from a source; whatever the source, the output is the greedy output. With the
+    greedy output itself as the source nearly every draft is accepted (far fewer steps); edited
+    sources (tokens deleted, replaced, inserted) exercise rejection and re-alignment."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch=arch, vocab_size=300, block_size=64, n_layer=2, n_head=4,
+                            n_kv_head=2 if arch == "llama" else None, n_embd=64)).eval()
+    prompts, budgets = random_prompts(23, seed=2)
+    plain = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=5)
+    truth = [g.tokens + ([] if g.hit_limit else [0]) for g in plain]
+    rng = torch.Generator().manual_seed(3)
+
+    def edited(seq):
+        seq = list(seq)
+        for _ in range(int(torch.randint(1, 4, (1,), generator=rng))):
+            i, what = int(torch.randint(0, len(seq) + 1, (1,), generator=rng)), int(torch.randint(0, 3, (1,), generator=rng))
+            if what == 0 and i < len(seq):
+                del seq[i]
+            elif what == 1 and i < len(seq):
+                seq[i] = int(torch.randint(1, 300, (1,), generator=rng))
+            else:
+                seq.insert(i, int(torch.randint(1, 300, (1,), generator=rng)))
+        return seq
+
+    steps, one_token = counting_steps()
+    generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=5, step=steps)
+    for k in (1, 3, 8):
+        for name, sources in (("exact", truth), ("edited", [edited(t) for t in truth]), ("prompt", None)):
+            steps, calls = counting_steps()
+            gens = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=5, draft_tokens=k,
+                            sources=sources, step=steps)
+            assert [g.tokens for g in gens] == [g.tokens for g in plain], (k, name)
+            assert [g.hit_limit for g in gens] == [g.hit_limit for g in plain], (k, name)
+            if name == "exact":
+                assert len(calls) < len(one_token) * {1: 0.6, 3: 0.35, 8: 0.25}[k], (k, len(calls), len(one_token))
+
+
+def test_align_to_source():
+    src = torch.tensor([[7, 1, 2, 3, 1, 2, 9, 5, 5]])
+    ok = torch.ones_like(src, dtype=torch.bool)
+
+    def anchor(last, prev, expect):
+        return int(align_to_source(src, ok, torch.tensor([last]), torch.tensor([prev]), torch.tensor([expect]))[0])
+    assert anchor(2, 1, 2) == 2          # where expected
+    assert anchor(2, 1, 4) == 5          # the nearest, ahead before behind
+    assert anchor(2, 1, 3) == 2          # the nearest, even behind
+    assert anchor(1, 0, 2) == 1 and anchor(1, 0, 3) == 4   # 1 behind vs 2 ahead; 2 behind vs 1 ahead
+    assert anchor(9, 2, 1) == 6          # further ahead (a deletion in the output)
+    assert anchor(5, 9, 8) == 7          # the bigram (9, 5) beats the nearer unigram at 8
+    assert anchor(4, 3, 3) == 3          # not in the source: a replacement, keep the expected place
+    ok[0, 5] = False
+    assert anchor(2, 1, 4) == 2          # only the source's own tokens count
 
 
 def test_compiled_decoding_equals_eager():
     """torch.compile with dynamic shapes: same tokens as eager, over batches of different sizes and
-    lengths (one compiled graph for prompts, one for steps; no recompiling per length)."""
+    lengths, with and without copy drafts (one graph for prompts, one for steps per draft length)."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(arch="llama", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
                             n_embd=64)).eval()
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(1, 300, (int(n),), generator=gen).tolist()
-               for n in torch.randint(3, 30, (23,), generator=gen)]
-    budgets = [int(b) for b in torch.randint(1, 25, (23,), generator=gen)]
-    eager = generate(model, prompts, budgets, end_id=0, device=torch.device("cpu"), batch_size=8)
-    compiled = generate(model, prompts, budgets, end_id=0, device=torch.device("cpu"), batch_size=8,
-                        step=compile_for_decoding())
-    assert [g.tokens for g in compiled] == [g.tokens for g in eager]
-    assert [g.hit_limit for g in compiled] == [g.hit_limit for g in eager]
+    prompts, budgets = random_prompts(23)
+    eager = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=8)
+    step = compile_for_decoding()
+    for k in (0, 3):
+        compiled = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=8, step=step, draft_tokens=k)
+        assert [g.tokens for g in compiled] == [g.tokens for g in eager]
+        assert [g.hit_limit for g in compiled] == [g.hit_limit for g in eager]
 
 
 def test_vocab_padded_and_loss_masked():

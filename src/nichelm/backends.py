@@ -1,9 +1,10 @@
 """Decoding engines behind a Corrector, all with one interface:
 
-    backend.generate(prompts: list[list[int]], max_new: list[int]) -> list[Generation]
+    backend.generate(prompts: list[list[int]], max_new: list[int], sources=None) -> list[Generation]
 
 Prompts are token ids of the model's own tokenizer; max_new[i] bounds row i's output in tokens,
-end marker included (as in nichelm.generate). A Generation's tokens stop before the end marker;
+end marker included (as in nichelm.generate); sources[i], when given, are the tokens row i's output
+mostly copies (the input window), which the torch engine drafts from and the others ignore. A Generation's tokens stop before the end marker;
 hit_limit is True when no end marker came within the row's budget.
 
   torch  nichelm's own engine (nichelm.generate): batched greedy decoding, beam search when beams > 1
@@ -54,14 +55,14 @@ class TorchBackend:
     def __init__(self, corrector):
         self.corrector = corrector
 
-    def generate(self, prompts: list[list[int]], max_new: list[int]) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], max_new: list[int], sources=None) -> list[Generation]:
         c = self.corrector
         if not prompts:
             return []
         if c.beams > 1:
             return [beam_search(c.model, p, b, c.end_id, c.device, beams=c.beams) for p, b in zip(prompts, max_new)]
-        return generate(c.model, prompts, max_new, c.end_id, c.device, c.batch_size,
-                        step=getattr(c, "step", None))
+        return generate(c.model, prompts, max_new, c.end_id, c.device, c.batch_size, step=c.step,
+                        draft_tokens=c.draft_tokens, sources=sources)
 
 
 class CT2Backend:
@@ -80,7 +81,7 @@ class CT2Backend:
         self.vocab = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
         self.end_id, self.batch_size, self.beams = end_id, batch_size, beams
 
-    def generate(self, prompts: list[list[int]], max_new: list[int]) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], max_new: list[int], sources=None) -> list[Generation]:
         results: list[Generation | None] = [None] * len(prompts)
         for idx in length_batches(prompts, self.batch_size):
             out = self.generator.generate_batch(
@@ -104,7 +105,7 @@ class VLLMBackend:
         self.end_id = end_id
         self.keep = keep                  # a TemporaryDirectory holding hf_dir: removed with the backend
 
-    def generate(self, prompts: list[list[int]], max_new: list[int]) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], max_new: list[int], sources=None) -> list[Generation]:
         if not prompts:
             return []
         params = [self.sampling_params(temperature=0.0, max_tokens=b, stop_token_ids=[self.end_id]) for b in max_new]

@@ -73,7 +73,8 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     corrector = Corrector.from_run(run, device=device, batch_size=project.eval.batch_size,
                                    guard_max_change=project.eval.guard_max_change,
                                    max_new_tokens_ratio=project.eval.max_new_tokens_ratio,
-                                   beams=project.eval.beams, window_overlap=project.eval.window_overlap)
+                                   beams=project.eval.beams, window_overlap=project.eval.window_overlap,
+                                   draft_tokens=project.eval.draft_tokens)
     t0 = time.perf_counter()
     results = corrector.correct_windows([e["input"] for e in examples])
     seconds = time.perf_counter() - t0

@@ -1,18 +1,26 @@
-"""Batched greedy decoding with a preallocated KV cache.
+"""Batched greedy decoding with a preallocated KV cache, and beam search.
 
-Prompts of different lengths are sorted by length, batched, and left-padded; each
-row carries its own positions and an attention mask that hides its padding, so a
-padded row computes exactly what it would alone. Decoding stops per row at the
-end marker or at its own length bound.
+`generate` keeps `batch_size` rows decoding at once (continuous batching): prompts are taken
+shortest first, a row whose output ends (end marker or its own length bound) takes the next
+prompt at once, and every row has its own positions and KV-cache slots (model.SlotCache), so
+rows never wait for each other and a row computes exactly what it would alone.
+
+Copy drafts (draft_tokens > 0): a corrected text is mostly its input again, so each step
+guesses a row's next few tokens by copying them from its source (the input it corrects) where
+the output so far is aligned to it, and one forward pass checks them all: the guesses the
+model agrees with are kept, plus the model's own next token. This is speculative decoding with
+the source as the draft model ("prompt lookup"): the output is the greedy output, in fewer
+forward passes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from nichelm.model import GPT, KVCache
+from nichelm.model import GPT, KVCache, SlotCache
 
 
 @dataclass
@@ -21,98 +29,211 @@ class Generation:
     hit_limit: bool          # stopped by the length bound, not by the end marker
 
 
-def _prefill_bias(valid: torch.Tensor, dtype) -> torch.Tensor:
-    """(B, 1, L, L) additive mask for the prompt: causal, and never a padding key.
+DRAFT_TOKENS = 3           # copy-draft length for correction (BENCHMARKS.md); 0: one token a step
+# Where a copy draft looks for the source token that the output's last token copies: this many
+# positions before and after where the alignment so far expects it.
+ALIGN_BEFORE, ALIGN_AFTER = 8, 16
 
-    A query on a padding position would see no key at all (NaN); it may see itself.
+
+@dataclass
+class Rows:
+    """The decoding state of every row of a batch, one tensor each (a row holds one prompt at a time).
+
+    A row's prompt fills cache slots 0..len-1; output token t goes to slot len + t. `last` is the
+    newest output token, not yet in the cache: the next step feeds it at slot `pos`."""
+    out: torch.Tensor        # (B, longest budget + drafts + 1) output tokens; the first n_out count
+    n_out: torch.Tensor      # (B,) output tokens so far (the end marker included once reached)
+    limits: torch.Tensor     # (B,) each row's budget in tokens
+    done: torch.Tensor       # (B,) finished, or holding no prompt
+    last: torch.Tensor       # (B,) newest output token
+    pos: torch.Tensor        # (B,) the slot (= position) `last` goes to
+    src: torch.Tensor        # (B, S) what the output copies (its source), end markers after it
+    src_ok: torch.Tensor     # (B, S) true on the source's own tokens
+    prev: torch.Tensor       # (B,) the token before `last` (prompt's last token at first)
+    expect: torch.Tensor     # (B,) where in src `last` is expected
+
+
+def align_to_source(src, src_ok, last, prev, expect):
+    """(B,) the position in src (B, S) that each row's last output token copies.
+
+    Candidates are positions within [expect - ALIGN_BEFORE, expect + ALIGN_AFTER] holding `last`;
+    one whose predecessor is `prev` (a bigram match) beats any that is not, then the nearest to
+    `expect` wins (ahead before behind). With no candidate the row keeps `expect`: the token
+    replaced the source token there (a correction), and the copy goes on after it.
     """
-    L = valid.shape[1]
-    pos = torch.arange(L, device=valid.device)
-    allowed = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]
-    allowed |= torch.eye(L, dtype=torch.bool, device=valid.device)[None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill_(~allowed, float("-inf"))[:, None]
+    at = torch.arange(src.shape[1], device=src.device)[None]
+    offset = at - expect[:, None]
+    hit = src_ok & (src == last[:, None]) & (offset >= -ALIGN_BEFORE) & (offset <= ALIGN_AFTER)
+    bigram = torch.zeros_like(hit)
+    bigram[:, 1:] = src[:, :-1] == prev[:, None]
+    cost = offset.abs() * 2 + (offset < 0).long() - 4 * (ALIGN_AFTER + 1) * bigram.long()
+    best = cost.masked_fill(~hit, 1 << 30).argmin(dim=1)
+    return torch.where(hit.any(dim=1), best, expect)
 
 
-def greedy_step(model: GPT, tokens, positions, cache: KVCache, mask, done, n_out, limits, end_id: int):
-    """One forward pass and its bookkeeping, in one function so torch.compile makes it one graph:
-    returns each row's next token; counts it for rows still running (n_out) and marks rows that
-    reach the end marker or their budget (done). Both updates are in place."""
-    logits, _ = model(tokens, positions=positions, cache=cache, mask=mask)
-    nxt = logits[:, -1].argmax(dim=-1)
-    n_out += (~done).long()
-    done |= (nxt == end_id) | (n_out >= limits)
-    return nxt
+def prefill_step(model: GPT, cache: SlotCache, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
+    """Run prompts `tokens` (R, L, right-padded; lengths (R,)) into cache rows `rows`: returns each
+    prompt's first output token. Padding writes slots past a prompt's end, which its own output
+    tokens overwrite before any query could see them (attention is causal)."""
+    R, L = tokens.shape
+    positions = torch.arange(L, device=tokens.device)[None].expand(R, L)
+    cache.rows, cache.slots, cache.prefill = rows[:, None], positions, True
+    logits, _ = model(tokens, positions=positions, cache=cache, logits_at=lengths - 1)
+    cache.rows, cache.prefill = cache.all_rows, False
+    return logits[:, 0].argmax(dim=-1)
+
+
+def decode_step(model: GPT, cache: SlotCache, rows: Rows, keys: int, end_id: int, draft_len: int):
+    """One step for every row, in one function so torch.compile makes it one graph.
+
+    Each row feeds its last token and, with draft_len > 0, a draft of draft_len tokens copied
+    from its source after the position aligned with that token (align_to_source). The model's
+    argmax at each fed position is its greedy next token there, so the leading drafts it agrees
+    with are accepted and its token after them comes free: 1 to draft_len + 1 new tokens a row.
+    `keys` is how many cache slots the step may see (past every row's last fed slot).
+    Updates `rows` in place."""
+    j = torch.arange(draft_len + 1, device=rows.last.device)
+    if draft_len:
+        anchor = align_to_source(rows.src, rows.src_ok, rows.last, rows.prev, rows.expect)
+        draft = rows.src.gather(1, (anchor[:, None] + 1 + j[:-1]).clamp(max=rows.src.shape[1] - 1))
+        feed = torch.cat([rows.last[:, None], draft], dim=1)           # (B, draft_len + 1)
+    else:
+        feed = rows.last[:, None]
+    slots = (rows.pos[:, None] + j).clamp(max=cache.k[0].shape[2] - 1)
+    cache.slots = slots
+    allowed = torch.arange(keys, device=slots.device)[None, None] <= slots[:, :, None]      # causal
+    bias = torch.zeros(allowed.shape, dtype=cache.k[0].dtype, device=slots.device).masked_fill_(~allowed, float("-inf"))
+    logits, _ = model(feed, positions=slots.clamp(max=model.cfg.block_size - 1), cache=cache, mask=bias[:, None])
+    pred = logits.argmax(dim=-1)                                        # (B, draft_len + 1)
+    if draft_len:
+        accepted = (draft == pred[:, :-1]).long().cumprod(dim=1).sum(dim=1)   # leading drafts the model agrees with
+    else:
+        accepted = torch.zeros_like(rows.n_out)
+    is_end = (pred == end_id) & (j[None] <= accepted[:, None])
+    until_end = torch.where(is_end.any(dim=1), is_end.long().argmax(dim=1) + 1, draft_len + 2)
+    running = ~rows.done
+    emit = torch.minimum(torch.minimum(accepted + 1, until_end), rows.limits - rows.n_out).masked_fill(~running, 0)
+    rows.out.scatter_(1, (rows.n_out[:, None] + j).clamp(max=rows.out.shape[1] - 1), pred)
+    rows.done |= (until_end <= emit) | (rows.n_out + emit >= rows.limits)
+    rows.n_out += emit
+    rows.pos += emit
+    if draft_len:
+        rows.prev.copy_(torch.where(running, feed.gather(1, accepted[:, None])[:, 0], rows.prev))
+        rows.expect.copy_(torch.where(running, anchor + accepted + 1, rows.expect))
+    rows.last.copy_(torch.where(running, pred.gather(1, accepted[:, None])[:, 0], rows.last))
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What runs a prompt (`prefill`) and a decoding step (`decode`): eager by default,
+    compile_for_decoding() compiles both."""
+    prefill: Callable = prefill_step
+    decode: Callable = decode_step
+
+
+def compile_for_decoding() -> Steps:
+    """The decoding steps under torch.compile with dynamic shapes, for `step=` below: one graph for
+    prompts and one for steps (per draft length), whatever the batch size and lengths. Compiling
+    takes ~15-30 s on a 2-core CPU and then decodes faster (BENCHMARKS.md), so it pays on corpora,
+    not on a few windows. A machine without a working compiler falls back to eager."""
+    from torch import _dynamo
+    _dynamo.config.suppress_errors = True
+    return Steps(torch.compile(prefill_step, dynamic=True), torch.compile(decode_step, dynamic=True))
+
+
+REFILL_SHARE = 8      # refill finished rows once 1/REFILL_SHARE of the batch (or all of it) is free
+
+
+def draft_tokens_for(setting: int | str, device: torch.device, compiled: bool) -> int:
+    """The draft length a setting means: an int as it is; "auto" DRAFT_TOKENS, except for compiled
+    decoding on a CPU, where a step costs about in proportion to the tokens it checks, so the drafts
+    the model rejects cost what the accepted ones save (measured: BENCHMARKS.md)."""
+    if setting == "auto":
+        return 0 if compiled and device.type == "cpu" else DRAFT_TOKENS
+    return max(0, int(setting))
 
 
 @torch.no_grad()
-def generate_batch(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: int,
-                   device: torch.device, step=None) -> list[Generation]:
-    step = greedy_step if step is None else step           # or compile_for_decoding()
-    B, L = len(prompts), max(len(p) for p in prompts)
-    steps = max(max_new)
-    total = L + steps
-    pad = torch.tensor([L - len(p) for p in prompts], device=device)
-    x = torch.zeros((B, L), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        x[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, B, total, device, dtype)
-    valid = torch.arange(L, device=device)[None] >= pad[:, None]
-    # One additive mask serves every decoding step: -inf on the prompt's padding, 0 elsewhere
-    # (generated positions are never padding). Step t sees its first L + t + 1 columns.
-    bias = torch.zeros((B, 1, 1, total), dtype=dtype, device=device)
-    bias[:, 0, 0, :L].masked_fill_(~valid, float("-inf"))
-    limits = torch.tensor(max_new, device=device)
-    out = torch.zeros((B, steps), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    n_out = torch.zeros(B, dtype=torch.long, device=device)
-    # Asking whether every row is done makes the host wait for the device; on a GPU ask every 8 steps.
-    check_every = 8 if device.type == "cuda" else 1
-
-    positions = (torch.arange(L, device=device)[None] - pad[:, None]).clamp(min=0)
-    nxt = step(model, x, positions, cache, _prefill_bias(valid, dtype), done, n_out, limits, end_id)
-    # A row that already finished keeps stepping with the batch; clamp its position so it never
-    # runs past the position tables (its tokens are discarded anyway).
-    positions = (L - pad)[:, None]
-    for t in range(steps):
-        out[:, t] = nxt
-        if t == steps - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
-            break
-        nxt = step(model, nxt[:, None], positions.clamp(max=model.cfg.block_size - 1), cache,
-                   bias[..., :L + t + 1], done, n_out, limits, end_id)
-        positions += 1
-    results = []
-    for i in range(B):
-        seq = out[i, : int(n_out[i])].tolist()
-        ended = bool(seq) and seq[-1] == end_id
-        results.append(Generation(tokens=seq[:-1] if ended else seq, hit_limit=not ended))
-    return results
-
-
-def compile_for_decoding():
-    """greedy_step under torch.compile with dynamic shapes, for `step=` below: two graphs (prompt
-    and step) whatever the batch size and lengths. Compiling takes ~10-20 s on a 2-core CPU and then
-    decodes ~2x faster (BENCHMARKS.md), so it pays on corpora, not on a few windows. A machine
-    without a working compiler falls back to eager."""
-    from torch import _dynamo
-    _dynamo.config.suppress_errors = True
-    return torch.compile(greedy_step, dynamic=True)
-
-
 def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: int, device: torch.device,
-             batch_size: int = 64, step=None) -> list[Generation]:
-    """Greedy continuations for many prompts; batches group prompts of similar length.
+             batch_size: int = 64, step: Steps | None = None, draft_tokens: int = 0,
+             sources: list[list[int]] | None = None) -> list[Generation]:
+    """Greedy continuations of many prompts; row i stops at the end marker or after max_new[i] tokens.
 
-    step: what runs one decoding step (default greedy_step; compile_for_decoding() to compile)."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    step: the step functions (default eager; compile_for_decoding() to compile).
+    draft_tokens: > 0 checks that many tokens copied from the row's source per forward pass: the
+    same output, in fewer passes where the output copies its source (DRAFT_TOKENS suits correction).
+    sources: what each output copies (for correction, the input's tokens); default: the prompt."""
+    steps = Steps() if step is None else step
+    if not prompts:
+        return []
+    sources = prompts if sources is None else sources
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths prefill together
+    B, k = min(batch_size, len(prompts)), max(0, draft_tokens)
+    capacity = max(len(p) + m for p, m in zip(prompts, max_new)) + k + 1  # drafts may run k past a budget
+    cache = SlotCache(model.cfg, B, capacity, device, next(model.parameters()).dtype)
+    rows = _empty_rows(B, max(max_new) + k + 1, max(map(len, sources)) + k + 1, device)
+    holds: list[int | None] = [None] * B           # the prompt each row decodes
     results: list[Generation | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        gens = generate_batch(model, [prompts[i] for i in idx], [max_new[i] for i in idx], end_id, device,
-                              step)
-        for i, g in zip(idx, gens):
-            results[i] = g
+    queue = iter(order)
+    waiting = len(order)
+    while True:
+        free = [r for r in range(B) if holds[r] is None]
+        if waiting and (len(free) * REFILL_SHARE >= B or len(free) == B):
+            take = [(r, next(queue)) for r in free[:waiting]]
+            waiting -= len(take)
+            _admit(steps.prefill, model, cache, rows, take, prompts, max_new, sources, end_id)
+            for r, i in take:
+                holds[r] = i
+        if all(h is None for h in holds):
+            break
+        done = rows.done.tolist()
+        if not all(done[r] for r in range(B) if holds[r] is not None):
+            keys = int(rows.pos.max()) + k + 1
+            steps.decode(model, cache, rows, min(keys, capacity), end_id, k)
+            done = rows.done.tolist()
+        finished = [r for r in range(B) if holds[r] is not None and done[r]]
+        if finished:
+            counts = rows.n_out.tolist()
+            for r in finished:
+                seq = rows.out[r, :counts[r]].tolist()
+                ended = bool(seq) and seq[-1] == end_id
+                results[holds[r]] = Generation(tokens=seq[:-1] if ended else seq, hit_limit=not ended)
+                holds[r] = None
     return results
+
+
+def _empty_rows(B: int, out_len: int, src_len: int, device) -> Rows:
+    def zeros(*shape, dtype=torch.long):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return Rows(out=zeros(B, out_len), n_out=zeros(B), limits=zeros(B), done=torch.ones(B, dtype=torch.bool,
+                device=device), last=zeros(B), pos=zeros(B), src=zeros(B, src_len),
+                src_ok=zeros(B, src_len, dtype=torch.bool), prev=zeros(B), expect=zeros(B))
+
+
+def _admit(prefill, model, cache, rows: Rows, take, prompts, max_new, sources, end_id: int) -> None:
+    """Prefill the prompts of `take` ((row, prompt index) pairs) into their rows and reset those rows."""
+    device = rows.out.device
+    lengths = [len(prompts[i]) for _, i in take]
+    tokens = torch.zeros((len(take), max(lengths)), dtype=torch.long, device=device)
+    src = torch.full((len(take), rows.src.shape[1]), end_id, dtype=torch.long, device=device)
+    src_ok = torch.zeros(src.shape, dtype=torch.bool, device=device)
+    for n, (_, i) in enumerate(take):
+        tokens[n, :lengths[n]] = torch.tensor(prompts[i], dtype=torch.long)
+        src[n, :len(sources[i])] = torch.tensor(sources[i], dtype=torch.long)
+        src_ok[n, :len(sources[i])] = True
+    idx = torch.tensor([r for r, _ in take], device=device)
+    length = torch.tensor(lengths, device=device)
+    first = prefill(model, cache, idx, tokens, length)
+    limits = torch.tensor([max_new[i] for _, i in take], device=device)
+    rows.out[idx, 0] = first
+    rows.n_out[idx] = 1
+    rows.limits[idx] = limits
+    rows.done[idx] = (first == end_id) | (limits <= 1)
+    rows.last[idx] = first
+    rows.pos[idx] = length
+    rows.src[idx], rows.src_ok[idx] = src, src_ok
+    rows.prev[idx] = tokens[torch.arange(len(take), device=device), length - 1]
+    rows.expect[idx] = 0
 
 
 @torch.no_grad()

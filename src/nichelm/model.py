@@ -6,7 +6,8 @@
 
 Both share one Block; the differences are a handful of flags in ModelConfig.
 Attention goes through ``F.scaled_dot_product_attention`` (flash kernels on GPU).
-A KV cache (``KVCache``) makes generation linear in the output length.
+KV caches (``SlotCache`` for batched decoding, ``KVCache`` for beam search) make generation linear
+in the output length.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Preallocated keys/values, one (B, kv_heads, max_len, head_dim) tensor per layer.
+    """Preallocated keys/values for rows that all have the same length (beam search): one
+    (B, kv_heads, max_len, head_dim) tensor per layer; a forward of T tokens appends at `length`.
 
     One tensor per layer (not one 5-D tensor) so that writing a step into a layer's cache is an
     in-place update of that tensor, which torch.compile keeps in place instead of copying the cache.
@@ -102,6 +104,8 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
+        if layer == len(self.k) - 1:
+            self.length = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -110,17 +114,51 @@ class KVCache:
         self.v = [v[rows] for v in self.v]
 
 
+class SlotCache:
+    """Preallocated keys/values where every row has its own length (batched decoding, nichelm.generate).
+
+    A row's entry for position p lives in slot p. Before each forward the caller says which rows
+    write (`rows`, (R, 1)) and where (`slots`, (R, T)): a step writes each row's new tokens at its
+    own positions, and prompts are written into the rows that take them while the other rows keep
+    theirs. Attention then sees the whole cache and the mask decides which slots count; slots
+    past a row's position may hold stale entries, which a causal mask never shows. With
+    `prefill`, attention uses only the forward's own entries (a whole prompt, causal).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device, dtype):
+        head_dim = cfg.n_embd // cfg.n_head
+        shape = (batch, cfg.kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.all_rows = torch.arange(batch, device=device)[:, None]
+        self.rows, self.slots, self.prefill = self.all_rows, None, False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer][self.rows, :, self.slots] = k.transpose(1, 2)      # (R, T, KVH, D) at (row, slot)
+        self.v[layer][self.rows, :, self.slots] = v.transpose(1, 2)
+        if self.prefill:
+            return k, v
+        return self.k[layer], self.v[layer]
+
+
 def decode_attention(q, k, v, bias):
-    """Attention of one query per row over the cache: q (B, H, 1, D), k/v (B, KVH, T, D), bias (B, 1, 1, T)
-    additive. Grouped heads share a key/value head by a reshape, not a copy."""
-    B, H, _, D = q.shape
+    """Attention of a few queries per row over the cache: q (B, H, T, D), k/v (B, KVH, >= S, D), bias
+    (B, 1, T, S) additive (or bool: allowed); the first S cache slots are the keys. Grouped heads share
+    a key/value head by a reshape, not a copy."""
+    B, H, T, D = q.shape
+    k, v = k[:, :, :bias.shape[-1]], v[:, :, :bias.shape[-1]]
     if bias.dtype == torch.bool:                                  # allowed/blocked -> 0/-inf
         bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill_(~bias, float("-inf"))
-    group = H // k.shape[1]
-    q = q.reshape(B, k.shape[1], group, D)                        # heads of one kv head together
-    scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5 + bias
-    y = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
-    return y.reshape(B, H, 1, D)
+    kvh = k.shape[1]
+    group = H // kvh
+    q = q.reshape(B, kvh, group * T, D)                           # heads of one kv head together
+    scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5     # (B, KVH, group*T, S)
+    scores = scores.view(B, kvh, group, T, -1) + bias[:, :, None]
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(B, kvh, group * T, -1)
+    return torch.matmul(probs, v).reshape(B, H, T, D)
+
+
+DECODE_QUERIES = 16     # up to this many queries per row, attention is plain math (decode_attention)
 
 
 class Attention(nn.Module):
@@ -136,7 +174,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else None
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None):
+    def forward(self, x, rope=None, cache: KVCache | SlotCache | None = None, mask=None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
@@ -149,10 +187,10 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if mask is None:   # training / plain forward: causal, no padding
+        if mask is None:   # training / plain forward / a prompt: causal, no padding
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
                                                dropout_p=self.dropout if self.training else 0.0)
-        elif T == 1:       # one decoding step: plain math beats SDPA's kernels for a single query
+        elif T <= DECODE_QUERIES:   # decoding steps: plain math beats SDPA's kernels for a few queries
             y = decode_attention(q, k, v, mask)
         else:              # prompt with an explicit mask (causal + left padding)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
@@ -238,16 +276,16 @@ class GPT(nn.Module):
             return (self.rope_cos[offset:offset + T][None, None], self.rope_sin[offset:offset + T][None, None])
         return (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])   # per-row positions
 
-    def forward(self, idx, targets=None, loss_mask=None, positions=None, cache: KVCache | None = None, mask=None,
-                reduction: str = "mean"):
+    def forward(self, idx, targets=None, loss_mask=None, positions=None, cache: KVCache | SlotCache | None = None,
+                mask=None, reduction: str = "mean", logits_at: torch.Tensor | None = None):
         """idx (B, T) token ids. targets/loss_mask (B, T): loss only where loss_mask is true.
 
-        positions (B, T) gives per-row positions for left-padded generation; cache and mask are
-        used by generate.py. Returns (logits, loss); logits is the last position only when no
-        targets are given and a cache is used (generation needs nothing more).
+        positions (B, T) gives per-row positions (generation: each row at its own place); cache and
+        mask are used by generate.py. Returns (logits, loss); logits_at (B,) asks for one position per
+        row (logits (B, 1, V): a prompt's last token), else logits cover every position.
         """
         B, T = idx.shape
-        offset = cache.length if cache is not None else 0
+        offset = cache.length if isinstance(cache, KVCache) and positions is None else 0
         x = self.wte(idx)
         if self.wpe is not None:
             pos = positions if positions is not None else torch.arange(offset, offset + T, device=idx.device)
@@ -255,12 +293,10 @@ class GPT(nn.Module):
         rope = self._rope(positions, T, offset)
         for block in self.blocks:
             x = block(x, rope, cache, mask)
-        if cache is not None:
-            cache.length += T
         x = self.norm_f(x)
         if targets is None:
-            if cache is not None:
-                x = x[:, -1:]
+            if logits_at is not None:
+                x = x.gather(1, logits_at[:, None, None].expand(B, 1, x.shape[-1]))
             return self.lm_head(x)[..., : self.cfg.vocab_size].float(), None
         logits = self.lm_head(x).float()
         if loss_mask is not None:
