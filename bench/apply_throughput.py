@@ -14,7 +14,7 @@ of --draft-tokens tokens checked per pass, drafted from each window's own tokens
 transformers, transformers-prompt-lookup (transformers' own copy drafts, prompt_lookup_num_tokens;
 batch size 1, the only one it takes), ctranslate2.
 
-Every engine first warms up on one batch (where torch.compile compiles); then `--rounds` rounds each
+Every engine first warms up on two batches (where torch.compile compiles); then `--rounds` rounds each
 time every engine once over all windows, in turn, so that a machine whose speed drifts (a shared
 VM) slows every engine alike. Reported: the median round and the best; every round is listed.
 Prints one JSON object.
@@ -132,11 +132,12 @@ def ctranslate2_engine(ct2_dir, corrector, prompts, limits, batch, threads):
 
 
 def measure(engines: dict, n: int, batch: int, rounds: int) -> dict:
-    """Warm every engine up on one batch, then `rounds` rounds of every engine in turn over all n rows."""
+    """Warm every engine up on two batches' worth of rows (so that rows are refilled: every graph
+    torch.compile makes is made here), then `rounds` rounds of every engine in turn over all n rows."""
     runs = {}
     for name, go in engines.items():
         start = time.perf_counter()
-        go(list(range(min(batch, n))))
+        go(list(range(min(2 * batch + 1, n))))
         runs[name] = {"warmup_s": time.perf_counter() - start, "seconds": []}
     everything = list(range(n))
     for _ in range(rounds):

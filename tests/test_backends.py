@@ -168,3 +168,12 @@ def test_compiled_torch_engine_applies_like_eager(ending_run, tmp_path):
     compiled = apply(ending_run, [corpus], tmp_path / "compiled", compile=True, **OPTS)
     assert tree(tmp_path / "compiled") == tree(tmp_path / "eager")
     assert compiled.kept_hit_limit == eager.kept_hit_limit and eager.kept_hit_limit > 0
+
+
+def test_copy_drafts_apply_like_one_token_steps(ending_run, tmp_path):
+    """apply --draft-tokens: the copy-draft engine writes what one-token steps write."""
+    corpus = make_corpus(tmp_path / "in", 4, n_lines=3)
+    apply(ending_run, [corpus], tmp_path / "plain", compile=False, draft_tokens=0, **OPTS)
+    for k in (None, 8):
+        apply(ending_run, [corpus], tmp_path / f"drafts{k}", compile=False, draft_tokens=k, **OPTS)
+        assert tree(tmp_path / f"drafts{k}") == tree(tmp_path / "plain")

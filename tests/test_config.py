@@ -79,6 +79,9 @@ def test_overrides_and_run_dir(tiny_project, tmp_path):
 def test_bad_override_value_raises_user_error(tiny_project):
     with pytest.raises(UserError, match="model.arch"):
         load_project(tiny_project, ["model.arch=mamba"])
+    with pytest.raises(UserError, match="eval.draft_tokens' is 40; use 0"):
+        load_project(tiny_project, ["eval.draft_tokens=40"])
+    assert load_project(tiny_project, ["eval.draft_tokens=0"]).eval.draft_tokens == 0
 
 
 def test_python_dash_m_works():

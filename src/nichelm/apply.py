@@ -629,13 +629,14 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
           batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str = "corrected",
           guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0,
           window_overlap: int = 0, backend: str = "torch", compile: str | bool = "auto",
-          draft_tokens: int | str = "auto") -> ApplyReport:
+          draft_tokens: int | None = None) -> ApplyReport:
     """Correct every input of this shard into OUTPUT; re-running resumes where the last run stopped.
 
     backend: the decoding engine, "torch" (nichelm's own), "ct2" or "vllm" (nichelm.backends).
     compile: torch.compile the torch engine; "auto" = when this shard holds at least
     COMPILE_MIN_BYTES of input (compiling costs ~15 s on a 2-core CPU and then decodes faster).
-    draft_tokens: copy drafts per greedy step of the torch engine (nichelm.generate; same output)."""
+    draft_tokens: copy drafts per greedy step of the torch engine (nichelm.generate; same output);
+    None: the engine's default."""
     import torch
 
     from nichelm.export import load_corrector
@@ -652,7 +653,8 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
         compile = sum(u.path.stat().st_size for u in units) >= COMPILE_MIN_BYTES
     corrector = load_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change,
                                window_overlap=window_overlap, backend=backend,
-                               compile=bool(compile) and backend == "torch", draft_tokens=draft_tokens)
+                               compile=bool(compile) and backend == "torch",
+                               **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
     ledger = Ledger(out, (shard_i, shard_n))
     try:
         ledger.check_settings({"model": model_identity(model), "guard_max_change": guard_max_change,

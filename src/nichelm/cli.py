@@ -83,7 +83,7 @@ def cmd_apply(args):
                    threads=args.threads, text_field=args.text_field, output_field=args.output_field,
                    guard_max_change=args.guard, device=args.device, window_overlap=_overlap(args),
                    backend=args.backend, compile={"on": True, "off": False}.get(args.compile, "auto"),
-                   draft_tokens=_draft_tokens(args.draft_tokens))
+                   draft_tokens=args.draft_tokens)
     print_report(report)
     if report.failed_count:
         raise SystemExit(1)      # some inputs were skipped; everything else was written
@@ -128,11 +128,9 @@ def add_guard(p: argparse.ArgumentParser) -> None:
                         "part of the output is kept (default: eval.window_overlap of a given project, else 0)")
 
 
-def _draft_tokens(value: str) -> int | str:
-    if value == "auto":
-        return value
+def _draft_tokens(value: str) -> int:
     if not value.isdigit() or int(value) > 16:
-        raise UserError(f"--draft-tokens {value}: give auto or a whole number from 0 to 16")
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number from 0 to 16")
     return int(value)
 
 
@@ -203,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the torch engine (~15 s, then faster); auto: for inputs of 1 MB or more")
-    p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
+    p.add_argument("--draft-tokens", type=_draft_tokens, default=None, metavar="N",
                    help="torch engine: tokens copied from the input and checked per decoding step (same output, "
-                        "fewer steps); 0: off; auto: 3, or 0 when compiled on a CPU")
+                        "fewer steps; default 3); 0: one token a step")
     p.set_defaults(func=cmd_apply)
     p = sub.add_parser("quickstart", help="prepare, train and evaluate the embedded default on CPU")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")

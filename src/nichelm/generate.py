@@ -144,15 +144,6 @@ def compile_for_decoding() -> Steps:
 REFILL_SHARE = 8      # refill finished rows once 1/REFILL_SHARE of the batch (or all of it) is free
 
 
-def draft_tokens_for(setting: int | str, device: torch.device, compiled: bool) -> int:
-    """The draft length a setting means: an int as it is; "auto" DRAFT_TOKENS, except for compiled
-    decoding on a CPU, where a step costs about in proportion to the tokens it checks, so the drafts
-    the model rejects cost what the accepted ones save (measured: BENCHMARKS.md)."""
-    if setting == "auto":
-        return 0 if compiled and device.type == "cpu" else DRAFT_TOKENS
-    return max(0, int(setting))
-
-
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: int, device: torch.device,
              batch_size: int = 64, step: Steps | None = None, draft_tokens: int = 0,
@@ -173,9 +164,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
     cache = SlotCache(model.cfg, B, capacity, device, next(model.parameters()).dtype)
     rows = _empty_rows(B, max(max_new) + k + 1, max(map(len, sources)) + k + 1, device)
     holds: list[int | None] = [None] * B           # the prompt each row decodes
+    done, pos = [True] * B, [0] * B                 # the host's copy of rows.done and rows.pos
     results: list[Generation | None] = [None] * len(prompts)
-    queue = iter(order)
-    waiting = len(order)
+    queue, waiting = iter(order), len(order)
     while True:
         free = [r for r in range(B) if holds[r] is None]
         if waiting and (len(free) * REFILL_SHARE >= B or len(free) == B):
@@ -183,14 +174,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
             waiting -= len(take)
             _admit(steps.prefill, model, cache, rows, take, prompts, max_new, sources, end_id)
             for r, i in take:
-                holds[r] = i
-        if all(h is None for h in holds):
+                holds[r], done[r], pos[r] = i, False, len(prompts[i])
+        running = [r for r in range(B) if holds[r] is not None and not done[r]]
+        if running:                                 # keys: past every running row's last fed slot
+            steps.decode(model, cache, rows, min(max(pos[r] for r in running) + k + 1, capacity), end_id, k)
+        elif all(h is None for h in holds):
             break
-        done = rows.done.tolist()
-        if not all(done[r] for r in range(B) if holds[r] is not None):
-            keys = int(rows.pos.max()) + k + 1
-            steps.decode(model, cache, rows, min(keys, capacity), end_id, k)
-            done = rows.done.tolist()
+        done, pos = rows.done.tolist(), rows.pos.tolist()       # the one wait for the device per step
         finished = [r for r in range(B) if holds[r] is not None and done[r]]
         if finished:
             counts = rows.n_out.tolist()

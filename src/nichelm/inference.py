@@ -19,7 +19,7 @@ from nichelm.checkpoint import latest_checkpoint, load_model_weights
 from nichelm.data.tokenizer import load_tokenizer
 from nichelm.errors import UserError
 from nichelm.backends import TorchBackend
-from nichelm.generate import compile_for_decoding, draft_tokens_for
+from nichelm.generate import DRAFT_TOKENS, compile_for_decoding
 from nichelm.metrics import char_distance
 from nichelm.model import GPT, ModelConfig
 
@@ -147,7 +147,7 @@ class Corrector:
     def __init__(self, model: GPT, tokenizer, task: dict, device: torch.device | str = "cpu",
                  batch_size: int = 64, guard_max_change: float = 0.15, max_new_tokens_ratio: float = 1.5,
                  beams: int = 1, window_overlap: int = 0, compile: bool = False,
-                 draft_tokens: int | str = "auto"):
+                 draft_tokens: int = DRAFT_TOKENS):
         self.device = torch.device(device)
         if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
             model = model.to(torch.bfloat16)   # bf16 weights and KV cache on GPU; logits come back as fp32
@@ -162,7 +162,7 @@ class Corrector:
         self.beams = beams                 # 1: batched greedy; >1: beam search, one window at a time
         # greedy decoding checks this many tokens copied from the input per forward pass (0: one token
         # a pass); the output is the same, in fewer passes (nichelm.generate)
-        self.draft_tokens = draft_tokens_for(draft_tokens, self.device, compile)
+        self.draft_tokens = max(0, int(draft_tokens))
         # torch.compile for decoding: ~2x faster after ~15 s of compiling (CPU); for corpora, not a few windows
         self.step = compile_for_decoding() if compile else None
         self.window_overlap = max(0, int(window_overlap))   # characters of context each side (correct_pieces)
