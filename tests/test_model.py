@@ -81,11 +81,13 @@ def test_copy_drafts_never_change_the_output(arch):
 
     steps, one_token = counting_steps()
     generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=5, step=steps)
+    chars = torch.randint(1, 5, (300,), generator=rng).tolist()         # token lengths, for re-aligning
     for k in (1, 3, 8):
-        for name, sources in (("exact", truth), ("edited", [edited(t) for t in truth]), ("prompt", None)):
+        for name, sources, lengths in (("exact", truth, None), ("edited", [edited(t) for t in truth], None),
+                                       ("edited", [edited(t) for t in truth], chars), ("prompt", None, chars)):
             steps, calls = counting_steps()
             gens = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=5, draft_tokens=k,
-                            sources=sources, step=steps)
+                            sources=sources, token_chars=lengths, step=steps)
             assert [g.tokens for g in gens] == [g.tokens for g in plain], (k, name)
             assert [g.hit_limit for g in gens] == [g.hit_limit for g in plain], (k, name)
             if name == "exact":
@@ -93,18 +95,24 @@ def test_copy_drafts_never_change_the_output(arch):
 
 
 def test_align_to_source():
-    src = torch.tensor([[7, 1, 2, 3, 1, 2, 9, 5, 5]])
+    src = torch.tensor([[7, 1, 2, 3, 1, 2, 9, 5, 5, 8, 8]])
     ok = torch.ones_like(src, dtype=torch.bool)
 
-    def anchor(last, prev, expect):
-        return int(align_to_source(src, ok, torch.tensor([last]), torch.tensor([prev]), torch.tensor([expect]))[0])
+    def anchor(last, prev, expect, chars=None):
+        return int(align_to_source(src, ok, torch.tensor([last]), torch.tensor([prev]), torch.tensor([expect]),
+                                   chars)[0])
     assert anchor(2, 1, 2) == 2          # where expected
     assert anchor(2, 1, 4) == 5          # the nearest, ahead before behind
     assert anchor(2, 1, 3) == 2          # the nearest, even behind
     assert anchor(1, 0, 2) == 1 and anchor(1, 0, 3) == 4   # 1 behind vs 2 ahead; 2 behind vs 1 ahead
-    assert anchor(9, 2, 1) == 6          # further ahead (a deletion in the output)
+    assert anchor(9, 2, 2) == 6          # further ahead (a deletion in the output)
+    assert anchor(9, 2, 1) == 1          # too far ahead: not a match (a replacement of src[1])
     assert anchor(5, 9, 8) == 7          # the bigram (9, 5) beats the nearer unigram at 8
     assert anchor(4, 3, 3) == 3          # not in the source: a replacement, keep the expected place
+    # with token lengths: token 4 (3 characters) stands for src[3:5] (tokens 3 and 1: 1 + 2 characters)
+    chars = torch.tensor([1, 2, 1, 1, 3, 1, 1, 1, 1, 1])
+    assert anchor(4, 2, 3, chars) == 4
+    assert anchor(6, 2, 3, chars) == 3   # same length as src[3]: one for one
     ok[0, 5] = False
     assert anchor(2, 1, 4) == 2          # only the source's own tokens count
 

@@ -62,7 +62,8 @@ class TorchBackend:
         if c.beams > 1:
             return [beam_search(c.model, p, b, c.end_id, c.device, beams=c.beams) for p, b in zip(prompts, max_new)]
         return generate(c.model, prompts, max_new, c.end_id, c.device, c.batch_size, step=c.step,
-                        draft_tokens=c.draft_tokens, sources=sources)
+                        draft_tokens=c.draft_tokens, sources=sources,
+                        token_chars=c.token_chars() if c.draft_tokens else None)
 
 
 class CT2Backend:

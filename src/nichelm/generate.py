@@ -31,8 +31,10 @@ class Generation:
 
 DRAFT_TOKENS = 3           # copy-draft length for correction (BENCHMARKS.md); 0: one token a step
 # Where a copy draft looks for the source token that the output's last token copies: this many
-# positions before and after where the alignment so far expects it.
-ALIGN_BEFORE, ALIGN_AFTER = 8, 16
+# positions before and after where the alignment so far expects it (wider windows find more
+# spurious matches: chosen on the quickstart's validation windows, BENCHMARKS.md).
+ALIGN_BEFORE, ALIGN_AFTER = 4, 4
+REPLACES_AT_MOST = 4       # source tokens one output token may stand for, when re-aligning by characters
 
 
 @dataclass
@@ -51,24 +53,34 @@ class Rows:
     src_ok: torch.Tensor     # (B, S) true on the source's own tokens
     prev: torch.Tensor       # (B,) the token before `last` (prompt's last token at first)
     expect: torch.Tensor     # (B,) where in src `last` is expected
+    token_chars: torch.Tensor | None = None    # (vocab,) characters of each token, for re-aligning
 
 
-def align_to_source(src, src_ok, last, prev, expect):
+def align_to_source(src, src_ok, last, prev, expect, token_chars=None):
     """(B,) the position in src (B, S) that each row's last output token copies.
 
     Candidates are positions within [expect - ALIGN_BEFORE, expect + ALIGN_AFTER] holding `last`;
     one whose predecessor is `prev` (a bigram match) beats any that is not, then the nearest to
-    `expect` wins (ahead before behind). With no candidate the row keeps `expect`: the token
-    replaced the source token there (a correction), and the copy goes on after it.
+    `expect` wins (ahead before behind). With no candidate, `last` is a correction that stands for
+    the source tokens from `expect` on: as many of them (0 to REPLACES_AT_MOST) as best match its
+    length in characters (token_chars; "_again" for "_o|g|ain"), else one; the copy goes on after them.
     """
     at = torch.arange(src.shape[1], device=src.device)[None]
     offset = at - expect[:, None]
     hit = src_ok & (src == last[:, None]) & (offset >= -ALIGN_BEFORE) & (offset <= ALIGN_AFTER)
     bigram = torch.zeros_like(hit)
     bigram[:, 1:] = src[:, :-1] == prev[:, None]
-    cost = offset.abs() * 2 + (offset < 0).long() - 4 * (ALIGN_AFTER + 1) * bigram.long()
+    cost = offset.abs() * 2 + (offset < 0).long() + 4 * (max(ALIGN_BEFORE, ALIGN_AFTER) + 1) * (~bigram).long()
     best = cost.masked_fill(~hit, 1 << 30).argmin(dim=1)
-    return torch.where(hit.any(dim=1), best, expect)
+    replaced = expect
+    if token_chars is not None:
+        n = torch.arange(REPLACES_AT_MOST + 1, device=src.device)
+        ahead = (expect[:, None] + n[:-1]).clamp(max=src.shape[1] - 1)
+        chars = token_chars[src.gather(1, ahead)] * src_ok.gather(1, ahead)
+        spanned = torch.cat([torch.zeros_like(chars[:, :1]), chars.cumsum(dim=1)], dim=1)    # chars of n tokens
+        fit = (spanned - token_chars[last][:, None]).abs() * (REPLACES_AT_MOST + 2) + (n - 1).abs()
+        replaced = expect - 1 + fit.argmin(dim=1)
+    return torch.where(hit.any(dim=1), best, replaced)
 
 
 def prefill_step(model: GPT, cache: SlotCache, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
@@ -94,7 +106,7 @@ def decode_step(model: GPT, cache: SlotCache, rows: Rows, keys: int, end_id: int
     Updates `rows` in place."""
     j = torch.arange(draft_len + 1, device=rows.last.device)
     if draft_len:
-        anchor = align_to_source(rows.src, rows.src_ok, rows.last, rows.prev, rows.expect)
+        anchor = align_to_source(rows.src, rows.src_ok, rows.last, rows.prev, rows.expect, rows.token_chars)
         draft = rows.src.gather(1, (anchor[:, None] + 1 + j[:-1]).clamp(max=rows.src.shape[1] - 1))
         feed = torch.cat([rows.last[:, None], draft], dim=1)           # (B, draft_len + 1)
     else:
@@ -147,13 +159,15 @@ REFILL_SHARE = 8      # refill finished rows once 1/REFILL_SHARE of the batch (o
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: int, device: torch.device,
              batch_size: int = 64, step: Steps | None = None, draft_tokens: int = 0,
-             sources: list[list[int]] | None = None) -> list[Generation]:
+             sources: list[list[int]] | None = None, token_chars: list[int] | None = None) -> list[Generation]:
     """Greedy continuations of many prompts; row i stops at the end marker or after max_new[i] tokens.
 
     step: the step functions (default eager; compile_for_decoding() to compile).
     draft_tokens: > 0 checks that many tokens copied from the row's source per forward pass: the
     same output, in fewer passes where the output copies its source (DRAFT_TOKENS suits correction).
-    sources: what each output copies (for correction, the input's tokens); default: the prompt."""
+    sources: what each output copies (for correction, the input's tokens); default: the prompt.
+    token_chars: characters of each token id; drafts then re-align after corrections that change
+    the number of tokens (fewer steps, same output)."""
     steps = Steps() if step is None else step
     if not prompts:
         return []
@@ -163,6 +177,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
     capacity = max(len(p) + m for p, m in zip(prompts, max_new)) + k + 1  # drafts may run k past a budget
     cache = SlotCache(model.cfg, B, capacity, device, next(model.parameters()).dtype)
     rows = _empty_rows(B, max(max_new) + k + 1, max(map(len, sources)) + k + 1, device)
+    if token_chars is not None and k:
+        rows.token_chars = torch.tensor(token_chars, device=device)
     holds: list[int | None] = [None] * B           # the prompt each row decodes
     done, pos = [True] * B, [0] * B                 # the host's copy of rows.done and rows.pos
     results: list[Generation | None] = [None] * len(prompts)
@@ -204,17 +220,15 @@ def _admit(prefill, model, cache, rows: Rows, take, prompts, max_new, sources, e
     """Prefill the prompts of `take` ((row, prompt index) pairs) into their rows and reset those rows."""
     device = rows.out.device
     lengths = [len(prompts[i]) for _, i in take]
-    tokens = torch.zeros((len(take), max(lengths)), dtype=torch.long, device=device)
-    src = torch.full((len(take), rows.src.shape[1]), end_id, dtype=torch.long, device=device)
-    src_ok = torch.zeros(src.shape, dtype=torch.bool, device=device)
-    for n, (_, i) in enumerate(take):
-        tokens[n, :lengths[n]] = torch.tensor(prompts[i], dtype=torch.long)
-        src[n, :len(sources[i])] = torch.tensor(sources[i], dtype=torch.long)
-        src_ok[n, :len(sources[i])] = True
+    width, src_width = max(lengths), rows.src.shape[1]
+    # built on the host, then one copy each to the device
+    tokens = torch.tensor([prompts[i] + [0] * (width - len(prompts[i])) for _, i in take]).to(device)
+    src = torch.tensor([sources[i] + [end_id] * (src_width - len(sources[i])) for _, i in take]).to(device)
+    src_ok = (torch.arange(src_width)[None] < torch.tensor([[len(sources[i])] for _, i in take])).to(device)
     idx = torch.tensor([r for r, _ in take], device=device)
     length = torch.tensor(lengths, device=device)
-    first = prefill(model, cache, idx, tokens, length)
     limits = torch.tensor([max_new[i] for _, i in take], device=device)
+    first = prefill(model, cache, idx, tokens, length)
     rows.out[idx, 0] = first
     rows.n_out[idx] = 1
     rows.limits[idx] = limits

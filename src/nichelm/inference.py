@@ -182,6 +182,12 @@ class Corrector:
         task = json.loads((run / "task.json").read_text())
         return cls(model.to(device), tokenizer, task, device=device, **kwargs)
 
+    def token_chars(self) -> list[int]:
+        """Characters of each token id (copy drafts re-align by them), computed once."""
+        if getattr(self, "_token_chars", None) is None:
+            self._token_chars = [len(self.tokenizer.decode([i])) for i in range(self.tokenizer.get_vocab_size())]
+        return self._token_chars
+
     def _prompt_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(self.prompt_template.format(input=text)).ids
 
