@@ -1,6 +1,7 @@
-"""Corrected tokens/s on CPU: nichelm's engine vs transformers `generate()` (vs CTranslate2 if installed).
+"""Corrected tokens/s: nichelm's engine vs transformers `generate()` (vs CTranslate2 if installed).
 
     python bench/apply_throughput.py RUN_OR_EXPORT [--threads 2] [--batch-size 32] [--windows 256] [--rounds 5]
+                                     [--device cpu|cuda]
 
 Every engine gets the same exported weights, the same prompts (windows of the run's test split,
 or of built-in sentences for an export folder without its run) and the same batch size, and
@@ -78,17 +79,17 @@ def nichelm_engine(corrector, prompts, limits, sources, batch, compile=False, dr
 
     def go(idx):
         gens = generate(corrector.model, [prompts[i] for i in idx], [limits[i] for i in idx], corrector.end_id,
-                        torch.device("cpu"), batch_size=batch, step=step, draft_tokens=draft_tokens,
-                        sources=[sources[i] for i in idx])
+                        corrector.device, batch_size=batch, step=step, draft_tokens=draft_tokens,
+                        sources=[sources[i] for i in idx], token_chars=corrector.token_chars())
         return [g.tokens for g in gens]
     return go
 
 
-def transformers_engine(export_dir, prompts, limits, batch, end_id, lookup=0):
+def transformers_engine(export_dir, prompts, limits, batch, end_id, lookup=0, device="cpu", dtype=torch.float32):
     """transformers' generate(), greedy, left-padded length-sorted batches; lookup > 0: its
     prompt-lookup drafts of that many tokens."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(export_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=dtype).to(device).eval()
     extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
 
     def go(idx):
@@ -103,7 +104,8 @@ def transformers_engine(export_dir, prompts, limits, batch, end_id, lookup=0):
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
             with torch.no_grad():
-                gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=end_id,
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                     pad_token_id=end_id,
                                      eos_token_id=end_id, max_new_tokens=max(limits[i] for i in rows), **extra)
             for row, i in enumerate(rows):
                 out[i] = useful(gen[row, width:].tolist(), limits[i], end_id)
@@ -113,7 +115,7 @@ def transformers_engine(export_dir, prompts, limits, batch, end_id, lookup=0):
 
 def ctranslate2_engine(ct2_dir, corrector, prompts, limits, batch, threads):
     import ctranslate2
-    generator = ctranslate2.Generator(str(ct2_dir), device="cpu", intra_threads=threads)
+    generator = ctranslate2.Generator(str(ct2_dir), device=corrector.device.type, intra_threads=threads)
     tok = corrector.tokenizer
     end = tok.id_to_token(corrector.end_id)
 
@@ -166,6 +168,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a run directory, project file or hf export folder")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (nichelm runs in bf16 on CUDA, and so does "
+                                                    "transformers then)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--windows", type=int, default=256, help="how many windows to correct")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (each engine once per round)")
@@ -183,7 +187,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = model if is_export(model) else export(run_dir(model), "hf", Path(tmp) / "hf")
         from nichelm import load
-        corrector = load(export_dir)
+        corrector = load(export_dir, device=args.device)
+        dtype = next(corrector.model.parameters()).dtype
         texts = windows_for(export_dir if is_export(model) else run_dir(model), args.windows)
         prompts = [corrector.tokenizer.encode(corrector.prompt_template.format(input=t)).ids for t in texts]
         sources = [corrector.tokenizer.encode(t).ids for t in texts]
@@ -198,10 +203,11 @@ def main(argv=None) -> dict:
             versions["transformers"] = versions["transformers-prompt-lookup"] = transformers.__version__
         if "transformers" in wanted:
             engines["transformers"] = transformers_engine(export_dir, prompts, limits, args.batch_size,
-                                                          corrector.end_id)
+                                                          corrector.end_id, device=args.device, dtype=dtype)
         if "transformers-prompt-lookup" in wanted:
             engines["transformers-prompt-lookup"] = transformers_engine(export_dir, prompts, limits, 1,
-                                                                        corrector.end_id, lookup=draft)
+                                                                        corrector.end_id, lookup=draft,
+                                                                        device=args.device, dtype=dtype)
         if "ctranslate2" in wanted:
             try:
                 import ctranslate2
@@ -216,7 +222,9 @@ def main(argv=None) -> dict:
         reference = runs["nichelm"]["out"]
         result = {"model": str(model), "arch": corrector.model.cfg.arch, "params": sum(
                       p.numel() for p in corrector.model.parameters()),
-                  "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                  "device": args.device, "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                  "gpu": torch.cuda.get_device_name() if corrector.device.type == "cuda" else None,
+                  "dtype": str(dtype),
                   "torch": torch.__version__, "batch_size": args.batch_size, "windows": len(prompts),
                   "prompt_tokens": sum(map(len, prompts)), "draft_tokens": draft, "rounds": args.rounds,
                   "engines": {}}

@@ -51,3 +51,12 @@ def test_apply_throughput_smoke_on_cpu(tiny_run):
     assert engines["nichelm-copy"]["tokens"] == engines["nichelm"]["tokens"] > 0
     assert all(len(e["tokens_per_s_each_round"]) == 1 for e in engines.values())
     assert result["speedup_vs_transformers"]["transformers"] == 1.0
+
+
+def test_copy_drafts_counts_on_cpu(tiny_run):
+    bench = _import("copy_drafts")
+    result = bench.main([str(tiny_run), "--split", "val", "--windows", "8", "--batch-size", "4", "--drafts", "0,2"])
+    runs = result["runs"]
+    assert [(r["draft_tokens"], r["realign_by_length"]) for r in runs] == [(0, False), (2, False), (2, True)]
+    assert all(r["same_as_one_token_steps"] for r in runs) and result["output_tokens"] > 0
+    assert runs[0]["tokens_per_row_step"] == 1.0 and runs[0]["steps"] > 0
