@@ -13,7 +13,8 @@ Engines: nichelm (eager, one token per forward pass), nichelm-compiled (torch.co
 time is in `warmup_s`, not in the timed passes), nichelm-copy and nichelm-copy-compiled (copy drafts
 of --draft-tokens tokens checked per pass, drafted from each window's own tokens, as `apply` does),
 transformers, transformers-prompt-lookup (transformers' own copy drafts, prompt_lookup_num_tokens;
-batch size 1, the only one it takes), ctranslate2.
+batch size 1, the only one it takes), transformers-fp32 (in float32 whatever --dtype says: with
+--dtype bfloat16, transformers' faster CPU setting next to nichelm in bf16), ctranslate2.
 
 Every engine first warms up on two batches (where torch.compile compiles); then `--rounds` rounds each
 time every engine once over all windows, in turn, so that a machine whose speed drifts (a shared
@@ -115,7 +116,9 @@ def transformers_engine(export_dir, prompts, limits, batch, end_id, lookup=0, de
 
 def ctranslate2_engine(ct2_dir, corrector, prompts, limits, batch, threads):
     import ctranslate2
-    generator = ctranslate2.Generator(str(ct2_dir), device=corrector.device.type, intra_threads=threads)
+    compute = "bfloat16" if next(corrector.model.parameters()).dtype == torch.bfloat16 else "float32"
+    generator = ctranslate2.Generator(str(ct2_dir), device=corrector.device.type, intra_threads=threads,
+                                      compute_type=compute)
     tok = corrector.tokenizer
     end = tok.id_to_token(corrector.end_id)
 
@@ -168,8 +171,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a run directory, project file or hf export folder")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (nichelm runs in bf16 on CUDA, and so does "
-                                                    "transformers then)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="every engine's weights and arithmetic (auto: nichelm's choice, bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--windows", type=int, default=256, help="how many windows to correct")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (each engine once per round)")
@@ -188,6 +192,8 @@ def main(argv=None) -> dict:
         export_dir = model if is_export(model) else export(run_dir(model), "hf", Path(tmp) / "hf")
         from nichelm import load
         corrector = load(export_dir, device=args.device)
+        if args.dtype != "auto":
+            corrector.model = corrector.model.to(getattr(torch, args.dtype))
         dtype = next(corrector.model.parameters()).dtype
         texts = windows_for(export_dir if is_export(model) else run_dir(model), args.windows)
         prompts = [corrector.tokenizer.encode(corrector.prompt_template.format(input=t)).ids for t in texts]
@@ -198,12 +204,16 @@ def main(argv=None) -> dict:
                                  ("nichelm-copy", False, draft), ("nichelm-copy-compiled", True, draft)):
             if name == "nichelm" or name in wanted:
                 engines[name] = nichelm_engine(corrector, prompts, limits, sources, args.batch_size, compile, k)
-        if "transformers" in wanted or "transformers-prompt-lookup" in wanted:
+        if any(name.startswith("transformers") for name in wanted):
             import transformers
-            versions["transformers"] = versions["transformers-prompt-lookup"] = transformers.__version__
+            for name in ("transformers", "transformers-prompt-lookup", "transformers-fp32"):
+                versions[name] = transformers.__version__
         if "transformers" in wanted:
             engines["transformers"] = transformers_engine(export_dir, prompts, limits, args.batch_size,
                                                           corrector.end_id, device=args.device, dtype=dtype)
+        if "transformers-fp32" in wanted:
+            engines["transformers-fp32"] = transformers_engine(export_dir, prompts, limits, args.batch_size,
+                                                               corrector.end_id, device=args.device)
         if "transformers-prompt-lookup" in wanted:
             engines["transformers-prompt-lookup"] = transformers_engine(export_dir, prompts, limits, 1,
                                                                         corrector.end_id, lookup=draft,
@@ -218,6 +228,8 @@ def main(argv=None) -> dict:
                 versions["ctranslate2"] = ctranslate2.__version__
             except ImportError:
                 skipped["ctranslate2"] = "ctranslate2 is not installed (pip install ctranslate2)"
+            except ValueError as e:                    # e.g. no bf16 compute on this CPU
+                skipped["ctranslate2"] = str(e).splitlines()[0]
         runs = measure(engines, len(prompts), args.batch_size, args.rounds)
         reference = runs["nichelm"]["out"]
         result = {"model": str(model), "arch": corrector.model.cfg.arch, "params": sum(

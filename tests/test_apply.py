@@ -243,6 +243,20 @@ def test_user_errors(run, tmp_path):
     apply(run, [corpus], tmp_path / "out", threads=1)
     with pytest.raises(UserError, match="guard_max_change"):
         apply(run, [corpus], tmp_path / "out", guard_max_change=0.5)
+    with pytest.raises(UserError, match="dtype"):            # bf16 outputs may differ: not a resume
+        apply(run, [corpus], tmp_path / "out", threads=1, dtype="bfloat16")
+    with pytest.raises(UserError, match="dtype 'float16': use one of auto, float32, bfloat16"):
+        apply(run, [corpus], tmp_path / "out2", dtype="float16")
+
+
+def test_bf16_on_cpu_decodes_with_bf16_weights(run, tmp_path):
+    import nichelm
+    corrector = nichelm.load(run, dtype="bfloat16")
+    assert next(corrector.model.parameters()).dtype == torch.bfloat16
+    assert next(nichelm.load(run).model.parameters()).dtype == torch.float32        # auto on a CPU: fp32
+    corpus = make_corpus(tmp_path / "in", 3)
+    report = apply(run, [corpus], tmp_path / "out", dtype="bfloat16", **OPTS)
+    assert set(tree(tmp_path / "out")) == {u.rel for u in discover([corpus])} and report.tokens > 0
 
 
 def write_parquet(path: Path, n_rows: int, row_group_size: int = 4, **extra) -> Path:

@@ -629,14 +629,14 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
           batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str = "corrected",
           guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0,
           window_overlap: int = 0, backend: str = "torch", compile: str | bool = "auto",
-          draft_tokens: int | None = None) -> ApplyReport:
+          draft_tokens: int | None = None, dtype: str = "auto") -> ApplyReport:
     """Correct every input of this shard into OUTPUT; re-running resumes where the last run stopped.
 
     backend: the decoding engine, "torch" (nichelm's own), "ct2" or "vllm" (nichelm.backends).
     compile: torch.compile the torch engine; "auto" = when this shard holds at least
     COMPILE_MIN_BYTES of input (compiling costs ~15 s on a 2-core CPU and then decodes faster).
     draft_tokens: copy drafts per greedy step of the torch engine (nichelm.generate; same output);
-    None: the engine's default."""
+    None: the engine's default. dtype: the torch engine's weights ("auto": bf16 on CUDA, fp32 on CPU)."""
     import torch
 
     from nichelm.export import load_corrector
@@ -653,7 +653,7 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
         compile = sum(u.path.stat().st_size for u in units) >= COMPILE_MIN_BYTES
     corrector = load_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change,
                                window_overlap=window_overlap, backend=backend,
-                               compile=bool(compile) and backend == "torch",
+                               compile=bool(compile) and backend == "torch", dtype=dtype,
                                **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
     ledger = Ledger(out, (shard_i, shard_n))
     try:
@@ -661,7 +661,8 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
                                "text_field": text_field, "output_field": output_field,
                                "window_chars": corrector.window_chars,
                                **({"window_overlap": window_overlap} if window_overlap else {}),
-                               **({"backend": backend} if backend != "torch" else {})})
+                               **({"backend": backend} if backend != "torch" else {}),
+                               **({"dtype": dtype} if dtype != "auto" else {})})
         return _run(corrector, units, ledger, out, guard, output_field, text_field,
                     group_windows or 8 * batch_size)
     finally:

@@ -83,7 +83,7 @@ def cmd_apply(args):
                    threads=args.threads, text_field=args.text_field, output_field=args.output_field,
                    guard_max_change=args.guard, device=args.device, window_overlap=_overlap(args),
                    backend=args.backend, compile={"on": True, "off": False}.get(args.compile, "auto"),
-                   draft_tokens=args.draft_tokens)
+                   draft_tokens=args.draft_tokens, dtype=args.dtype)
     print_report(report)
     if report.failed_count:
         raise SystemExit(1)      # some inputs were skipped; everything else was written
@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the torch engine (~15 s, then faster); auto: for inputs of 1 MB or more")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="torch engine weights: auto = bf16 on CUDA, fp32 on CPU; bfloat16 on a CPU with bf16 "
+                        "arithmetic (AVX512-BF16, AMX) decodes faster, with outputs that may differ from fp32")
     p.add_argument("--draft-tokens", type=_draft_tokens, default=None, metavar="N",
                    help="torch engine: tokens copied from the input and checked per decoding step (same output, "
                         "fewer steps; default 3); 0: one token a step")

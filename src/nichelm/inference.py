@@ -143,14 +143,21 @@ def _spread_offsets(text: str) -> list[int]:
     return list(itertools.accumulate((2 if c.isspace() else 1 for c in text), initial=0))
 
 
+DTYPES = ("auto", "float32", "bfloat16")
+
+
 class Corrector:
     def __init__(self, model: GPT, tokenizer, task: dict, device: torch.device | str = "cpu",
                  batch_size: int = 64, guard_max_change: float = 0.15, max_new_tokens_ratio: float = 1.5,
                  beams: int = 1, window_overlap: int = 0, compile: bool = False,
-                 draft_tokens: int = DRAFT_TOKENS):
+                 draft_tokens: int = DRAFT_TOKENS, dtype: str = "auto"):
         self.device = torch.device(device)
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            model = model.to(torch.bfloat16)   # bf16 weights and KV cache on GPU; logits come back as fp32
+        # bf16 weights and KV cache (logits come back as fp32): on a GPU by default; on a CPU when asked,
+        # which pays on CPUs with bf16 arithmetic (AVX512-BF16, AMX) and may round near-ties differently
+        if dtype not in DTYPES:
+            raise UserError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        if dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            model = model.to(torch.bfloat16)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prompt_template = task["prompt_template"]
