@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the torch engine (~15 s, then faster); auto: for inputs of 1 MB or more")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="torch engine weights: auto = bf16 on CUDA, fp32 on CPU; bfloat16 on a CPU with bf16 "
-                        "arithmetic (AVX512-BF16, AMX) decodes faster, with outputs that may differ from fp32")
+                        "arithmetic (AVX512-BF16, AMX) can decode faster compiled; a few outputs may differ from fp32")
     p.add_argument("--draft-tokens", type=_draft_tokens, default=None, metavar="N",
                    help="torch engine: tokens copied from the input and checked per decoding step (same output, "
                         "fewer steps; default 3); 0: one token a step")
