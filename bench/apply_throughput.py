@@ -56,10 +56,8 @@ def windows_for(model_dir: Path, n: int) -> list[str]:
 
 
 def budgets(corrector, prompts: list[list[int]], texts: list[str]) -> list[int]:
-    """nichelm's per-row bound (Corrector.correct_windows): 1.5 x the input tokens + 8, within the context."""
-    block = corrector.model.cfg.block_size
-    return [min(int(len(corrector.tokenizer.encode(t).ids) * corrector.max_new_tokens_ratio) + 8, block - len(p))
-            for p, t in zip(prompts, texts)]
+    """nichelm's per-row bound (Corrector.budget): 1.5 x the input tokens + 8, within the context."""
+    return [corrector.budget(len(corrector.tokenizer.encode(t).ids), len(p)) for p, t in zip(prompts, texts)]
 
 
 def useful(tokens: list[int], budget: int, end_id: int) -> list[int]:

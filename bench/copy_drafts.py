@@ -38,8 +38,7 @@ def main(argv=None) -> dict:
     texts = [json.loads(line)["input"] for line in lines]
     prompts = [corrector.tokenizer.encode(corrector.prompt_template.format(input=t)).ids for t in texts]
     sources = [corrector.tokenizer.encode(t).ids for t in texts]
-    block = corrector.model.cfg.block_size
-    budgets = [min(int(len(s) * corrector.max_new_tokens_ratio) + 8, block - len(p)) for p, s in zip(prompts, sources)]
+    budgets = [corrector.budget(len(s), len(p)) for p, s in zip(prompts, sources)]
     counts = {"steps": 0, "row_steps": 0}
 
     def counting(model, cache, rows, keys, end_id, draft_len):

@@ -94,6 +94,16 @@ def test_copy_drafts_never_change_the_output(arch):
                 assert len(calls) < len(one_token) * {1: 0.6, 3: 0.35, 8: 0.25}[k], (k, len(calls), len(one_token))
 
 
+def test_the_longest_draft_allowed_decodes_like_one_token_steps():
+    """16 drafts (the most eval.draft_tokens and --draft-tokens take): 17 queries a row, same output."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch="llama", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
+    prompts, budgets = random_prompts(9, seed=4)
+    plain = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=4)
+    gens = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=4, draft_tokens=16)
+    assert [g.tokens for g in gens] == [g.tokens for g in plain]
+
+
 def test_align_to_source():
     src = torch.tensor([[7, 1, 2, 3, 1, 2, 9, 5, 5, 8, 8]])
     ok = torch.ones_like(src, dtype=torch.bool)

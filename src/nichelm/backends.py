@@ -4,8 +4,9 @@
 
 Prompts are token ids of the model's own tokenizer; max_new[i] bounds row i's output in tokens,
 end marker included (as in nichelm.generate); sources[i], when given, are the tokens row i's output
-mostly copies (the input window), which the torch engine drafts from and the others ignore. A Generation's tokens stop before the end marker;
-hit_limit is True when no end marker came within the row's budget.
+mostly copies (the input window), which the torch engine drafts from and the others ignore. A
+Generation's tokens stop before the end marker; hit_limit is True when no end marker came within
+the row's budget.
 
   torch  nichelm's own engine (nichelm.generate): batched greedy decoding, beam search when beams > 1
   ct2    CTranslate2's Generator (CPU, or CUDA with device cuda) on a conversion of the hf export,

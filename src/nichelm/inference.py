@@ -170,6 +170,7 @@ class Corrector:
         # greedy decoding checks this many tokens copied from the input per forward pass (0: one token
         # a pass); the output is the same, in fewer passes (nichelm.generate)
         self.draft_tokens = max(0, int(draft_tokens))
+        self._token_chars: list[int] | None = None        # token_chars(), computed on first use
         # torch.compile for decoding: ~2x faster after ~15 s of compiling (CPU); for corpora, not a few windows
         self.step = compile_for_decoding() if compile else None
         self.window_overlap = max(0, int(window_overlap))   # characters of context each side (correct_pieces)
@@ -191,16 +192,19 @@ class Corrector:
 
     def token_chars(self) -> list[int]:
         """Characters of each token id (copy drafts re-align by them), computed once."""
-        if getattr(self, "_token_chars", None) is None:
+        if self._token_chars is None:
             self._token_chars = [len(self.tokenizer.decode([i])) for i in range(self.tokenizer.get_vocab_size())]
         return self._token_chars
+
+    def budget(self, source_tokens: int, prompt_tokens: int) -> int:
+        """A window's output bound in tokens: max_new_tokens_ratio x its own tokens + 8, within the context."""
+        return min(int(source_tokens * self.max_new_tokens_ratio) + 8, self.model.cfg.block_size - prompt_tokens)
 
     def _prompt_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(self.prompt_template.format(input=text)).ids
 
     def correct_windows(self, windows: list[str]) -> list[Correction]:
         """Correct short texts (each fits the model's context) in batches."""
-        block = self.model.cfg.block_size
         prompts, budgets, sources, results = [], [], [], [None] * len(windows)
         todo = []
         for i, w in enumerate(windows):
@@ -208,7 +212,7 @@ class Corrector:
                 results[i] = Correction(w, w)
                 continue
             ids, source = self._prompt_ids(w), self.tokenizer.encode(w).ids
-            budget = min(int(len(source) * self.max_new_tokens_ratio) + 8, block - len(ids))
+            budget = self.budget(len(source), len(ids))
             if budget <= 0:              # the window does not fit the context: keep it
                 results[i] = Correction(w, w, "hit_limit")
                 continue

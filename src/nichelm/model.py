@@ -158,9 +158,6 @@ def decode_attention(q, k, v, bias):
     return torch.matmul(probs, v).reshape(B, H, T, D)
 
 
-DECODE_QUERIES = 16     # up to this many queries per row, attention is plain math (decode_attention)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -190,10 +187,8 @@ class Attention(nn.Module):
         if mask is None:   # training / plain forward / a prompt: causal, no padding
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
                                                dropout_p=self.dropout if self.training else 0.0)
-        elif T <= DECODE_QUERIES:   # decoding steps: plain math beats SDPA's kernels for a few queries
+        else:              # decoding steps (a few queries per row): plain math beats SDPA's kernels here
             y = decode_attention(q, k, v, mask)
-        else:              # prompt with an explicit mask (causal + left padding)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
