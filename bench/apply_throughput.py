@@ -57,7 +57,8 @@ def windows_for(model_dir: Path, n: int) -> list[str]:
 
 def budgets(corrector, prompts: list[list[int]], texts: list[str]) -> list[int]:
     """nichelm's per-row bound (Corrector.budget): 1.5 x the input tokens + 8, within the context."""
-    return [corrector.budget(len(corrector.tokenizer.encode(t).ids), len(p)) for p, t in zip(prompts, texts)]
+    from nichelm.data.tokenizer import encode_texts
+    return [corrector.budget(len(s), len(p)) for p, s in zip(prompts, encode_texts(corrector.tokenizer, texts))]
 
 
 def useful(tokens: list[int], budget: int, end_id: int) -> list[int]:
@@ -181,6 +182,7 @@ def main(argv=None) -> dict:
                                          "transformers,transformers-prompt-lookup,ctranslate2")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from nichelm.data.tokenizer import encode_texts, prompt_ids_batch
     from nichelm.export import export, is_export, run_dir
     from nichelm.generate import DRAFT_TOKENS
     model = Path(args.model)
@@ -194,8 +196,8 @@ def main(argv=None) -> dict:
             corrector.model = corrector.model.to(getattr(torch, args.dtype))
         dtype = next(corrector.model.parameters()).dtype
         texts = windows_for(export_dir if is_export(model) else run_dir(model), args.windows)
-        prompts = [corrector.tokenizer.encode(corrector.prompt_template.format(input=t)).ids for t in texts]
-        sources = [corrector.tokenizer.encode(t).ids for t in texts]
+        prompts = prompt_ids_batch(corrector.tokenizer, corrector.prompt_template, texts)
+        sources = encode_texts(corrector.tokenizer, texts)
         limits = budgets(corrector, prompts, texts)
         engines, versions, skipped = {}, {}, {}
         for name, compile, k in (("nichelm", False, 0), ("nichelm-compiled", True, 0),

@@ -29,6 +29,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--drafts", default="0,2,3,4,8", help="draft lengths, comma-separated")
     args = ap.parse_args(argv)
     from nichelm import load
+    from nichelm.data.tokenizer import encode_texts, prompt_ids_batch
     from nichelm.export import NICHELM_JSON, is_export
     from nichelm.generate import Steps, decode_step, generate
     model = Path(args.model)
@@ -36,8 +37,8 @@ def main(argv=None) -> dict:
     lines = (run / "data" / f"examples.{args.split}.jsonl").read_text().splitlines()[:args.windows]
     corrector = load(model)
     texts = [json.loads(line)["input"] for line in lines]
-    prompts = [corrector.tokenizer.encode(corrector.prompt_template.format(input=t)).ids for t in texts]
-    sources = [corrector.tokenizer.encode(t).ids for t in texts]
+    prompts = prompt_ids_batch(corrector.tokenizer, corrector.prompt_template, texts)
+    sources = encode_texts(corrector.tokenizer, texts)
     budgets = [corrector.budget(len(s), len(p)) for p, s in zip(prompts, sources)]
     counts = {"steps": 0, "row_steps": 0}
 

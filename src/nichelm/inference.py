@@ -16,7 +16,8 @@ import torch
 from rapidfuzz.distance import Indel
 
 from nichelm.checkpoint import latest_checkpoint, load_model_weights
-from nichelm.data.tokenizer import load_tokenizer
+from nichelm.data.tokenizer import encode_text, encode_texts, load_tokenizer, prompt_ids, prompt_ids_batch, \
+    scrub_surrogates
 from nichelm.errors import UserError
 from nichelm.backends import TorchBackend
 from nichelm.generate import DRAFT_TOKENS, compile_for_decoding
@@ -38,15 +39,20 @@ class Correction:
     kept_input: str = ""   # "", "too_different" or "hit_limit"
 
 
+_SPACES = re.compile(r"\s*")
+
+
 def cut_windows(text: str, max_chars: int) -> list[tuple[str, str]]:
     """Cut text into (chunk, following whitespace) pairs, chunks ≤ max_chars, never inside a word.
 
     Prefers a sentence end near the limit. Joining chunk+sep over all pairs gives the text back.
+    Chunks never start or end with whitespace (it is all in the separators, which are kept as they
+    are), so a text's final newline survives a model that strips its output.
     """
     pieces = []
     pos, n = 0, len(text)
     while pos < n:
-        lead = re.match(r"\s*", text[pos:]).end()
+        lead = _SPACES.match(text, pos).end() - pos     # match at pos: no copy of the rest (1 MB lines)
         if lead:                                   # leading whitespace belongs to the previous separator
             if pieces:
                 pieces[-1] = (pieces[-1][0], pieces[-1][1] + text[pos:pos + lead])
@@ -55,7 +61,9 @@ def cut_windows(text: str, max_chars: int) -> list[tuple[str, str]]:
             pos += lead
             continue
         end = min(pos + max_chars, n)
-        if end < n:
+        if end == n:                               # the last chunk: its trailing whitespace is a separator
+            end = len(text.rstrip())                    # (> pos: text[pos] is not whitespace)
+        else:
             window = text[pos:end + 1]
             cuts = [m.end() - 1 for m in re.finditer(r"[.!?;:]\s", window)]
             cuts = [c for c in cuts if c >= max_chars // 2]
@@ -66,7 +74,7 @@ def cut_windows(text: str, max_chars: int) -> list[tuple[str, str]]:
                 end = pos + spaces[-1]
             # else: one word longer than the window; cut it hard
         chunk = text[pos:end]
-        sep_len = re.match(r"\s*", text[end:]).end()
+        sep_len = _SPACES.match(text, end).end() - end
         pieces.append((chunk, text[end:end + sep_len]))
         pos = end + sep_len
     return pieces
@@ -201,17 +209,22 @@ class Corrector:
         return min(int(source_tokens * self.max_new_tokens_ratio) + 8, self.model.cfg.block_size - prompt_tokens)
 
     def _prompt_ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(self.prompt_template.format(input=text)).ids
+        # marker-safe: a marker string quoted in the text stays text (nichelm.data.tokenizer)
+        return prompt_ids(self.tokenizer, self.prompt_template, text)
 
     def correct_windows(self, windows: list[str]) -> list[Correction]:
-        """Correct short texts (each fits the model's context) in batches."""
-        prompts, budgets, sources, results = [], [], [], [None] * len(windows)
-        todo = []
-        for i, w in enumerate(windows):
-            if not w.strip():
-                results[i] = Correction(w, w)
-                continue
-            ids, source = self._prompt_ids(w), self.tokenizer.encode(w).ids
+        """Correct short texts (each fits the model's context) in batches.
+
+        Lone surrogates (not Unicode text: they cannot be written as UTF-8) become U+FFFD first,
+        in the model's input and in any window kept as it was, so every output can be written."""
+        windows = [scrub_surrogates(w) for w in windows]
+        results = [None if w.strip() else Correction(w, w) for w in windows]      # blank: nothing to do
+        busy = [i for i, w in enumerate(windows) if w.strip()]
+        texts = [windows[i] for i in busy]
+        prompts, budgets, sources, todo = [], [], [], []
+        for i, ids, source in zip(busy, prompt_ids_batch(self.tokenizer, self.prompt_template, texts),
+                                  encode_texts(self.tokenizer, texts)):
+            w = windows[i]
             budget = self.budget(len(source), len(ids))
             if budget <= 0:              # the window does not fit the context: keep it
                 results[i] = Correction(w, w, "hit_limit")
@@ -250,6 +263,7 @@ class Corrector:
             return self.correct_windows([chunk for pieces in cut for chunk, _ in pieces])
         jobs, inputs, results = [], [], []
         for pieces in cut:
+            pieces = [(scrub_surrogates(chunk), sep) for chunk, sep in pieces]     # as correct_windows does
             text, pos = "".join(chunk + sep for chunk, sep in pieces), 0
             for n, (chunk, sep) in enumerate(pieces):
                 core = chunk.strip()
@@ -277,7 +291,7 @@ class Corrector:
         while k > 0:
             left, right = context_span(text, start, end, k)
             src = text[left:right]
-            n_in = len(self.tokenizer.encode(src).ids)
+            n_in = len(encode_text(self.tokenizer, src))
             if len(self._prompt_ids(src)) + int(n_in * self.max_new_tokens_ratio) + 8 <= self.model.cfg.block_size:
                 return src, start - left, end - left
             k //= 2

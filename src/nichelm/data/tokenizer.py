@@ -3,15 +3,27 @@
 Byte-level means every byte is a base symbol, so any text encodes (no unknown
 token: the byte fallback). The prompt markers and the end marker are special
 tokens, so each costs one position and never merges with text.
+
+Marker safety: HF tokenizers matches special tokens inside any string it encodes,
+so user text quoting a marker ("A ### Correction ### B") would become marker ids
+and corrupt prompts and loss masks. Every path from text to ids therefore goes
+through this module: `encode_text(s)` for text (special tokens stay plain text)
+and `prompt_ids(s)` for prompts (the template's markers by id, the text between
+them encoded plainly). For text that quotes no marker the ids are exactly
+`tok.encode(template.format(input=text)).ids`: HF splits a string at special
+tokens and encodes each piece alone, which is what prompt_ids does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+import weakref
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from nichelm.errors import UserError
 from nichelm.io import atomic_write_text
 
 
@@ -36,7 +48,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, specials: list[str], 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator((scrub_surrogates(t) for t in texts), trainer=trainer)
     return tok
 
 
@@ -45,4 +57,137 @@ def save_tokenizer(tok: Tokenizer, path: Path) -> None:
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    """The tokenizer at path; a missing, truncated or corrupt file is a one-line UserError."""
+    fix = "re-run `nichelm prepare --force` (for an export folder: export it again)"
+    if not Path(path).is_file():
+        raise UserError(f"{path}: tokenizer file missing; {fix}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:        # tokenizers raises a plain Exception for bad JSON or an unknown layout
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable tokenizer ({why}); {fix}") from None
+
+
+# ---------------------------------------------------------------- marker-safe encoding
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scrub_surrogates(text: str) -> str:
+    """Lone surrogates (e.g. from a JSON "\\ud800" escape) are not Unicode text and cannot be UTF-8
+    encoded: each becomes U+FFFD, one character for one, so lengths and offsets stay the same."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+class _Plain:
+    """What marker-safe encoding needs for one tokenizer, built once: a copy that encodes special
+    tokens as plain text, the added-token ids, and the per-template prompt plans."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = Tokenizer.from_str(tok.to_str())
+        self.tok.encode_special_tokens = True
+        added = tok.get_added_tokens_decoder()
+        self.markers = {t.content: i for i, t in added.items()}
+        self.added = set(added)
+        # BPE may merge a marker's characters back into the marker's own string, hence its id
+        # ("@@@" as one word): such an id from text is spelled out character by character instead
+        self.spelled = {}
+        for content, i in self.markers.items():
+            spelled = [j for ch in content for j in self.tok.encode(ch).ids]
+            if self.added & set(spelled):
+                raise UserError(f"marker {content!r} is a single character, which the tokenizer cannot tell "
+                                "from text; use a longer task.end_marker / markers in task.prompt_template")
+            self.spelled[i] = spelled
+        # leftmost-longest, as HF tokenizers splits a string at its added tokens
+        self.split = re.compile("(" + "|".join(re.escape(m) for m in sorted(self.markers, key=len, reverse=True))
+                                + ")") if self.markers else None
+        self.plans: dict[str, list] = {}
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        try:
+            encs = self.tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        except TypeError:             # a lone surrogate: not encodable as given
+            encs = self.tok.encode_batch_fast([scrub_surrogates(t) for t in texts], add_special_tokens=False)
+        out = [e.ids for e in encs]
+        for k, ids in enumerate(out):
+            if not self.added.isdisjoint(ids):
+                out[k] = [j for i in ids for j in (self.spelled[i] if i in self.added else (i,))]
+        return out
+
+    def plan(self, template: str) -> list[tuple]:
+        """The template as parts, in order: ("marker", [id], content), ("fixed", ids, text) for text
+        between markers, or ("input", (l0, l1, ..., ln)) for the text run l0 + input + l1 + ... + ln
+        that holds the input (encoded as one piece, as HF would)."""
+        if template not in self.plans:
+            sentinel = "\x00"
+            while sentinel in template:
+                sentinel += "\x00"
+            rendered = template.format(input=sentinel)
+            pieces = self.split.split(rendered) if self.split else [rendered]
+            parts: list[tuple] = []
+            for n, piece in enumerate(pieces):
+                if n % 2:                             # re.split puts the matched markers at odd indices
+                    parts.append(("marker", [self.markers[piece]], piece))
+                elif sentinel in piece:
+                    parts.append(("input", tuple(piece.split(sentinel))))
+                elif piece:
+                    parts.append(("fixed", self.tok.encode(piece).ids, piece))
+            self.plans[template] = parts
+        return self.plans[template]
+
+    def prompts(self, template: str, texts: Sequence[str]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in texts]
+        for kind, *rest in self.plan(template):
+            if kind == "input":
+                lits = rest[0]
+                runs = self.encode([lits[0] + "".join(t + lit for lit in lits[1:]) for t in texts])
+            else:
+                runs = [rest[0]] * len(texts)
+            for ids, run in zip(out, runs):
+                ids.extend(run)
+        return out
+
+
+_PLAIN: "weakref.WeakKeyDictionary[Tokenizer, _Plain]" = weakref.WeakKeyDictionary()
+
+
+def _plain(tok: Tokenizer) -> _Plain:
+    p = _PLAIN.get(tok)
+    if p is None:
+        p = _PLAIN[tok] = _Plain(tok)
+    return p
+
+
+def encode_text(tok: Tokenizer, text: str) -> list[int]:
+    """Ids of user text: marker strings in it stay plain text, never marker ids."""
+    return _plain(tok).encode([text])[0]
+
+
+def encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """encode_text for many texts in one batch call."""
+    return _plain(tok).encode(texts) if texts else []
+
+
+def prompt_ids(tok: Tokenizer, template: str, text: str) -> list[int]:
+    """Ids of template.format(input=text): the template's markers by id, text between them plainly."""
+    return _plain(tok).prompts(template, [text])[0]
+
+
+def prompt_ids_batch(tok: Tokenizer, template: str, texts: Sequence[str]) -> list[list[int]]:
+    """prompt_ids for many texts in one batch call per text run of the template."""
+    return _plain(tok).prompts(template, texts) if texts else []
+
+
+def transformers_prompt_code(tok: Tokenizer, template: str) -> str:
+    """Python code (for a model card) computing prompt_ids(tok, template, text) with transformers'
+    tokenizer `tok` of an hf export: the markers by id, user text with split_special_tokens=True."""
+    terms = []
+    for kind, *rest in _plain(tok).plan(template):
+        if kind == "marker":
+            terms.append(f"tok.convert_tokens_to_ids([{rest[1]!r}])")
+        elif kind == "fixed":
+            terms.append(f"tok({rest[1]!r}).input_ids")
+        else:
+            run = " + text + ".join(repr(lit) for lit in rest[0])
+            terms.append(f"tok({run}, split_special_tokens=True).input_ids")
+    return "ids = (" + "\n       + ".join(terms) + ")"
