@@ -1,9 +1,14 @@
-"""Atomic writes: a temporary file in the same folder, fsync, rename. A reader never sees half a file."""
+"""Atomic, durable writes: a temporary file in the same folder, fsync, rename, fsync the folder.
+
+A reader never sees half a file, and once a write returns a power loss cannot undo it: the
+rename is only on disk once the folder itself is fsync'd.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +27,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 @contextmanager
 def atomic_file(path: Path):
-    """A binary file to write in a `with` block; it replaces `path` (fsync'd) only when the block ends
-    without an error. For outputs written piece by piece, too big to build in memory first."""
+    """A binary file to write in a `with` block; it replaces `path` (file and folder fsync'd) only when
+    the block ends without an error. For outputs written piece by piece, too big to build in memory first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -37,6 +42,66 @@ def atomic_file(path: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)                         # the rename itself, on disk
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (files created, renamed or deleted in it) durable.
+
+    A rename is recorded in the folder, not in the file: without this a power loss right
+    after a rename can bring back the old name. No-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:                                # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file written by someone else's writer (safetensors, tokenizers) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (itself included): a whole staged folder on disk."""
+    for parent, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_file(Path(parent) / name)
+        fsync_dir(Path(parent))
+
+
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder in `parent` to build an output in before replace_dir puts it in place;
+    with the usual folder mode (mkdtemp makes 0700)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
+def replace_dir(staged: Path, dest: Path) -> None:
+    """Swap a finished folder (fsync'd by the caller) into place: the old one is renamed aside, the
+    new one renamed in and the parent fsync'd, and only then is the old one deleted. A reader sees
+    the whole old folder or the whole new one; a crash between the two renames leaves the old one
+    as .NAME.old-PID beside it."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+    staged.rename(dest)
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
