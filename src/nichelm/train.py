@@ -221,7 +221,7 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
 
     step, t_start = start_step, time.perf_counter()
     last_loss, val_loss = float("nan"), None
-    t_last, steps_since_log, eval_seconds = t_start, 0, 0.0   # tokens/s excludes validation time
+    t_last, steps_since_log, eval_seconds = t_start, 0, 0.0   # tokens/s includes data loading, excludes validation
     while step < cfg.max_steps:
         elapsed = elapsed_before + (time.perf_counter() - t_start)
         # Ranks must agree on when to stop; asking them is a host sync, so ask every 10 steps.
@@ -269,10 +269,12 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
             last_loss = ddp.sum(loss_sum).item() / n_tokens.item()
             now = time.perf_counter()
             dt = (now - t_last - eval_seconds) / steps_since_log        # seconds per training step
+            data_dt = train_data.pop_load_seconds() / steps_since_log   # of which reading batches
             t_last, steps_since_log, eval_seconds = now, 0, 0.0
             record = {"step": step, "train_loss": last_loss, "tokens": tokens_seen, "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
+                      "data_s_per_step": round(data_dt, 6),
                       "mfu": (flops_per_step / dt / peak / ddp.world_size) if (peak and dt > 0) else None,
                       "elapsed_s": round(elapsed_before + now - t_start, 3)}
             if evaluated_now:
@@ -347,10 +349,21 @@ def _tensorboard(run: Path):
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so every step appears once."""
+    """On resume, drop lines logged after the checkpoint so every step appears once. A torn last
+    line (the process died mid-write) is dropped too; a bad line before it is the user's to fix."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):          # JSONDecodeError is a ValueError
+            if number == len(lines):
+                break
+            raise UserError(f"{path}:{number}: not a metrics record; delete that line (or the file) to resume") from None
+        if step <= start_step:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

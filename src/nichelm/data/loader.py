@@ -1,20 +1,43 @@
 """Training batches from token shards, with the loss mask of the task format.
 
 Rows start at the beginning of an example (its input marker), so a row holds
-whole examples plus at most one cut at its end. The loss mask is read off the
-token stream itself: a target counts when the most recent marker at or before
-its position is the output marker (the model learns to write the output and the
-end marker, not to predict the input). Shards stay plain llm.c token files.
+whole examples plus at most one cut at its end; a row never crosses the end of
+its shard. The loss mask is read off the token stream itself: a target counts
+when the most recent marker at or before its position is the output marker (the
+model learns to write the output and the end marker, not to predict the input).
+Shards stay plain llm.c token files, read row by row (shards.Split).
 
-Order is a fixed function of (seed, global row index): an epoch-wise permutation
-of example starts. So a resumed run sees exactly the batches it would have seen,
-and under torchrun rank r takes its own disjoint slice of every global batch.
+Order. The examples of a split are numbered in file order (shard by shard, the
+starts of each shard from its cached index), n in all. Global row g is example
+permute(g mod n) of epoch g div n, where permute is a bijection of [0, n) chosen
+by (seed, epoch): a Feistel network over the smallest power of four >= n with
+cycle walking (values that land in [n, 4^k) are permuted again until they fall
+inside [0, n); on average fewer than four times). So:
+  - each epoch visits every example exactly once, in a shuffle over the whole split
+    (a batch mixes all shards), and each epoch differs;
+  - the order is a pure function of (seed, g): a resumed run sees exactly the batches
+    it would have seen, and under torchrun rank r takes its own disjoint slice of
+    every global batch;
+  - no per-epoch array: g -> (shard, start) costs O(1) memory, a binary search over the
+    shard offsets and one read of the shard's cached index, where a stored permutation of
+    all starts would cost 8 bytes per example per rank (GBs at 10B tokens).
+A shard permutation plus block permutations inside shards would read the disk more
+sequentially, but batches would then come from one shard at a time; a row is one small
+read, which local disks and the page cache serve well.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
+
+from nichelm.data.shards import Split, example_starts
+from nichelm.errors import UserError
+
+FEISTEL_ROUNDS = 6
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def loss_mask(rows: np.ndarray, input_id: int, output_id: int, end_id: int) -> np.ndarray:
@@ -28,43 +51,96 @@ def loss_mask(rows: np.ndarray, input_id: int, output_id: int, end_id: int) -> n
     return (state == 1) & (last >= 0)
 
 
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-mixed 64-bit hash (uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def permute(i: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """A bijection of [0, n) chosen by (seed, epoch), applied to the positions i (see the module notes)."""
+    half = np.uint64(max(1, ((n - 1).bit_length() + 1) // 2))       # 2 * half bits cover [0, n)
+    mask = (np.uint64(1) << half) - np.uint64(1)
+    keys = np.random.default_rng([seed, epoch]).integers(0, 2**63, size=FEISTEL_ROUNDS, dtype=np.uint64)
+
+    def rounds(x):
+        left, right = x >> half, x & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << half) | right
+
+    x = rounds(np.asarray(i, dtype=np.uint64))
+    while (outside := x >= n).any():                                 # cycle walking
+        x[outside] = rounds(x[outside])
+    return x.astype(np.int64)
+
+
 class TaskBatches:
-    def __init__(self, tokens: np.ndarray, seq_len: int, input_id: int, output_id: int, end_id: int,
+    def __init__(self, split: Split, seq_len: int, input_id: int, output_id: int, end_id: int,
                  seed: int, rank: int = 0, world_size: int = 1):
-        self.tokens, self.seq_len = tokens, seq_len
+        self.split, self.seq_len = split, seq_len
         self.ids = (input_id, output_id, end_id)
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        limit = len(tokens) - seq_len - 1
-        self.starts = np.flatnonzero(np.asarray(tokens[:max(limit, 0)]) == input_id)
-        if len(self.starts) == 0:
-            raise ValueError(f"no example of {seq_len + 1} tokens fits the data ({len(tokens)} tokens); "
-                             "lower model.block_size or add data")
-        self._perm_epoch, self._perm = -1, None
+        # Each shard's starts whose whole row (seq_len + 1 tokens) fits in the shard: the starts are
+        # sorted and distinct, so only the last seq_len + 1 of them can be too late.
+        self.starts, counts = [], []
+        for path, tokens in zip(split.paths, split.shards):
+            starts = example_starts(path, input_id)
+            tail = starts[max(0, len(starts) - seq_len - 1):len(starts)]
+            counts.append(len(starts) - int((tail > len(tokens) - seq_len - 1).sum()))
+            self.starts.append(starts)
+        self.offsets = np.cumsum([0] + counts)      # the example number of each shard's first start
+        self.n = int(self.offsets[-1])
+        if self.n == 0:
+            raise UserError(f"{split}: no example of {seq_len + 1} tokens fits in a shard ({split.tokens} tokens in "
+                            f"{len(split.paths)} shard(s)); lower model.block_size or add data")
+        self.load_seconds = 0.0
 
-    def _start(self, global_row: int) -> int:
-        n = len(self.starts)
-        epoch, i = divmod(global_row, n)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-            self._perm_epoch = epoch
-        return int(self.starts[self._perm[i]])
+    def __len__(self) -> int:
+        return self.n
+
+    def locate(self, example: int) -> tuple[int, int]:
+        """Example number (file order) -> (shard index, start of its row in that shard)."""
+        k = int(np.searchsorted(self.offsets, example, side="right")) - 1
+        return k, int(self.starts[k][example - self.offsets[k]])
+
+    def order(self, global_rows: np.ndarray) -> np.ndarray:
+        """Global row numbers -> example numbers: epoch g // n, a seeded permutation of the rest."""
+        epochs, within = np.divmod(np.asarray(global_rows, dtype=np.int64), self.n)
+        examples = np.empty_like(within)
+        for epoch in np.unique(epochs):                                # a batch spans at most a few epochs
+            sel = epochs == epoch
+            examples[sel] = permute(within[sel], self.n, self.seed, int(epoch))
+        return examples
+
+    def _rows(self, examples) -> np.ndarray:
+        rows = []
+        for example in examples:
+            k, start = self.locate(int(example))
+            rows.append(self.split.shards[k][start:start + self.seq_len + 1])
+        return np.stack(rows).astype(np.int64)
 
     def rows(self, first_global_row: int, batch_size: int) -> np.ndarray:
-        return np.stack([self.tokens[s:s + self.seq_len + 1]
-                         for s in (self._start(first_global_row + i) for i in range(batch_size))]).astype(np.int64)
+        return self._rows(self.order(np.arange(first_global_row, first_global_row + batch_size)))
 
     def get(self, step: int, micro: int, grad_accum: int, batch_size: int):
         """The micro-batch `micro` of optimizer step `step` for this rank: (x, y, mask) CPU tensors."""
+        t0 = time.perf_counter()
         global_batch = batch_size * self.world_size
         first = (step * grad_accum + micro) * global_batch + self.rank * batch_size
-        return self._tensors(self.rows(first, batch_size))
+        batch = self._tensors(self.rows(first, batch_size))
+        self.load_seconds += time.perf_counter() - t0
+        return batch
+
+    def pop_load_seconds(self) -> float:
+        """Seconds spent in get() (reading and masking rows) since the last call."""
+        seconds, self.load_seconds = self.load_seconds, 0.0
+        return seconds
 
     def fixed(self, index: int, batch_size: int):
-        """Deterministic validation batches: example starts in file order."""
-        n = len(self.starts)
-        picks = [(index * batch_size + i) % n for i in range(batch_size)]
-        rows = np.stack([self.tokens[self.starts[p]:self.starts[p] + self.seq_len + 1] for p in picks]).astype(np.int64)
-        return self._tensors(rows)
+        """Deterministic validation batches: examples in file order."""
+        return self._tensors(self._rows((index * batch_size + np.arange(batch_size)) % self.n))
 
     def _tensors(self, rows: np.ndarray):
         mask = loss_mask(rows[:, :-1], *self.ids)
