@@ -225,40 +225,43 @@ def test_rerun_with_a_full_disk_keeps_the_model_and_a_torn_metrics_line_is_dropp
 
 
 def run_files(run: Path) -> dict:
-    """What train reads, and everything else prepare writes."""
-    return snapshot(run)
+    """What train, evaluate and export read: the data folder, the tokenizer and task.json (a failed
+    build keeps its own work folder, RUN/.prepare, and datatrove's logs, so that a re-run resumes)."""
+    return {k: v for k, v in snapshot(run).items()
+            if k.startswith(("data/", "tokenizer/")) or k == "task.json"}
 
 
 def test_a_failed_rebuild_leaves_the_earlier_data_byte_identical(tiny_project, monkeypatch):
     from nichelm import prepare as prep
     from nichelm.config import load_project
+    from nichelm.data.pipeline import ShardWriter
     project = load_project(tiny_project)
     prep.prepare(project)
     run = project.run_path
     before = run_files(run)
     assert "data/manifest.json" in before and "tokenizer/tokenizer.json" in before and "task.json" in before
-    real = prep.write_shards
+    real = ShardWriter.close
     calls = []
 
-    def fail_second(*args, **kwargs):
+    def fail_second(self):                 # the disk fills while the second split's shards are written
         calls.append(1)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
+        return real(self)
 
-    monkeypatch.setattr(prep, "write_shards", fail_second)
+    monkeypatch.setattr(ShardWriter, "close", fail_second)
     # --force, and a new vocabulary and template too: the tokenizer and task.json would change
     changed = load_project(tiny_project, ["tokenizer.vocab_size=340",
                                           'task.prompt_template="## In ##\\n{input}\\n## Out ##\\n"'])
     with pytest.raises(OSError):
         prep.prepare(changed, force=True)
     assert len(calls) == 2
-    assert run_files(run) == before                       # no staging folder left behind either
+    assert run_files(run) == before
     monkeypatch.undo()
     manifest = prep.prepare(changed)
     assert manifest["tokenizer"]["vocab_size"] == 340
     assert json.loads((run / "task.json").read_text())["prompt_template"].startswith("## In ##")
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != ".prepare"]
 
 
 def test_a_source_edited_in_place_is_noticed(tiny_project, capsys):

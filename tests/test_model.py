@@ -1,11 +1,13 @@
 """The decoder and its KV-cache decoding."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from nichelm.data.loader import loss_mask
-from nichelm.generate import Steps, align_to_source, compile_for_decoding, decode_step, generate
+from nichelm.generate import Generation, Steps, align_to_source, compile_for_decoding, decode_step, generate
 from nichelm.model import GPT, ModelConfig
 
 CPU = torch.device("cpu")
@@ -38,6 +40,7 @@ def test_batched_cached_greedy_equals_uncached(arch):
     prompts, budgets = random_prompts(11)
     prompts[:3] = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
     gens = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=3)
+    assert len(gens) == len(prompts)
     for prompt, budget, gen in zip(prompts, budgets, gens):
         ref = uncached_greedy(model, prompt, budget)
         assert gen.tokens == ref
@@ -162,19 +165,88 @@ def test_loss_mask_follows_markers():
     assert mask == [False, False, False, True, True, True, False, False, False, True, True]
 
 
-def test_beam_search_with_one_beam_is_greedy_and_wider_beams_score_higher():
+def test_beam_search_with_one_beam_is_greedy_when_no_row_ends():
+    """A 300-token vocabulary and an untrained model: the end marker is never among the two best
+    candidates, so one beam follows the greedy path to the budget (the hit-limit return)."""
     from nichelm.generate import beam_search
     torch.manual_seed(0)
     model = GPT(ModelConfig(arch="llama", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
-    prompt, cpu = [5, 6, 7, 8, 9], torch.device("cpu")
-    greedy = generate(model, [prompt], [10], end_id=0, device=cpu)[0]
-    assert beam_search(model, prompt, 10, 0, cpu, beams=1).tokens == greedy.tokens
+    prompt = [5, 6, 7, 8, 9]
+    greedy = generate(model, [prompt], [10], end_id=0, device=CPU)[0]
+    assert greedy.hit_limit and len(greedy.tokens) == 10
+    assert beam_search(model, prompt, 10, 0, CPU, beams=1) == greedy
 
-    def logprob(seq, end):
-        x = torch.tensor([prompt + seq + ([0] if end else [])])
-        lp = torch.log_softmax(model(x)[0][0], -1)
-        return sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(seq + ([0] if end else [])))
 
-    wide = beam_search(model, prompt, 10, 0, cpu, beams=4, length_penalty=0.0)   # raw log-probability
-    if not wide.hit_limit and not greedy.hit_limit:
-        assert logprob(wide.tokens, True) >= logprob(greedy.tokens, True) - 1e-4
+def ending_model(arch: str):
+    """A 4-token vocabulary (token 0 = end) and weights scaled up from their small initial values, so
+    hypotheses end often, have clearly different scores, and depend on all their earlier tokens (a
+    beam that continued another beam's cache would score differently): beam search can be compared
+    with exhaustive search over all outputs."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch=arch, vocab_size=4, block_size=32, n_layer=2, n_head=4, n_embd=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_({"gpt2": 20, "llama": 3}[arch])
+    return model
+
+
+def sequence_logprobs(model, prompt, seqs):
+    """log P(seq | prompt) for each seq, from one plain forward pass (no cache) over the right-padded
+    batch: causal attention, so the padding after a sequence changes none of its positions."""
+    width = len(prompt) + max(map(len, seqs))
+    x = torch.tensor([prompt + s + [0] * (width - len(prompt) - len(s)) for s in seqs])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(x)[0], -1)
+    return [sum(lp[row, len(prompt) - 1 + i, t].item() for i, t in enumerate(s)) for row, s in enumerate(seqs)]
+
+
+ENDING_PROMPTS = [[1, 2, 3], [3, 3, 1, 2], [2, 1], [1, 1, 1, 2, 3], [3, 2, 1], [2, 2, 3, 1], [1, 3, 3, 2, 2, 1],
+                  [3, 1]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_greedy_with_rows_that_end_equals_uncached(arch):
+    """The untrained 300-token models above never emit the end marker; this one often does, so rows
+    end at the marker (and free their slot) as well as at their budget, with and without copy drafts."""
+    model = ending_model(arch)
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(2, 9, (40,), generator=gen)
+    prompts = [torch.randint(1, 4, (int(n),), generator=gen).tolist() for n in lengths]
+    budgets = torch.randint(1, 11, (40,), generator=gen).tolist()
+    refs = [uncached_greedy(model, p, b) for p, b in zip(prompts, budgets)]
+    ended = [len(r) < b for r, b in zip(refs, budgets)]
+    assert 5 <= sum(ended) <= 35, sum(ended)
+    for k in (0, 3):
+        gens = generate(model, prompts, budgets, end_id=0, device=CPU, batch_size=4, draft_tokens=k, sources=prompts)
+        assert [g.tokens for g in gens] == refs, k
+        assert [not g.hit_limit for g in gens] == ended, k
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_search_wide_enough_is_exhaustive_search(arch, length_penalty):
+    """Budget 5 over 3 non-end tokens: 3**5 beams never fill up with ended hypotheses before the budget,
+    so beam search must return the best of all 121 ended outputs, scored as it documents
+    (log-probability / length**length_penalty), the log-probabilities taken without a cache."""
+    from nichelm.generate import beam_search
+    model, budget = ending_model(arch), 5
+    for prompt in ENDING_PROMPTS:
+        # every output of n tokens, n + 1 (the end marker) <= budget
+        bodies = [body for n in range(budget) for body in itertools.product((1, 2, 3), repeat=n)]
+        logprobs = sequence_logprobs(model, prompt, [list(body) + [0] for body in bodies])
+        scores = {body: lp / max(len(body), 1) ** length_penalty for body, lp in zip(bodies, logprobs)}
+        ranked = sorted(scores, key=scores.get, reverse=True)
+        assert scores[ranked[0]] - scores[ranked[1]] > 1e-3, "a near tie: pick another prompt"
+        found = beam_search(model, prompt, budget, 0, CPU, beams=3 ** budget, length_penalty=length_penalty)
+        assert found == Generation(tokens=list(ranked[0]), hit_limit=False), (prompt, scores[ranked[0]])
+
+
+def test_beam_search_with_one_beam_is_greedy_when_rows_end():
+    """As transformers does, an end marker ranked below the beams among the candidates should not end a
+    hypothesis; then one beam is greedy decoding, end marker included."""
+    from nichelm.generate import beam_search
+    model = ending_model("llama")
+    for prompt in ENDING_PROMPTS:
+        greedy = generate(model, [prompt], [5], end_id=0, device=CPU)[0]
+        assert beam_search(model, prompt, 5, 0, CPU, beams=1) == greedy, prompt

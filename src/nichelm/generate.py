@@ -258,12 +258,15 @@ def beam_search(model: GPT, prompt: list[int], max_new: int, end_id: int, device
         vocab = logp.shape[-1]
         top = (scores[:, None] + logp).view(-1).topk(2 * beams)
         keep = []
-        for score, index in zip(top.values.tolist(), top.indices.tolist()):
+        for rank, (score, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             beam, token = divmod(index, vocab)
             if score == float("-inf"):
                 break
             if token == end_id:
-                finished.append((score / max(len(seqs[beam]), 1) ** length_penalty, seqs[beam]))
+                # only an end among the best `beams` candidates finishes a hypothesis (as in transformers):
+                # one ranked lower would end beams that greedy decoding (beams = 1) never ends
+                if rank < beams:
+                    finished.append((score / max(len(seqs[beam]), 1) ** length_penalty, seqs[beam]))
             elif len(keep) < beams:
                 keep.append((score, beam, token))
         if len(finished) >= beams or not keep:

@@ -1,0 +1,268 @@
+"""prepare on datatrove (nichelm.data.pipeline, nichelm.prepare_pipeline): each step alone on tiny data,
+then whole runs: workers/tasks do not change the output, a killed run resumes to the same bytes, the
+Slurm job scripts, bad records."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nichelm.config import load_project
+from nichelm.data import pipeline as pl
+from nichelm.data.readers import Document, Segment, pair_segments_to_windows, read_documents
+from nichelm.data.shards import read_shard
+from tests.conftest import SENTENCES, run_cli
+
+WORDS = "the of and to in that he shall his they unto him be for with which".split()
+
+
+def _paragraphs(rng: random.Random, n: int) -> str:
+    return "\n\n".join("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14)))
+                                 for _ in range(rng.randint(1, 5))) for _ in range(n))
+
+
+# ------------------------------------------------------------------ pieces and reading
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_text_file_in_ranges_reads_as_the_whole_file(tmp_path, monkeypatch, trial):
+    rng = random.Random(trial)
+    monkeypatch.setattr(pl, "DOC_BYTES", rng.choice([64, 128, 300]))
+    text = "\ufeff" + _paragraphs(rng, rng.randint(20, 150))
+    if trial % 3 == 0:
+        text = text.replace("\n\n", "\n")            # no blank line: documents cut at line ends
+    if trial % 4 == 0:
+        text = text.replace("\n", "\r\n")
+    path = tmp_path / "big.txt"
+    path.write_bytes(text.encode())
+    with open(path, "rb") as f:
+        whole = list(pl.read_text_docs(f, "big.txt"))
+    assert b"".join(data for _, _, data in whole) == text.encode()[3:]        # every byte once, BOM dropped
+    assert len(whole) > 1 and all(doc_id.startswith("big.txt@") for doc_id, _, _ in whole)
+    for doc_id, line, _ in whole:                                             # first lines are right
+        assert text.encode()[: int(doc_id.split("@")[1])].count(b"\n") + 1 == line
+    ranges = pl._ranges(path, path.stat().st_size, pl.DOC_BYTES * rng.choice([1, 2, 3]), "text")
+    assert len(ranges) > 1
+    got = []
+    for start, end, line in ranges:
+        with open(path, "rb") as f:
+            f.seek(start)
+            got += list(pl.read_text_docs(f, "big.txt", start, end, line))
+    assert got == whole
+
+
+def test_small_text_file_is_one_document_as_before(tmp_path):
+    (tmp_path / "a.txt").write_text("One line.\n\nTwo lines\nhere.\n")
+    with open(tmp_path / "a.txt", "rb") as f:
+        assert [d for d, _, _ in pl.read_text_docs(f, "a.txt")] == ["a.txt"]
+
+
+def _project(tmp_path, sources: str, extra: str = "") -> Path:
+    proj = tmp_path / "project.toml"
+    proj.write_text(f'run_dir = "{tmp_path / "run"}"\nseed = 3\n[task]\nwindow_chars = 80\n{sources}\n'
+                    f'[noise]\ntarget_cer = 0.05\n[split]\nval_fraction = 0.1\ntest_fraction = 0.1\n'
+                    f'[tokenizer]\nvocab_size = 320\n{extra}')
+    return proj
+
+
+def _pairs_file(path: Path, n: int, bad_line: int = 0) -> None:
+    with path.open("w") as f:
+        for i in range(1, n + 1):
+            gold = SENTENCES[i % len(SENTENCES)] + f" No. {i}."
+            f.write('{"ocr": "broken\n' if i == bad_line else json.dumps({"ocr": gold.replace("e", "c", 1), "gold": gold})
+                    + "\n")
+
+
+def _read(project, pieces) -> list[Document]:
+    step = pl.ReadSources(project, pieces)
+    return [d.metadata["doc"] for d in step.run(None, 0, 1)]
+
+
+def test_jsonl_ranges_read_like_readers_py(tmp_path):
+    _pairs_file(tmp_path / "pairs.jsonl", 300)
+    proj = load_project(_project(tmp_path, '[[sources]]\nname = "p"\npath = "pairs.jsonl"\nformat = "jsonl"\n'
+                                           'input_field = "ocr"\noutput_field = "gold"\n'))
+    pieces = pl.plan_pieces(proj, piece_bytes=2048)
+    assert len(pieces) > 4 and pieces[0].start == 0 and pieces[-1].end == (tmp_path / "pairs.jsonl").stat().st_size
+    assert all(a.end == b.start for a, b in zip(pieces, pieces[1:]))
+    got = _read(proj, pieces)
+    want = read_documents(tmp_path / "pairs.jsonl", "jsonl", input_field="ocr", output_field="gold")
+    assert [(d.doc_id, d.segments) for d in got] == [(d.doc_id, d.segments) for d in want]
+    # one task per piece reads exactly that piece
+    step = pl.ReadSources(proj, pieces)
+    per_task = [[d.id for d in step.run(None, rank, len(pieces))] for rank in range(len(pieces))]
+    assert sum(per_task, []) == [d.doc_id for d in want] and all(per_task)
+
+
+def test_text_folder_is_grouped_into_pieces(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for i in range(9):
+        (folder / f"b{i}.txt").write_text(_paragraphs(random.Random(i), 30))
+    proj = load_project(_project(tmp_path, '[[sources]]\npath = "books"\nrole = "clean"\n'))
+    pieces = pl.plan_pieces(proj, piece_bytes=3000)
+    assert 1 < len(pieces) < 9
+    assert [f for pc in pieces for f, _ in pc.files] == [f"b{i}.txt" for i in range(9)]
+    docs = _read(proj, pieces)
+    assert [d.doc_id for d in docs] == [f"b{i}.txt" for i in range(9)]
+    assert all(s.input is None for d in docs for s in d.segments)                  # clean: no input side
+    assert docs == read_documents(folder, "text")
+
+
+# ------------------------------------------------------------------ steps alone
+
+
+def _dt(doc: Document, source: str = "s", piece: int = 0):
+    from datatrove.data import Document as DT
+    return DT(text="", id=doc.doc_id, metadata={"piece": piece, "source": source, "doc": doc})
+
+
+def test_split_windows_and_noise_steps(tmp_path):
+    from nichelm.data.noise import OCRNoise
+    from nichelm.prepare import split_of
+    proj = load_project(_project(tmp_path, '[[sources]]\nname = "s"\npath = "project.toml"\nrole = "clean"\n'))
+    docs = [Document(f"d{i}", [Segment(None, SENTENCES[j % 6] + "\n") for j in range(i, i + 5)]) for i in range(40)]
+    split = list(pl.SplitDocuments(proj).run((_dt(d) for d in docs)))
+    assert [d.metadata["split"] for d in split] == [split_of(3, "s", d.doc_id, 0.1, 0.1) for d in docs]
+    assert {d.metadata["split"] for d in split} == {"train", "val", "test"}
+    windows = list(pl.MakeWindows(80).run(iter(split)))
+    assert [w.text for w in windows] == [w.output for d in docs for w in pair_segments_to_windows(d, 80)]
+    noisy = list(pl.AddNoise(proj).run(iter(windows)))
+    noise = OCRNoise(target_cer=0.05, seed=3)
+    assert [n.metadata["input"] for n in noisy] == [noise.corrupt(w.text, f"s\x00{w.id}\x00{w.metadata['w']}")
+                                                    for w in windows]
+    assert any(n.metadata["input"] != n.text for n in noisy) and all(n.metadata["synthetic"] for n in noisy)
+
+
+def test_dedupe_drops_val_and_test_texts_seen_in_train(tmp_path):
+    from datatrove.data import Document as DT
+    train = np.unique(np.array([pl.digest(t) for t in ("seen in", "seen out")], dtype=np.uint64))
+    np.save(tmp_path / "dedupe-train.npy", train)
+    np.save(tmp_path / "dedupe-test.npy", np.union1d(train, np.array([pl.digest("kept val")], dtype=np.uint64)))
+    rows = [("val", "seen in", "new"), ("val", "new", "kept val"), ("test", "kept val", "x"), ("test", "a", "b"),
+            ("train", "seen in", "seen out")]
+    docs = [DT(text=out, id="d", metadata={"split": s, "input": inp}) for s, inp, out in rows]
+    kept = [(d.metadata["split"], d.metadata["input"]) for d in pl.DedupeEval(tmp_path).run(iter(docs))]
+    assert kept == [("val", "new"), ("test", "a"), ("train", "seen in")]
+
+
+def test_shard_writer_cuts_between_examples(tmp_path):
+    end = 7
+    rng = np.random.default_rng(0)
+    examples = [np.append(rng.integers(10, 300, size=rng.integers(1, 40)), end) for _ in range(200)]
+    stream = np.concatenate(examples).astype(np.uint16)
+    writer = pl.ShardWriter(tmp_path, "train", 320, shard_tokens=100, end_id=end)
+    for i in range(0, len(stream), 37):                        # chunks that end mid-example
+        writer.write(stream[i:i + 37])
+    paths = writer.close()
+    assert [p.name for p in paths] == [f"train_{i:06d}.bin" for i in range(len(paths))] and len(paths) > 10
+    shards = [np.asarray(read_shard(p)) for p in paths]
+    assert np.array_equal(np.concatenate(shards), stream)
+    assert all(0 < len(s) <= 100 and s[-1] == end for s in shards)
+    empty = pl.ShardWriter(tmp_path, "val", 320, 100, end).close()
+    assert [p.name for p in empty] == ["val_000000.bin"] and read_shard(empty[0]).size == 0
+    head = np.fromfile(paths[0], dtype="<i4", count=256)
+    assert (head[0], head[1], head[2]) == (20240520, 1, len(shards[0])) and paths[0].stat().st_size == 1024 + 2 * head[2]
+
+
+# ------------------------------------------------------------------ whole runs
+
+
+def _corpus(tmp_path, bad_line: int = 0) -> Path:
+    """A project of four pieces or more at --piece-mb 0.01: a folder of clean books and a pairs file."""
+    books = tmp_path / "books"
+    books.mkdir(exist_ok=True)
+    for i in range(6):
+        (books / f"book{i}.txt").write_text(_paragraphs(random.Random(i), 40))
+    _pairs_file(tmp_path / "pairs.jsonl", 400, bad_line)
+    return _project(tmp_path, '[[sources]]\nname = "books"\npath = "books"\nrole = "clean"\nlicence = "test"\n'
+                              '[[sources]]\nname = "pairs"\npath = "pairs.jsonl"\nformat = "jsonl"\n'
+                              'input_field = "ocr"\noutput_field = "gold"\n')
+
+
+def _outputs(run: Path) -> dict[str, bytes]:
+    files = sorted((run / "data" / "shards").glob("*.bin")) + sorted((run / "data").glob("examples.*.jsonl"))
+    return {p.name: p.read_bytes() for p in files + [run / "tokenizer" / "tokenizer.json"]}
+
+
+def test_workers_and_tasks_do_not_change_the_output(tmp_path):
+    proj = _corpus(tmp_path)
+    a = run_cli("prepare", proj, "--piece-mb", "0.01", "--workers", "1", "--tasks", "1", "--set", f"run_dir={tmp_path / 'a'}")
+    assert a.returncode == 0, a.stderr
+    b = run_cli("prepare", proj, "--piece-mb", "0.01", "--workers", "2", "--tasks", "5", "--set", f"run_dir={tmp_path / 'b'}")
+    assert b.returncode == 0, b.stderr
+    out_a, out_b = _outputs(tmp_path / "a"), _outputs(tmp_path / "b")
+    assert out_a == out_b and len(out_a) >= 6
+    manifest = json.loads((tmp_path / "b" / "data" / "manifest.json").read_text())
+    assert manifest["prepare"]["pieces"] >= 5 and manifest["prepare"]["tasks"] == 5
+    assert set(manifest["timing"]["task_s"]) == {"read", "noise", "tokenize", "write"}
+    assert manifest["timing"]["tokens_per_s"] > 0 and manifest["tokens"]["train"] > 0
+    assert "Traceback" not in b.stderr and "INFO" not in b.stderr            # datatrove's console kept quiet
+    assert (tmp_path / "b" / "logs" / "prepare" / "tokens" / "logs" / "task_00004.log").is_file()
+    assert not (tmp_path / "b" / ".prepare").exists()                      # intermediate parts dropped
+
+
+def test_killed_prepare_resumes_to_the_same_shards(tmp_path):
+    proj = _corpus(tmp_path)
+    args = [sys.executable, "-m", "nichelm", "prepare", str(proj), "--piece-mb", "0.01", "--tasks", "4",
+            "--workers", "1"]
+    killed = subprocess.Popen(args + ["--set", f"run_dir={tmp_path / 'k'}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    done = tmp_path / "k" / "logs" / "prepare" / "examples" / "completions"
+    deadline = time.time() + 240
+    while not (done.is_dir() and any(done.iterdir())) and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.01)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    finished = len(list(done.iterdir()))
+    assert 1 <= finished < 4, "kill the run after one examples task and before the last"
+    assert not (tmp_path / "k" / "data").exists()
+    again = subprocess.run(args + ["--set", f"run_dir={tmp_path / 'k'}"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"examples {finished}/4 tasks already done (skipped)" in again.stderr
+    whole = run_cli("prepare", proj, "--piece-mb", "0.01", "--tasks", "4", "--set", f"run_dir={tmp_path / 'w'}")
+    assert whole.returncode == 0, whole.stderr
+    assert _outputs(tmp_path / "k") == _outputs(tmp_path / "w")
+
+
+def test_bad_record_fails_with_file_line_or_is_skipped(tmp_path):
+    proj = _corpus(tmp_path)
+    run = tmp_path / "run"
+    assert run_cli("prepare", proj, "--piece-mb", "0.01").returncode == 0
+    before = _outputs(run)
+    _pairs_file(tmp_path / "pairs.jsonl", 400, bad_line=333)            # deep in the file, in a late piece
+    proc = run_cli("prepare", proj, "--piece-mb", "0.01")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{tmp_path / 'pairs.jsonl'}:333: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert _outputs(run) == before                                     # the data prepared before is intact
+    proc = run_cli("prepare", proj, "--piece-mb", "0.01", "--set", "sources.1.on_bad_record=skip")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    pairs = next(s for s in manifest["sources"] if s["name"] == "pairs")
+    assert pairs["skip"] == {"bad_records": 1} and pairs["documents"] == 399
+
+
+def test_slurm_job_scripts(tmp_path):
+    from nichelm.prepare_pipeline import PrepareOptions, prepare_with_pipeline
+    project = load_project(_corpus(tmp_path))
+    out = prepare_with_pipeline(project, options=PrepareOptions(
+        executor="slurm", partition="cpu-long", time="02:30:00", tasks=3, piece_mb=0.01, dry_run=True,
+        env_command="source /opt/env/bin/activate"))
+    assert out["submitted"] is False and list(out["scripts"]) == ["examples", "tokenizer", "tokens", "finish"]
+    examples = out["scripts"]["examples"].splitlines()
+    for line in ("#SBATCH --partition=cpu-long", "#SBATCH --time=02:30:00", "#SBATCH --array=0-2",
+                 "#SBATCH --job-name=nichelm-examples", "#SBATCH --cpus-per-task=1"):
+        assert line in examples, out["scripts"]["examples"]
+    assert "source /opt/env/bin/activate" in out["scripts"]["examples"]
+    assert any("launch_pickled_pipeline" in x and "logs/prepare/examples/executor.pik" in x for x in examples)
+    assert "#SBATCH --array=0-0" in out["scripts"]["finish"].splitlines()
+    assert (project.run_path / "logs" / "prepare" / "slurm" / "tokens.sbatch").read_text() == out["scripts"]["tokens"]
+    proc = run_cli("prepare", tmp_path / "project.toml", "--executor", "slurm")
+    assert proc.returncode == 2 and "--partition" in proc.stderr
