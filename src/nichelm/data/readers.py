@@ -201,6 +201,10 @@ def _read_jsonl(path: Path, input_field: str, output_field: str, id_field: str |
         except json.JSONDecodeError as e:
             reason = f"{e.msg} at column {e.colno}"
             raise UserError(f"{path}:{lineno}: not valid JSON ({reason}); {_ONE_OBJECT}") from None
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: JSON nested too deeply to read; {_ONE_OBJECT} of text fields") from None
+        except ValueError:  # Python refuses to convert integers of over 4300 digits
+            raise UserError(f"{path}:{lineno}: JSON number too long to read; store long numbers as strings") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{lineno}: not a JSON object (got {type(obj).__name__}); {_ONE_OBJECT}")
         output = _json_str(obj, output_field, path, lineno, required=True)
@@ -208,9 +212,9 @@ def _read_jsonl(path: Path, input_field: str, output_field: str, id_field: str |
         doc_id = str(lineno)
         if id_field:
             if id_field not in obj:
-                fields = ", ".join(obj) or "none"
-                raise UserError(f"{path}:{lineno}: no field {id_field!r} (fields: {fields}); set id_field in the source")
-            doc_id = str(obj[id_field])
+                raise UserError(f"{path}:{lineno}: no field {id_field!r} (fields: {_field_names(obj)}); "
+                                "set id_field in the source")
+            doc_id = _text_or_error(str(obj[id_field]), id_field, path, lineno)
             if doc_id in seen:
                 raise UserError(f"{path}:{lineno}: duplicate id {doc_id!r} in field {id_field!r}; ids must be unique")
             seen.add(doc_id)
@@ -223,12 +227,30 @@ def _json_str(obj: dict, key: str, path: Path, lineno: int, *, required: bool) -
     value = obj.get(key)
     if value is None:
         if required:
-            fields = ", ".join(obj) or "none"
-            raise UserError(f"{path}:{lineno}: no field {key!r} (fields: {fields}); set output_field in the source")
+            raise UserError(f"{path}:{lineno}: no field {key!r} (fields: {_field_names(obj)}); "
+                            "set output_field in the source")
         return None
     if not isinstance(value, str):
         kind = type(value).__name__
         raise UserError(f"{path}:{lineno}: field {key!r} is a {kind}, not a string; store text as a JSON string")
+    return _text_or_error(value, key, path, lineno)
+
+
+def _field_names(obj: dict) -> str:
+    # repr: a key may hold a newline or any other character that would break the one-line message
+    return ", ".join(repr(k) for k in obj) or "none"
+
+
+def _text_or_error(value: str, key: str, path: Path, lineno: int) -> str:
+    """The value, unless it holds a lone surrogate (JSON's "\\ud800" escape): that is no text and
+    cannot be written as UTF-8 by any later stage, so we stop here, naming the line."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(
+            f"{path}:{lineno}: field {key!r} holds a lone surrogate (an unpaired {value[e.start]!r} escape) "
+            f"at character {e.start}; fix that escape or drop it"
+        ) from None
     return value
 
 
@@ -302,7 +324,7 @@ def _column(header: list[str], spec: str, setting: str, path: Path) -> int:
     """Column index from a name, or from a 0-based integer (needed when header names repeat)."""
     if spec in header:
         return header.index(spec)
-    if spec.isdigit() and int(spec) < len(header):
+    if spec.isascii() and spec.isdigit() and int(spec) < len(header):  # not '²', which isdigit() too
         return int(spec)
     cols = ", ".join(repr(h) for h in header)
     raise UserError(f"{path}: no column {spec!r} (columns: {cols}); set {setting} in the source")
