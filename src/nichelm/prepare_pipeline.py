@@ -10,7 +10,8 @@
 Each job `depends` on the one before; datatrove's executors run them: LocalPipelineExecutor on one
 machine (`--workers N`, a process per task), SlurmPipelineExecutor (`--executor slurm`: an sbatch
 array per job, chained with afterok dependencies; this command returns once they are submitted) or
-RayPipelineExecutor (`--executor ray`, joining the cluster at `--address`).
+RayPipelineExecutor (`--executor ray`, joining the cluster at `--address`; run_ray runs the jobs in
+order and stops at the first failed task with its error).
 
 Memory is bounded whatever the corpus size: documents stream through the steps, every output is
 written per piece as it is made, the tokenizer learns from a bounded seeded sample
@@ -35,6 +36,7 @@ import shutil
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +62,7 @@ class PrepareOptions:
     mem_per_cpu_gb: float = 2.0      # slurm / ray
     env_command: str = ""            # slurm: how a job activates this Python environment (default: this venv)
     dry_run: bool = False            # slurm: write and return the sbatch scripts, submit nothing
-    address: str = ""                # ray: the cluster to join ("auto", "ray://host:10001"; "" = start a local one)
+    address: str = ""                # ray: the cluster to join ("HEAD:6379", "auto"; "": ray.init's default)
     debug: bool = False
 
 
@@ -119,7 +121,10 @@ def prepare_with_pipeline(project: Project, force: bool = False, options: Prepar
     progress = Progress(work, [(name, t) for name, _, t in jobs])
     progress.start()
     try:
-        executors[-1].run()            # runs the jobs before it first (depends)
+        if opts.executor == "ray":
+            run_ray(executors, jobs, work, opts.debug)
+        else:
+            executors[-1].run()        # runs the jobs before it first (depends)
     except Exception as e:
         raise _user_error(e) from None
     finally:
@@ -198,11 +203,9 @@ def make_executors(jobs, work: Path, opts: PrepareOptions) -> list:
                 mem_per_cpu_gb=opts.mem_per_cpu_gb, workers=opts.workers or -1, job_name=f"nichelm-{name}",
                 qos="", env_command=opts.env_command or f"source {Path(sys.prefix) / 'bin' / 'activate'}",
                 logging_dir=logs, slurm_logs_folder=str(pl.job_dir(work, "slurm") / name), depends=prev)
-        else:
-            from datatrove.executor.ray import RayPipelineExecutor
-            ex = RayPipelineExecutor(pipeline, tasks=tasks, workers=opts.workers or -1, logging_dir=logs,
-                                     depends=prev, cpus_per_task=opts.cpus_per_task,
-                                     mem_per_cpu_gb=opts.mem_per_cpu_gb)
+        else:                          # no depends: run_ray runs the jobs in order and stops at a failed one
+            ex = ray_executor(pipeline, tasks=tasks, workers=opts.workers or -1, logging_dir=logs,
+                              cpus_per_task=opts.cpus_per_task, mem_per_cpu_gb=opts.mem_per_cpu_gb)
         executors.append(ex)
         prev = ex
     return executors
@@ -239,13 +242,95 @@ def submit_slurm(executors, jobs, work: Path, opts: PrepareOptions) -> dict:
 
 
 def start_ray(opts: PrepareOptions) -> None:
+    """Join the Ray cluster at --address ("auto": the one started on this machine by `ray start`), or start
+    a Ray for this run when there is none. Its workers import nichelm: every node needs this environment."""
+    # Ray >= 2.52 turns token auth on for a cluster started where a token exists (~/.ray/auth_token), but a
+    # driver joining it sends the token only under RAY_AUTH_MODE=token; set that as `ray start` does (a
+    # cluster without auth accepts a driver that sends one). Read when Ray is imported: before it.
+    token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if "RAY_AUTH_MODE" not in os.environ and (token or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
         raise UserError("--executor ray needs Ray: pip install 'nichelm[ray]'") from None
-    if not ray.is_initialized():
-        ray.init(address=opts.address or None, ignore_reinit_error=True, log_to_driver=opts.debug,
+    if ray.is_initialized():
+        return
+    import logging
+    try:
+        ray.init(address=opts.address or None, log_to_driver=opts.debug,
+                 logging_level=logging.INFO if opts.debug else logging.WARNING,
                  runtime_env={"env_vars": {"NICHELM_DEBUG": "1" if opts.debug else "0"}})
+    except ConnectionError as e:
+        raise UserError(f"--address {opts.address or 'auto'}: could not join a Ray cluster ({str(e).splitlines()[0]}); "
+                        "is one running there (`ray start --head` prints its address) and, if it asks for a token, "
+                        "is the token in ~/.ray/auth_token or RAY_AUTH_TOKEN?") from None
+    # A task no node can hold would wait for its resources forever: say so now
+    need = {"CPU": opts.cpus_per_task, "memory": opts.mem_per_cpu_gb * opts.cpus_per_task * 2**30}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+        most = max(nodes, key=lambda r: r.get("memory", 0), default={})
+        raise UserError(f"--executor ray: each task asks for {opts.cpus_per_task} CPU(s) and "
+                        f"{need['memory'] / 2**30:.3g} GB, more than any node of the cluster has (at most "
+                        f"{most.get('CPU', 0):g} CPUs, {most.get('memory', 0) / 2**30:.3g} GB); lower "
+                        "--cpus-per-task or --mem-per-cpu-gb")
+
+
+def ray_executor(pipeline, **kwargs):
+    """A RayPipelineExecutor whose failed tasks leave their error in LOGS/errors/RANK.json, so that
+    run_ray can report it: datatrove's own Ray executor only logs a task's exception."""
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    class RayExecutor(RayPipelineExecutor):
+        def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+            try:
+                return super()._run_for_rank(rank, local_rank, node_rank)
+            except Exception as e:
+                with self.logging_dir.open(f"errors/{rank:05d}.json", "w") as f:
+                    json.dump({"user_error": isinstance(e, UserError), "message": str(e),
+                               "type": type(e).__name__}, f)
+                raise
+
+    with quiet_ray_executor(False):            # its warning that a local logging_dir must be shared (README says so)
+        return RayExecutor(pipeline, **kwargs)
+
+
+@contextmanager
+def quiet_ray_executor(debug: bool):
+    """datatrove's Ray executor driver messages off (unless --debug): run_ray reports failures itself."""
+    from datatrove.utils.logging import logger
+    if debug:
+        yield
+        return
+    logger.disable("datatrove.executor.ray")
+    try:
+        yield
+    finally:
+        logger.enable("datatrove.executor.ray")
+
+
+def run_ray(executors, jobs, work: Path, debug: bool = False) -> None:
+    """Run the jobs in order on the Ray cluster; stop at the first with an unfinished task. (datatrove's
+    `depends` would wait forever for a failed dependency, in 2-minute sleeps.)"""
+    for ex, (name, _, _) in zip(executors, jobs):
+        for rank in ex.get_incomplete_ranks():
+            (pl.job_dir(work, name) / "errors" / f"{rank:05d}.json").unlink(missing_ok=True)
+        with quiet_ray_executor(debug):
+            ex.run()
+        failed = ex.get_incomplete_ranks()
+        if not failed:
+            continue
+        rank = failed[0]
+        try:
+            info = json.loads((pl.job_dir(work, name) / "errors" / f"{rank:05d}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = None                # none written: the worker died (out of memory, node lost, ...)
+        if info and info["user_error"]:
+            raise UserError(info["message"])
+        cause = f"{info['type']}: {info['message']}" if info else "its worker died"
+        raise UserError(f"ray: {len(failed)} {name} task(s) failed, first task {rank} ({cause}); its log: "
+                        f"{pl.job_dir(work, name) / 'logs' / f'task_{rank:05d}.log'}; re-run the same command "
+                        "to resume")
 
 
 # ------------------------------------------------------------------ console
