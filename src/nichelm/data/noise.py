@@ -52,6 +52,9 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import reduce
+from itertools import accumulate
+from operator import add, attrgetter, itemgetter
 
 from rapidfuzz.distance import Levenshtein
 
@@ -233,6 +236,9 @@ _LIGATURES: dict[str, tuple[tuple[str, float], ...]] = {
 }
 
 _BURST_WINDOW = 6  # characters either side of the previous event
+_SPACE = ((" ", 1.0),)  # spurious space: inserted after a letter
+_HYPHEN = (("- ", 1.0),)  # line-end hyphenation: inserted inside a word
+_UNORDERED = frozenset({"multi", "ligature", "deletion"})  # finders that list sites out of text order
 
 # (gold, OCR) pairs that count as the ligature error type.
 _LIGATURE_PAIRS = frozenset((src, repl) for src, pairs in _LIGATURES.items() for repl, _ in pairs)
@@ -252,6 +258,7 @@ class _Options:
     weights: tuple[float, ...]
     total: float  # sum of weights; also the site's sampling weight
     cost_sum: float  # sum of weight * Levenshtein(source, replacement)
+    cum_weights: tuple[float, ...]  # running sums of weights, for _choose
 
     @classmethod
     def build(cls, src: str, pairs: tuple[tuple[str, float], ...]) -> _Options:
@@ -261,6 +268,7 @@ class _Options:
             weights=tuple(w for _, w in pairs),
             total=sum(w for _, w in pairs),
             cost_sum=sum(w * Levenshtein.distance(src, r) for r, w in pairs),
+            cum_weights=tuple(accumulate(w for _, w in pairs)),
         )
 
 
@@ -275,20 +283,70 @@ class _TypeSites:
     sites: list[_Site]
     starts: list[int]
     cum_weights: list[float]
-    mean_cost: float
 
     @classmethod
-    def build(cls, sites: list[_Site]) -> _TypeSites | None:
-        sites = [s for s in sites if s[2].total > 0]
+    def build(cls, sites: list[_Site], ordered: bool = True) -> _TypeSites | None:
+        """Sites with a positive weight (the finders drop the others), sorted by span unless
+        ``ordered`` says they already are; None if there is none."""
         if not sites:
             return None
-        sites.sort(key=lambda s: (s[0], s[1]))
-        cum, acc, cost = [], 0.0, 0.0
-        for _, _, opts in sites:
-            acc += opts.total
-            cost += opts.cost_sum
-            cum.append(acc)
-        return cls(sites, [s[0] for s in sites], cum, cost / acc)
+        if not ordered:
+            sites.sort(key=_SPAN)  # (start, end) never ties within one type
+        cum = list(accumulate(map(_TOTAL, map(_OPTS, sites))))  # sequential sums, as choices() expects
+        return cls(sites, list(map(_START, sites)), cum)
+
+    def mean_cost(self) -> float:
+        return reduce(add, map(_COST, map(_OPTS, self.sites)), 0.0) / self.cum_weights[-1]
+
+
+_SPAN, _START, _OPTS = itemgetter(0, 1), itemgetter(0), itemgetter(2)
+_TOTAL, _COST = attrgetter("total"), attrgetter("cost_sum")
+
+
+def _exact(x: float) -> bool:
+    """True when count * x summed over a text is exact in floating point whatever the order
+    (a multiple of 1/256 below 256, texts below _COUNTED_CHARS): counting then gives the very
+    sums that adding site by site gives."""
+    return 0 <= x < 256 and (x * 256).is_integer()
+
+
+_COUNTED_CHARS = 1 << 24
+_COUNTED_TABLE = 1024  # at most this many sources in a counted table
+
+
+class _CharClasses(dict):
+    """``str.translate`` table that reduces text to what the site finders look at: letters -> "a"
+    (but "s" and "f" stay: long s needs them), " " stays, other whitespace -> "\t", the rest -> ".".
+    Filled on first sight of each character (``str.isalpha``/``isspace`` decide, as in the finders)."""
+
+    def __missing__(self, code: int) -> str:
+        c = chr(code)
+        cls = c if c in "sf" or c == " " else "a" if c.isalpha() else "\t" if c.isspace() else "."
+        self[code] = cls
+        return cls
+
+
+_CLASSES = _CharClasses()
+_LETTER_RUN = re.compile("[asf]+")
+_LONG_S_SITE = re.compile("s(?=[as])")
+_LETTER_PAIR = re.compile("[asf](?=[asf])")
+_LOST_SPACE_SITE = re.compile("(?<=[^ \t]) (?=[^ \t])")
+
+
+def _starts(pattern: re.Pattern, text: str) -> list[int]:
+    """Where pattern matches text reduced to its character classes (_CharClasses)."""
+    return [m.start() for m in pattern.finditer(text.translate(_CLASSES))]
+
+
+def _choose(rng: random.Random, population: Sequence, cum_weights: Sequence[float]):
+    """``rng.choices(population, cum_weights=cum_weights)[0]`` without its per-call set-up: the
+    same single draw (``random()`` times the total, then bisect), hence the same result; with
+    ``weights=w`` choices draws exactly this with ``cum_weights = accumulate(w)``."""
+    return population[bisect.bisect(cum_weights, rng.random() * (cum_weights[-1] + 0.0), 0, len(population) - 1)]
+
+
+def _positive(table: dict[str, _Options]) -> dict[str, _Options]:
+    return {src: o for src, o in table.items() if o.total > 0}
 
 
 def _stable_seed(seed: int, key: int | str) -> int:
@@ -323,6 +381,12 @@ def _merge(
             for repl, w in pairs:
                 slot[repl] = slot.get(repl, 0.0) + w
     return {src: tuple(pairs.items()) for src, pairs in merged.items()}
+
+
+def _overlaps(needle: str) -> bool:
+    """Whether two occurrences of needle can overlap ("ll" in "lll"): only then does str.count,
+    which skips overlaps, count fewer than _find_all finds."""
+    return any(needle[:k] == needle[-k:] for k in range(1, len(needle)))
 
 
 def _find_all(text: str, needle: str) -> list[int]:
@@ -393,11 +457,40 @@ class OCRNoise:
                 self._delete = _Options.build("x", deletions.pop(_ANY_CHAR))  # uncovered chars
                 self._deletions = self._options_table(deletions)
                 self._deletions_longer = {src: o for src, o in self._deletions.items() if len(src) > 1}
-        self._substitutions = self._options_table(substitutions)
-        self._multi = self._options_table(multi)
-        self._ligatures = self._options_table(_LIGATURES)
+        # sources whose options all have weight 0 can never be hit: left out of the site tables
+        self._substitutions = _positive(self._options_table(substitutions))
+        self._multi = _positive(self._options_table(multi))
+        self._ligatures = _positive(self._options_table(_LIGATURES))
         self._long_s = _Options.build("s", _LONG_S[profile])
         self._char_options: dict[tuple[str, str], _Options] = {}
+        self._finders = {
+            "substitution": self._substitution_sites,
+            "multi": lambda t: self._table_sites(t, self._multi),
+            "deletion": self._deletion_sites,
+            "insertion": self._insertion_sites,
+            "spurious_space": self._spurious_space_sites,
+            "lost_space": self._lost_space_sites,
+            "hyphenation": self._hyphenation_sites,
+            "long_s": self._long_s_sites,
+            "ligature": lambda t: self._table_sites(t, self._ligatures),
+        }
+        # Types whose sites all carry options of the same weight and cost (the character kept by an
+        # insertion does not change either): their mean cost needs only the number of sites.
+        uniform = {
+            "insertion": self._insert_after("x", self._inserted, "ins"),
+            "spurious_space": self._insert_after("x", _SPACE, "space"),
+            "hyphenation": self._insert_after("x", _HYPHEN, "hyph"),
+            "lost_space": self._delete,
+            "long_s": self._long_s,
+        }
+        if self._deletions is None:
+            uniform["deletion"] = self._delete
+        self._uniform = {name: o for name, o in uniform.items() if _exact(o.total) and _exact(o.cost_sum)}
+        # Types with a table of sources: their sites can be counted per source when the table is exact.
+        tables = {"substitution": self._substitutions, "multi": self._multi, "ligature": self._ligatures}
+        self._counted_tables = {
+            name: [(src, o, _overlaps(src)) for src, o in table.items()] for name, table in tables.items()
+            if len(table) <= _COUNTED_TABLE and all(_exact(o.total) and _exact(o.cost_sum) for o in table.values())}
 
     @classmethod
     def from_fit(cls, fit: dict, seed: int = 0, burstiness: float = 0.25, **overrides) -> OCRNoise:
@@ -432,13 +525,14 @@ class OCRNoise:
         if self.target_cer <= 0 or not text.strip():
             return text
         rng = random.Random(_stable_seed(self.seed, key))
-        available = self._available_types(text)
-        if not available:
+        built: dict[str, _TypeSites] = {}  # sites per type, built when first needed
+        costs = self._type_costs(text, built)
+        if not costs:
             return text
-        shares = {name: self.weights[name] for name in available}
-        per_event = sum(shares[n] * available[n].mean_cost for n in shares) / sum(shares.values())
+        shares = {name: self.weights[name] for name in costs}
+        per_event = sum(shares[n] * costs[n] for n in shares) / sum(shares.values())
         n_events = _poisson(rng, self.target_cer * len(text) / per_event)
-        out = self._apply_events(text, n_events, available, shares, rng)
+        out = self._apply_events(text, n_events, built, shares, rng)
         # Guard: a short input must never vanish (e.g. "a" with a deletion).
         return out if out.strip() else text
 
@@ -450,26 +544,62 @@ class OCRNoise:
 
     # -- sites ------------------------------------------------------------
 
-    def _available_types(self, text: str) -> dict[str, _TypeSites]:
-        """Sites per error type that has a positive weight and occurs in text."""
-        finders = {
-            "substitution": self._substitution_sites,
-            "multi": lambda t: self._table_sites(t, self._multi),
-            "deletion": self._deletion_sites,
-            "insertion": self._insertion_sites,
-            "spurious_space": self._spurious_space_sites,
-            "lost_space": self._lost_space_sites,
-            "hyphenation": self._hyphenation_sites,
-            "long_s": self._long_s_sites,
-            "ligature": lambda t: self._table_sites(t, self._ligatures),
-        }
-        available = {}
+    def _type_costs(self, text: str, built: dict[str, _TypeSites]) -> dict[str, float]:
+        """Mean edit cost per event of each error type that has a positive weight and a site in text.
+
+        Speed: most types are never hit in a short text, so building every site list (a Python
+        tuple per character and type) is wasted. Types whose options all weigh and cost alike
+        (``self._uniform``), and table types whose table is exact (``self._counted_tables``), are
+        counted with whole-string operations instead; ``_exact`` makes those counts give the very
+        floating-point sums that ``_TypeSites.build`` gives, so the draws do not change. Other types
+        build their sites now, into ``built``.
+        """
+        counted = len(text) < _COUNTED_CHARS
+        counts = self._site_counts(text) if counted else {}
+        chars = Counter(text) if counted and self._counted_tables else None
+        costs = {}
         for name in ERROR_TYPES:
-            if self.weights[name] > 0:
-                sites = _TypeSites.build(finders[name](text))
-                if sites is not None:
-                    available[name] = sites
-        return available
+            if self.weights[name] <= 0:
+                continue
+            opts = self._uniform.get(name)
+            if counted and opts is not None:
+                n = counts[name]
+                if n and opts.total > 0:
+                    costs[name] = (n * opts.cost_sum) / (n * opts.total)
+            elif counted and name in self._counted_tables:
+                acc = cost = 0.0
+                for src, o, overlaps in self._counted_tables[name]:
+                    # one character: counted in the one pass over text; longer: str.count unless
+                    # occurrences can overlap, which it would miss
+                    n = chars[src] if len(src) == 1 else len(_find_all(text, src)) if overlaps else text.count(src)
+                    if n:
+                        acc += n * o.total
+                        cost += n * o.cost_sum
+                if acc > 0:
+                    costs[name] = cost / acc
+            else:
+                typed = self._build_sites(name, text)
+                if typed is not None:
+                    built[name] = typed
+                    costs[name] = typed.mean_cost()
+        return costs
+
+    def _build_sites(self, name: str, text: str) -> _TypeSites | None:
+        return _TypeSites.build(self._finders[name](text), ordered=name not in _UNORDERED)
+
+    @staticmethod
+    def _site_counts(text: str) -> dict[str, int]:
+        """Number of sites of each uniform type, as the finders below would list them."""
+        mask = text.translate(_CLASSES)
+        non_space = len(mask) - mask.count(" ") - mask.count("\t")
+        spurious = hyphen = 0
+        for m in _LETTER_RUN.finditer(mask):
+            run = m.end() - m.start()
+            spurious += run - 1  # letter followed by a letter
+            hyphen += max(0, run - 5)  # >= 3 letters either side of the split
+        return {"deletion": non_space if len(text) >= 2 else 0, "insertion": non_space,
+                "spurious_space": spurious, "hyphenation": hyphen,
+                "lost_space": len(_LOST_SPACE_SITE.findall(mask)), "long_s": len(_LONG_S_SITE.findall(mask))}
 
     def _insert_after(self, char: str, inserted: tuple[tuple[str, float], ...], tag: str) -> _Options:
         """Options that keep ``char`` and insert something after it (cached)."""
@@ -492,55 +622,54 @@ class OCRNoise:
         if len(text) < 2:
             return []
         if self._deletions is None:
-            return [(i, i + 1, self._delete) for i, c in enumerate(text) if not c.isspace()]
+            if self._delete.total <= 0:
+                return []
+            opts, chars = self._delete, {c for c in set(text) if not c.isspace()}
+            return [(i, i + 1, opts) for i, c in enumerate(text) if c in chars]
         table, fallback = self._deletions, self._delete
         sites = [(i, i + 1, table.get(c, fallback)) for i, c in enumerate(text) if not c.isspace()]
-        return sites + self._table_sites(text, self._deletions_longer) if self._deletions_longer else sites
+        if self._deletions_longer:
+            sites += self._table_sites(text, self._deletions_longer)
+        return [s for s in sites if s[2].total > 0]
+
+    def _after_each(self, text: str, inserted: tuple[tuple[str, float], ...], tag: str, letters: bool) -> dict:
+        """_insert_after options for each distinct letter (letters) or non-space character of text."""
+        keep = str.isalpha if letters else (lambda c: not c.isspace())
+        return {c: self._insert_after(c, inserted, tag) for c in set(text) if keep(c)}
 
     def _insertion_sites(self, text: str) -> list[_Site]:
-        return [
-            (i, i + 1, self._insert_after(c, self._inserted, "ins"))
-            for i, c in enumerate(text)
-            if not c.isspace()
-        ]
+        if self._insert_after("x", self._inserted, "ins").total <= 0:
+            return []
+        opts = self._after_each(text, self._inserted, "ins", letters=False)
+        return [(i, i + 1, opts[c]) for i, c in enumerate(text) if c in opts]
 
     def _spurious_space_sites(self, text: str) -> list[_Site]:
-        space = ((" ", 1.0),)
-        return [
-            (i, i + 1, self._insert_after(text[i], space, "space"))
-            for i in range(len(text) - 1)
-            if text[i].isalpha() and text[i + 1].isalpha()
-        ]
+        """A letter followed by a letter (a space inserted between them)."""
+        opts = self._after_each(text, _SPACE, "space", letters=True)
+        return [(i, i + 1, opts[text[i]]) for i in _starts(_LETTER_PAIR, text)]
 
     def _lost_space_sites(self, text: str) -> list[_Site]:
-        return [
-            (i, i + 1, self._delete)
-            for i in range(1, len(text) - 1)
-            if text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace()
-        ]
+        """A single space between two non-space characters."""
+        if self._delete.total <= 0:
+            return []
+        opts = self._delete
+        return [(i, i + 1, opts) for i in _starts(_LOST_SPACE_SITE, text)]
 
     def _hyphenation_sites(self, text: str) -> list[_Site]:
         """Line-end splits ``construc- tion``: >= 3 letters either side."""
-        hyphen = (("- ", 1.0),)
-        sites, run = [], 0
-        letters = [c.isalpha() for c in text] + [False]
-        for i, is_letter in enumerate(letters):
-            if is_letter:
-                run += 1
-                continue
-            start = i - run  # word occupies text[start:i]
-            for j in range(start + 2, i - 3):  # split after text[j]
-                sites.append((j, j + 1, self._insert_after(text[j], hyphen, "hyph")))
-            run = 0
+        opts = self._after_each(text, _HYPHEN, "hyph", letters=True)
+        sites = []
+        for word in _LETTER_RUN.finditer(text.translate(_CLASSES)):
+            # split after text[j]
+            sites += [(j, j + 1, opts[text[j]]) for j in range(word.start() + 2, word.end() - 3)]
         return sites
 
     def _long_s_sites(self, text: str) -> list[_Site]:
         """Non-final ``s`` (printers used round s at word end and before f)."""
-        return [
-            (i, i + 1, self._long_s)
-            for i in range(len(text) - 1)
-            if text[i] == "s" and text[i + 1].isalpha() and text[i + 1] != "f"
-        ]
+        if self._long_s.total <= 0:
+            return []
+        opts = self._long_s
+        return [(i, i + 1, opts) for i in _starts(_LONG_S_SITE, text)]
 
     # -- applying events --------------------------------------------------
 
@@ -548,27 +677,33 @@ class OCRNoise:
         self,
         text: str,
         n_events: int,
-        available: dict[str, _TypeSites],
+        built: dict[str, _TypeSites],
         shares: dict[str, float],
         rng: random.Random,
     ) -> str:
-        """Apply up to n_events non-overlapping edits and return the result."""
+        """Apply up to n_events non-overlapping edits and return the result (the sites of a type
+        are built into ``built`` when the type is first drawn)."""
         cells = list(text)
         # damaged[i + 1] marks text[i]; the padding avoids bounds checks.
         damaged = bytearray(len(text) + 2)
         last: int | None = None
         shares = dict(shares)
+        names, cum = list(shares), list(accumulate(shares.values()))
         for _ in range(n_events):
             site = None
             while site is None and shares:
-                name = rng.choices(list(shares), weights=list(shares.values()))[0]
-                site = self._pick_site(available[name], damaged, last, rng)
+                name = _choose(rng, names, cum)
+                typed = built.get(name)
+                if typed is None:
+                    typed = built[name] = self._build_sites(name, text)
+                site = self._pick_site(typed, damaged, last, rng)
                 if site is None:
                     del shares[name]  # every site of this type is used up
+                    names, cum = list(shares), list(accumulate(shares.values()))
             if site is None:
                 break
             start, end, opts = site
-            cells[start] = rng.choices(opts.repls, weights=opts.weights)[0]
+            cells[start] = _choose(rng, opts.repls, opts.cum_weights)
             for i in range(start + 1, end):
                 cells[i] = ""
             damaged[start + 1 : end + 1] = b"\x01" * (end - start)
@@ -585,22 +720,22 @@ class OCRNoise:
         """Weighted choice of a site whose span and neighbours are untouched."""
 
         def free(site: _Site) -> bool:
-            return not any(damaged[site[0] : site[1] + 2])
+            return damaged.find(1, site[0], site[1] + 2) < 0
 
         if last is not None and rng.random() < self.burstiness:
             lo = bisect.bisect_left(typed.starts, last - _BURST_WINDOW)
             hi = bisect.bisect_right(typed.starts, last + _BURST_WINDOW)
             near = [s for s in typed.sites[lo:hi] if free(s)]
             if near:
-                return rng.choices(near, weights=[s[2].total for s in near])[0]
+                return _choose(rng, near, list(accumulate(map(_TOTAL, map(_OPTS, near)))))
         for _ in range(8):  # rejection sampling: cheap while most text is clean
-            site = rng.choices(typed.sites, cum_weights=typed.cum_weights)[0]
+            site = _choose(rng, typed.sites, typed.cum_weights)
             if free(site):
                 return site
         remaining = [s for s in typed.sites if free(s)]
         if not remaining:
             return None
-        return rng.choices(remaining, weights=[s[2].total for s in remaining])[0]
+        return _choose(rng, remaining, list(accumulate(map(_TOTAL, map(_OPTS, remaining)))))
 
 
 # ---------------------------------------------------------------- calibration
