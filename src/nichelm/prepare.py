@@ -9,6 +9,7 @@ the example encoder, the fingerprint and the swap of a finished build into RUN/d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -139,7 +140,21 @@ def prepare(project: Project, force: bool = False, options=None) -> dict:
     previous data whole at the end, so a failed or killed (re)build leaves it exactly as it was; a
     killed build re-run with the same command resumes its unfinished tasks."""
     from nichelm.prepare_pipeline import prepare_with_pipeline
-    return prepare_with_pipeline(project, force=force, options=options)
+    return prepare_with_pipeline(with_selection(project), force=force, options=options)
+
+
+def with_selection(project: Project) -> Project:
+    """The project as prepare builds it: generic and target sources are not task data; the selection
+    `nichelm select` made from them (RUN/select/selected.jsonl) comes in as one clean source instead.
+    A project without generic sources is returned as it is."""
+    from nichelm.selection import selected_source
+    if not any(s.role in ("generic", "target") for s in project.sources):
+        return project
+    selected = selected_source(project)            # a UserError when not selected yet, or out of date
+    # names fixed before sources are dropped: the split hash and calibrate_on use them
+    kept = [dataclasses.replace(s, name=source_name(s, i)) for i, s in enumerate(project.sources)
+            if s.role in ("pairs", "clean")]
+    return dataclasses.replace(project, sources=kept + ([selected] if selected else []))
 
 
 def already_prepared(project: Project, fp: str) -> dict | None:

@@ -1,0 +1,285 @@
+"""`nichelm select`: resample the generic sources so that they look like the task's own text.
+
+The methods (nichelm.selection.core): `dsir` (Xie et al. 2023: hashed n-gram importance weights,
+Gumbel top-k) and `clusters` (Grangier et al., "Need a Small Specialized Language Model? Plan
+Early!": k-means clusters, the target's cluster histogram). This module ties them to a project:
+
+- the generic corpus: sources with role = "generic" (jsonl / text / parquet, streamed);
+- the target: sources with role = "target", else the gold side of the task's pairs and clean
+  sources; only documents of the train split (prepare's seeded split by document), so the
+  held-out specialist text stays held out (perplexity is measured on the test split);
+- the outputs, RUN/select/selected.jsonl (one chosen document a line: id, text, source, licence,
+  cluster, weight = log importance weight, and the record's domain / origin when known; a
+  document chosen k times, which only `clusters` does, is written k times, copies 2..k with id
+  "ID~COPY") and RUN/select/selection.json (settings, per-source / per-domain / per-cluster shares,
+  DSIR's KL reduction, samples). A re-run with the same settings and sources reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from nichelm.config import Project, SelectConfig, SourceConfig, source_name
+from nichelm.errors import UserError
+from nichelm.io import atomic_file, atomic_write_json
+from nichelm.selection.core import BATCH_CHARS, Pick, Selection, iter_picks, select_corpus
+from nichelm.selection.features import NgramBatch, TokenHashes, kl
+from nichelm.selection.records import Corpus, Record, iter_records, list_corpus
+
+__all__ = ["Record", "Selection", "list_corpus", "select_corpus", "select_project", "selected_source",
+           "target_records", "generic_corpus", "write_selection"]
+
+SAMPLE_CHARS = 300          # characters of each sample document shown in selection.json
+SAMPLES = 3                 # sample documents per top cluster (dsir: top documents)
+TOP = 5                     # top clusters / documents shown
+
+
+def _sources(project: Project, role: str) -> list[tuple[int, SourceConfig]]:
+    return [(i, s) for i, s in enumerate(project.sources) if s.role == role]
+
+
+def generic_corpus(project: Project) -> Corpus:
+    """Every role = "generic" source, streamed in project order (max_documents applies to each)."""
+    sources = _sources(project, "generic")
+    if not sources:
+        raise UserError(f"{project.source_file}: no source with role = \"generic\"; select resamples generic "
+                        "sources (jsonl, text or parquet) to match the target: add one")
+
+    def records():
+        for i, src in sources:
+            it = iter_records(project.resolve(src.path), src.format, name=source_name(src, i), licence=src.licence,
+                              text_field=src.text_field, id_field=src.id_field, on_bad_record=src.on_bad_record)
+            for n, rec in enumerate(it, 1):
+                yield rec
+                if src.max_documents and n >= src.max_documents:
+                    break
+    return records
+
+
+def target_records(project: Project, split: str = "train") -> list[Record]:
+    """The target's documents of one split: role = "target" sources, else the gold side of the pairs and
+    clean sources (read as prepare reads them). The split is prepare's: fixed per source or by
+    a seeded hash of (seed, source, document id)."""
+    from nichelm.prepare import split_of
+    chosen = _sources(project, "target") or [(i, s) for i, s in enumerate(project.sources)
+                                             if s.role in ("pairs", "clean")]
+    out = []
+    for i, src in chosen:
+        name = source_name(src, i)
+        for rec in _source_documents(project, i, src):
+            doc_split = src.split if src.split != "auto" else split_of(
+                project.seed, name, rec.id, project.split.val_fraction, project.split.test_fraction)
+            if doc_split == split:
+                out.append(rec)
+    return out
+
+
+def _source_documents(project: Project, index: int, src: SourceConfig) -> list[Record]:
+    name = source_name(src, index)
+    if src.role == "target":
+        docs = iter_records(project.resolve(src.path), src.format, name=name, licence=src.licence,
+                            text_field=src.text_field, id_field=src.id_field, on_bad_record=src.on_bad_record)
+        return list(docs)[: src.max_documents or None]
+    from nichelm.data.readers import read_documents
+    from nichelm.prepare import FILTERS
+    docs = read_documents(
+        project.resolve(src.path), src.format,
+        input_field="" if src.role == "clean" and src.format == "csv" else src.input_field,
+        output_field=src.output_field, text_field=src.text_field, id_field=src.id_field or None,
+        gold_path=project.resolve(src.gold_path) if src.gold_path else None)[: src.max_documents or None]
+    out = []
+    for doc in docs:
+        text = "".join(s.output for s in doc.segments)
+        for f in src.filters:
+            text = FILTERS[f](text)
+        out.append(Record(name, doc.doc_id, text, src.licence))
+    return out
+
+
+# ------------------------------------------------------------------ outputs
+
+def _fingerprint(project: Project) -> str:
+    """Settings and source files (size, mtime) that the selection depends on."""
+    def state(path: Path) -> list:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    used = [s for s in project.sources if s.role in ("generic", "target", "pairs", "clean")]
+    data = {"select": project.to_dict()["select"], "seed": project.seed, "split": project.to_dict()["split"],
+            "sources": [{**vars(s), "files": state(project.resolve(s.path))} for s in used]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _seed(project: Project) -> int:
+    return project.seed if project.select.seed < 0 else project.select.seed
+
+
+def select_project(project: Project, force: bool = False, log=None) -> dict:
+    """Run the selection of a project; write RUN/select/selected.jsonl and selection.json; return the report."""
+    out = project.run_path / "select"
+    fp = _fingerprint(project)
+    done = out / "selection.json"
+    if not force and done.is_file() and (out / "selected.jsonl").is_file():
+        report = json.loads(done.read_text(encoding="utf-8"))
+        if report.get("fingerprint") == fp:
+            report["reused"] = True
+            return report
+    corpus = generic_corpus(project)
+    target = target_records(project, "train")
+    if not target:
+        raise UserError(f"{project.source_file}: the target has no train-split document (role = \"target\" sources, "
+                        "else pairs / clean sources); add target text or lower split.val_fraction / test_fraction")
+    kwargs = {"log": log} if log else {}
+    selection = select_corpus(corpus, [r.text for r in target], project.select, _seed(project), **kwargs)
+    report = write_selection(corpus, selection, out / "selected.jsonl", project.select)
+    report["fingerprint"] = fp
+    report["target_sources"] = sorted({r.source for r in target})
+    atomic_write_json(done, report)
+    return report
+
+
+def selected_source(project: Project) -> SourceConfig | None:
+    """The selection as a clean jsonl source for prepare (name "selected"; each line's own licence is in
+    the file), or None when the project has no generic source. A missing or out-of-date selection
+    is a UserError that says to run `nichelm select`."""
+    if not _sources(project, "generic"):
+        return None
+    out = project.run_path / "select"
+    try:
+        report = json.loads((out / "selection.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = None
+    if report is None or not (out / "selected.jsonl").is_file():
+        raise UserError(f"{project.source_file}: the generic sources are not selected yet; run `nichelm select "
+                        f"{project.source_file}` first")
+    if report.get("fingerprint") != _fingerprint(project):
+        raise UserError(f"{project.source_file}: {out / 'selection.json'} was made with other [select] settings or "
+                        f"sources; run `nichelm select {project.source_file}` again")
+    licences = Counter()
+    for src in report["per_source"].values():
+        licences.update(src["licences"])
+    summary = "; ".join(f"{name} ({n:,} documents)" for name, n in licences.most_common())
+    return SourceConfig(path=str(out / "selected.jsonl"), format="jsonl", role="clean", name="selected",
+                        licence=f"per document (selected.jsonl 'licence'): {summary}", input_field="",
+                        output_field="text", id_field="id")
+
+
+def _row(rec: Record, pick: Pick, copy: int) -> dict:
+    row = {"id": rec.id if copy == 1 else f"{rec.id}~{copy}", "text": rec.text, "source": rec.source,
+           "licence": rec.licence or "unspecified", "cluster": pick.cluster if pick.cluster >= 0 else None,
+           "weight": pick.weight}
+    if rec.domain:
+        row["domain"] = rec.domain
+    if rec.origin:
+        row["origin"] = rec.origin
+    if copy > 1:
+        row["copy"] = copy
+    return row
+
+
+def write_selection(corpus: Corpus, selection: Selection, path: Path | None, cfg: SelectConfig) -> dict:
+    """Write the chosen documents (jsonl, atomically; path None: write nothing) and return the selection
+    report: what was chosen, from where, under which licences, and how much closer to the target it is (DSIR's
+    KL reduction over hashed n-grams: KL(target || generic) - KL(target || selected))."""
+    t0 = time.monotonic()
+    hashes = TokenHashes()
+    selected_counts = np.zeros(cfg.buckets)
+    per_source = defaultdict(Counter)
+    licences = defaultdict(Counter)
+    per_domain = Counter()
+    per_cluster = Counter()
+    samples = defaultdict(list)              # cluster (or -1) -> [(weight, id, text start)]
+    docs = tokens = 0
+    batch, weights, batch_chars = [], [], 0
+
+    def flush():
+        nonlocal batch_chars
+        if batch:
+            selected_counts[:] += NgramBatch(batch, hashes).counts(cfg.buckets, weights)
+            batch.clear()
+            weights.clear()
+            batch_chars = 0
+
+    with atomic_file(path) if path is not None else nullcontext() as f:
+        for rec, pick in iter_picks(corpus, selection):
+            for copy in range(1, pick.copies + 1) if f is not None else ():
+                f.write((json.dumps(_row(rec, pick, copy), ensure_ascii=False) + "\n").encode("utf-8"))
+            n = pick.copies
+            docs += n
+            tokens += n * pick.n_tokens
+            per_source[rec.source]["documents"] += n
+            per_source[rec.source]["tokens"] += n * pick.n_tokens
+            per_source[rec.source]["distinct_documents"] += 1
+            licences[rec.source][rec.licence or "unspecified"] += n
+            if rec.domain:
+                per_domain[rec.domain] += n
+            per_cluster[pick.cluster] += n
+            samples[pick.cluster].append((pick.weight, rec.id, rec.text[:SAMPLE_CHARS]))
+            if len(samples[pick.cluster]) > 4 * SAMPLES:           # keep the best few only
+                samples[pick.cluster] = sorted(samples[pick.cluster], reverse=True)[:SAMPLES]
+            batch.append(rec.text)
+            weights.append(n)
+            batch_chars += len(rec.text)
+            if batch_chars >= BATCH_CHARS:
+                flush()
+        flush()
+    facts = selection.facts
+    kl_generic = kl(selection.target_counts, selection.generic_counts)
+    kl_selected = kl(selection.target_counts, selected_counts) if docs else None
+    report = {
+        "method": facts["method"], "settings": {k: facts[k] for k in ("mode", "seed", "buckets", "min_tokens", "size")},
+        "selected": {"documents": docs, "distinct_documents": len(selection.picks), "tokens": tokens},
+        "generic": {"documents": facts["generic_documents"], "chars": facts["generic_chars"],
+                    "eligible_documents": facts["eligible_documents"],
+                    "too_short_documents": facts["too_short_documents"],
+                    "fit_sample_documents": facts["fit_sample_documents"]},
+        "target": {"documents": facts["target_documents"], "tokens": facts["target_tokens"]},
+        "kl": {"target_vs_generic": kl_generic, "target_vs_selected": kl_selected,
+               "reduction": None if kl_selected is None else kl_generic - kl_selected},
+        "per_source": {name: {**c, "share": c["documents"] / docs if docs else 0.0,
+                              "seen_documents": facts["generic_documents_per_source"].get(name, 0),
+                              "licences": dict(licences[name])}
+                       for name, c in sorted(per_source.items())},
+        "per_domain": {d: {"documents": n, "share": n / docs} for d, n in per_domain.most_common()},
+        "seconds": round(facts["seconds"] + time.monotonic() - t0, 3),
+        "output": str(path) if path is not None else None,
+    }
+    if selection.clusters is not None:
+        table = [{**row, "selected_share": per_cluster[row["cluster"]] / docs if docs else 0.0}
+                 for row in selection.clusters]
+        report["k"], report["embedding"] = facts["k"], facts["embedding"]
+        report["clusters"] = table
+        ranked = sorted((r for r in table if r["log_weight"] is not None and per_cluster[r["cluster"]]),
+                        key=lambda r: -r["log_weight"])[:TOP]
+        report["top_clusters"] = [{"cluster": r["cluster"], "log_weight": r["log_weight"],
+                                   "samples": [{"id": i, "text": t} for _, i, t in
+                                               sorted(samples[r["cluster"]], reverse=True)[:SAMPLES]]}
+                                  for r in ranked]
+    else:
+        best = sorted(samples[-1], reverse=True)[:TOP]
+        report["top_documents"] = [{"id": i, "log_weight": w, "text": t} for w, i, t in best]
+    return report
+
+
+def print_report(report: dict, file=None) -> None:
+    file = file or sys.stdout              # looked up now: tests and callers may swap it
+    sel, gen = report["selected"], report["generic"]
+    again = " (reused: same settings and sources)" if report.get("reused") else ""
+    print(f"select ({report['method']}){again}: {sel['documents']:,} documents, {sel['tokens']:,} tokens "
+          f"chosen from {gen['documents']:,} generic documents", file=file)
+    kl_ = report["kl"]
+    if kl_["reduction"] is not None:
+        print(f"KL(target || generic) {kl_['target_vs_generic']:.4f} -> KL(target || selected) "
+              f"{kl_['target_vs_selected']:.4f}: reduction {kl_['reduction']:.4f}", file=file)
+    for name, s in report["per_source"].items():
+        print(f"  {name}: {s['documents']:,} documents ({100 * s['share']:.1f}%)", file=file)
+    for domain, s in list(report["per_domain"].items())[:10]:
+        print(f"  domain {domain}: {100 * s['share']:.1f}%", file=file)
+    print(f"selected: {report['output']}", file=file)
