@@ -293,7 +293,8 @@ class GPT(nn.Module):
             if logits_at is not None:
                 x = x.gather(1, logits_at[:, None, None].expand(B, 1, x.shape[-1]))
             return self.lm_head(x)[..., : self.cfg.vocab_size].float(), None
-        logits = self.lm_head(x).float()
+        # the padded rows (vocabulary rounded up to 128 for speed) are no tokens: keep them out of the softmax
+        logits = self.lm_head(x)[..., : self.cfg.vocab_size].float()
         if loss_mask is not None:
             targets = targets.masked_fill(~loss_mask, -100)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
