@@ -1,6 +1,7 @@
 """Decoding backends (nichelm.backends): CTranslate2 decodes like nichelm's own engine, vLLM gets token-id
-prompts, greedy parameters and per-row budgets (checked with a fake `vllm` module: vLLM is GPU-only),
-and a missing engine is one line naming the fix."""
+prompts, greedy parameters and per-row budgets and its answers decode like nichelm's engine (checked with
+a fake `vllm` module that decodes with transformers: vLLM is GPU-only), and a missing engine is one line
+naming the fix."""
 
 import shutil
 import sys
@@ -31,14 +32,12 @@ def windows_of(corrector, n_docs: int = 12) -> tuple[list[list[int]], list[int]]
     return prompts, budgets
 
 
-@pytest.fixture(scope="module")
-def ending_run(run, tmp_path_factory):
-    """The run with its end-marker logit scaled up until some windows end early and some hit their budget
-    (the barely trained model never ends on its own), so both outcomes are compared."""
+def make_ending_run(run, out):
+    """A copy of `run` at `out` with its end-marker logit scaled up until some windows end early and
+    some hit their budget (the barely trained model never ends on its own), so both outcomes are compared."""
     from safetensors.torch import load_file, save_file
 
     from nichelm.checkpoint import latest_checkpoint
-    out = tmp_path_factory.mktemp("ending") / "run"
     shutil.copytree(run, out, ignore=shutil.ignore_patterns("export"))
     corrector = nichelm.load(out, guard_max_change=-1)
     prompts, budgets = windows_of(corrector)
@@ -58,6 +57,11 @@ def ending_run(run, tmp_path_factory):
     weights["lm_head.weight"][corrector.end_id] *= scale
     save_file(weights, str(path))
     return out
+
+
+@pytest.fixture(scope="module")
+def ending_run(run, tmp_path_factory):
+    return make_ending_run(run, tmp_path_factory.mktemp("ending") / "run")
 
 
 def test_ct2_backend_decodes_like_the_torch_backend(ending_run, tmp_path):
@@ -94,11 +98,15 @@ def test_ct2_backend_takes_a_ct2_export_folder(run):
 
 
 class FakeVLLM:
-    """Stands in for vLLM: records what nichelm passes and decodes greedily with nichelm's own engine on
-    the hf export vLLM was pointed at, answering in vLLM's shapes (finish_reason, token_ids)."""
+    """Stands in for vLLM (GPU only) without using nichelm's engine: records what nichelm passes, loads
+    transformers' model from the hf export vLLM is pointed at, and decodes as vLLM does for these
+    SamplingParams: greedy, one plain uncached forward pass over the whole sequence per token, stopping
+    at a stop token (finish_reason "stop"; vLLM versions differ on keeping it in token_ids, hence
+    keep_stop_token) or after max_tokens tokens ("length"); with prompt_logprobs, each prompt token's
+    log-probability from one forward pass."""
 
     def __init__(self, keep_stop_token: bool = True):
-        self.keep_stop_token, self.calls, self.init = keep_stop_token, [], None
+        self.keep_stop_token, self.calls, self.init, self.raw = keep_stop_token, [], None, []
         self.module = types.ModuleType("vllm")
         fake = self
 
@@ -108,23 +116,44 @@ class FakeVLLM:
 
         class LLM:
             def __init__(self, **kwargs):
+                from transformers import AutoModelForCausalLM
                 fake.init = kwargs
-                self.engine = nichelm.load(kwargs["model"])         # an hf export: nichelm.json, safetensors
+                self.model = AutoModelForCausalLM.from_pretrained(kwargs["model"]).eval()
 
             def generate(self, prompts, params, use_tqdm=True):
                 fake.calls.append((prompts, params))
-                ids = [p["prompt_token_ids"] for p in prompts]
-                gens = self.engine.backend.generate(ids, [p.kwargs["max_tokens"] for p in params])
-                stop = params[0].kwargs["stop_token_ids"]
-                return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
-                    token_ids=tuple(g.tokens + (stop if fake.keep_stop_token and not g.hit_limit else [])),
-                    finish_reason="length" if g.hit_limit else "stop")]) for g in gens]
+                if not isinstance(params, list):            # one SamplingParams for every prompt
+                    params = [params] * len(prompts)
+                assert len(params) == len(prompts)
+                outputs = []
+                for prompt, p in zip(prompts, params):
+                    assert p.kwargs["temperature"] == 0.0, "this fake decodes greedily only"
+                    ids, new, reason = list(prompt["prompt_token_ids"]), [], "length"
+                    prompt_logprobs = None
+                    if p.kwargs.get("prompt_logprobs") is not None:    # each prompt token's log-prob (not the 1st)
+                        with torch.no_grad():
+                            lp = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), -1)
+                        prompt_logprobs = [None] + [{t: types.SimpleNamespace(logprob=float(lp[i, t]))}
+                                                    for i, t in enumerate(ids[1:])]
+                    while len(new) < p.kwargs["max_tokens"]:
+                        with torch.no_grad():
+                            new.append(int(self.model(torch.tensor([ids + new])).logits[0, -1].argmax()))
+                        if new[-1] in (p.kwargs.get("stop_token_ids") or []):
+                            reason = "stop"
+                            new = new if fake.keep_stop_token else new[:-1]
+                            break
+                    fake.raw.append((new, reason))
+                    outputs.append(types.SimpleNamespace(prompt_logprobs=prompt_logprobs, outputs=[
+                        types.SimpleNamespace(token_ids=tuple(new), finish_reason=reason)]))
+                return outputs
 
         self.module.SamplingParams, self.module.LLM = SamplingParams, LLM
 
 
 @pytest.mark.parametrize("keep_stop_token", [True, False])
 def test_vllm_backend_plumbing_with_a_fake_vllm(ending_run, monkeypatch, keep_stop_token):
+    """Token-id prompts, greedy parameters and per-row budgets go in; what comes back (with or without
+    the end token, ended or cut at the budget) decodes like nichelm's own engine."""
     pytest.importorskip("transformers")                   # a run is exported to hf for vLLM
     fake = FakeVLLM(keep_stop_token)
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
@@ -133,15 +162,52 @@ def test_vllm_backend_plumbing_with_a_fake_vllm(ending_run, monkeypatch, keep_st
     assert vllm.backend.name == "vllm" and fake.init["model"] == fake.init["tokenizer"]
     prompts, budgets = windows_of(ours)
     expected = ours.backend.generate(prompts, budgets)
-    assert vllm.backend.generate(prompts, budgets) == expected and {g.hit_limit for g in expected} == {True, False}
+    assert {g.hit_limit for g in expected} == {True, False}
+    got = vllm.backend.generate(prompts, budgets)
     sent, params = fake.calls[-1]
     assert sent == [{"prompt_token_ids": p} for p in prompts]
     assert [p.kwargs for p in params] == [{"temperature": 0.0, "max_tokens": b, "stop_token_ids": [ours.end_id]}
                                           for b in budgets]
+    raw = fake.raw[-len(prompts):]
+    assert {reason for _, reason in raw} == {"stop", "length"}
+    assert any(ours.end_id in tokens for tokens, _ in raw) == keep_stop_token
+    assert got == expected
+    # teacher-forced scores (the guard's margin test) agree too: each row's output, within its budget
+    conts = [g.tokens + ([] if g.hit_limit else [ours.end_id]) for g in expected]
+    assert vllm.backend.score(prompts, conts) == pytest.approx(ours.backend.score(prompts, conts), abs=1e-4)
     docs = [noisy(i) for i in range(6)]
     assert vllm.correct(docs) == ours.correct(docs)
     with pytest.raises(UserError, match="greedily only"):
         nichelm.load(ending_run, backend="vllm", beams=2)
+
+
+def test_vllm_backend_reads_each_finish_reason(monkeypatch, tmp_path):
+    """VLLMBackend on canned engine answers (end marker 0): the end token kept or left out of token_ids,
+    a row cut at its budget, an end token in the budget's last place, an engine that overshoots."""
+    from nichelm.backends import VLLMBackend
+    from nichelm.generate import Generation
+    answers = {(5,): ([7, 8, 0], "stop"), (6,): ([7, 8], "stop"), (7,): ([7, 8, 9], "length"),
+               (8,): ([7, 8, 9, 9], "length"), (9,): ([7, 8], "stop"), (10,): ([], "stop")}
+    calls = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            pass
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls.append(prompts)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                token_ids=answers[tuple(p["prompt_token_ids"])][0],
+                finish_reason=answers[tuple(p["prompt_token_ids"])][1])]) for p in prompts]
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    backend = VLLMBackend(tmp_path, end_id=0)
+    got = backend.generate([[5], [6], [7], [8], [9], [10]], [8, 8, 3, 3, 3, 4])
+    assert got == [Generation([7, 8], False), Generation([7, 8], False), Generation([7, 8, 9], True),
+                   Generation([7, 8, 9], True), Generation([7, 8], False), Generation([], False)]
+    assert backend.generate([], []) == [] and len(calls) == 1      # nothing to decode: the engine is not called
 
 
 def test_a_missing_backend_is_one_line_naming_the_fix(run, tmp_path, monkeypatch, capsys):

@@ -36,11 +36,13 @@ def test_prepare_train_evaluate_correct(tiny_project):
     report = json.loads((run / "eval" / "report.json").read_text())
     for key in ("cer_before", "cer_after", "wer_before", "wer_after", "n_examples", "worse_fraction"):
         assert key in report
-    assert report["n_examples"] > 0 and report["per_source"]
+    assert report["n_examples"] == len(report["per_example"]) > 0 and report["per_source"]
+    assert report["cer_before"] > 0                                          # the test inputs are noisy
 
     proc = subprocess.run([sys.executable, "-m", "nichelm", "correct", "--run", str(run), "-"],
                           input="The meeting was held.", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()                     # a correction is printed (the input where the guard kept it)
 
 
 def test_prepare_is_reused_and_overrides_apply(tiny_project, tmp_path):

@@ -26,6 +26,10 @@ def test_known_distances():
     assert word_distance("the cat", "the cat sat down") == 2
     # Whitespace runs do not count as words.
     assert word_distance("the  cat\n", "the cat") == 0
+    # Unit costs, no transposition operation: a swap is 2 edits.
+    assert char_distance("ab", "ba") == 2 and char_distance("flaw", "lawn") == 2
+    assert char_distance("ſ", "s") == 1 and char_distance("été", "ete") == 2    # one edit per character
+    assert word_distance("a b c", "c b a") == 2
 
 
 def test_empty_score_is_zero():
@@ -47,13 +51,13 @@ def test_corpus_score_accumulates():
 
 
 def test_micro_average_differs_from_macro():
-    """One wrong short line and one clean long line: micro CER is small."""
+    """One wrong short line and one clean long line: the corpus CER is 1 edit over 100 reference
+    characters (1%), not the mean of the lines' rates ((100% + 0%) / 2 = 50%)."""
     long_ref = "x" * 99
-    pairs = [("b", "a"), (long_ref, long_ref)]
-    micro = score_pairs(pairs).cer
-    macro = sum(char_distance(h, r) / len(r) for h, r in pairs) / len(pairs)
-    assert micro == pytest.approx(1 / 100)
-    assert macro == pytest.approx(0.5)
+    score = score_pairs([("b", "a"), (long_ref, long_ref)])
+    assert (score.char_errors, score.chars, score.n) == (1, 100, 2)
+    assert score.cer == pytest.approx(0.01)
+    assert (score.word_errors, score.words) == (1, 2) and score.wer == pytest.approx(0.5)
 
 
 def test_mark_changes_substitution():

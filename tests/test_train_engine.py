@@ -146,12 +146,16 @@ def test_batch_tokens_accumulates_to_the_same_step(tiny_project, tmp_path):
     for name, sets in {"one": ["train.batch_size=8"],
                        "accum": ["train.batch_size=4", f"train.batch_tokens={8 * 96}"]}.items():
         project = load_project(tiny_project, [f"run_dir={tmp_path / name}", "train.max_steps=4", "train.eval_every=0",
-                                              *sets])
+                                              "train.log_every=1", *sets])
         prepare(project)
         train(project)
-        result[name] = losses(project.run_path)
-    for (_, a), (_, b) in zip(result["one"], result["accum"]):
-        assert abs(a - b) <= 1e-5 * abs(a)
+        result[name] = [json.loads(line) for line in (project.run_path / "metrics.jsonl").read_text().splitlines()]
+    one, accum = result["one"], result["accum"]
+    # every step logged once in both runs, each of 8 rows x 96 tokens
+    assert [m["step"] for m in one] == [m["step"] for m in accum] == [1, 2, 3, 4]
+    assert [m["tokens"] for m in one] == [m["tokens"] for m in accum] == [768, 1536, 2304, 3072]
+    for a, b in zip(one, accum):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5 * abs(a["train_loss"]), (a, b)
     bad = load_project(tiny_project, [f"run_dir={tmp_path / 'accum'}", "train.batch_size=4", "train.batch_tokens=100"])
     with pytest.raises(UserError, match="batch_tokens"):
         train(bad)

@@ -142,10 +142,13 @@ def test_context_fits_the_model():
     model = FakeModel(by_word(fix_word), block=64, window_chars=12, window_overlap=200, guard_max_change=-1)
     assert model.correct(texts) == [by_word(fix_word)(t) for t in texts]
     tok = tokenizer()
+    cores = [c.strip() for t in texts for c, _ in cut_windows(t, 12) if c.strip()]
+    assert len(model.seen) == len(cores)
+    widened = sum(len(seen) > len(core) for seen, core in zip(model.seen, cores))
+    assert widened > len(cores) // 2                   # context was added (as much as fits)
     for w in model.seen:
         n_in = len(tok.encode(w).ids)
-        assert len(tok.encode(PROMPT.format(input=w)).ids) + int(n_in * 1.5) + 8 <= 64 or \
-            w in [c.strip() for t in texts for c, _ in cut_windows(t, 12)]
+        assert len(tok.encode(PROMPT.format(input=w)).ids) + int(n_in * 1.5) + 8 <= 64 or w in cores
 
 
 def test_context_is_whole_words_within_the_text():
