@@ -20,6 +20,10 @@ then written in input order. Crash safety without a database:
   parts the ledger does not count are deleted and reading restarts at the recorded row. When
   the input ends, its columns plus the new one are written to a temporary file renamed onto
   OUT/NAME (row order and every other column kept), then the parts are removed.
+- every ledger line carries a CRC32 of its record. A last line cut short or unreadable (a kill or a full
+  disk mid-append) is dropped and its work redone; any other bad line stops the run with a one-line
+  error naming it, since resuming past it could skip or repeat work. A full disk or a read-only OUT is
+  a one-line error too; the same command resumes once it can write.
 
 Unreadable inputs (binary, bad UTF-8, malformed jsonl line, missing field, corrupt parquet) are
 reported by name and skipped; a parquet row without a string text keeps its place with a null
@@ -28,13 +32,16 @@ output. The run carries on and ``ApplyReport.failed`` lists them (exit code 1).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +126,11 @@ class FileState:
     kept_too_different: int = 0
     kept_hit_limit: int = 0
     tokens: int = 0
+    kept_low_margin: int = 0        # the guard's view of the file (GuardFigures): windows kept for a low margin,
+    changed: int = 0                # windows the model changed, of them those whose correction was kept,
+    corrected: int = 0
+    input_tokens: int = 0           # and the model's surprisal of the input: tokens scored, millinats in all
+    input_mnats: int = 0
     failed_count: int = 0
     failed: list = field(default_factory=list)   # ["file:line: why", ...], at most MAX_LISTED_FAILURES
 
@@ -127,39 +139,105 @@ class FileState:
         return {"event": event, "file": rel, **d}
 
 
+LEDGER_EVENTS = ("start", "progress", "done")
+STATE_TYPES = {name: (list if name == "failed" else int) for name in FileState.__dataclass_fields__ if name != "done"}
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def record_crc(rec: dict) -> int:
+    """Checksum of a ledger record (without its own "crc"), over a canonical form of its values, so a bit
+    flipped by a disk shows up instead of silently changing how much of an output counts as done."""
+    body = {k: v for k, v in rec.items() if k != "crc"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, ensure_ascii=True).encode("ascii"))
+
+
+def parse_record(line: bytes) -> tuple[dict | None, str]:
+    """(record, "") for a sound ledger line, else (None, what is wrong). Lines written before records
+    had a "crc" are taken without one."""
+    try:
+        rec = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None, "not JSON"
+    if not isinstance(rec, dict) or rec.get("event") not in LEDGER_EVENTS:
+        return None, "not a ledger record"
+    if "crc" in rec and rec["crc"] != record_crc(rec):
+        return None, "checksum mismatch (the line was changed after it was written)"
+    if rec["event"] == "start":
+        return (rec, "") if isinstance(rec.get("settings"), dict) else (None, "a start record without settings")
+    fields = {k: v for k, v in rec.items() if k not in ("event", "file", "crc")}
+    if not isinstance(rec.get("file"), str) or any(
+            k not in STATE_TYPES or type(v) is not STATE_TYPES[k] for k, v in fields.items()):
+        return None, "a file record with missing or mistyped fields"
+    return rec, ""
+
+
+def write_error(e: OSError, out: Path) -> Exception:
+    """A full disk or a read-only --output as one line (exit 2), not a traceback: nothing written is lost
+    and the same command resumes once it can write. Other OSErrors are returned as they are."""
+    if e.errno not in WRITE_ERRNOS:
+        return e
+    return UserError(f"{e.filename or out}: cannot write ({e.strerror}); make room (or use a writable --output) "
+                     "and re-run the same command: it resumes where it stopped")
+
+
 class Ledger:
-    """Append-only jsonl, one per shard, fsync'd after every record; locked against a second writer."""
+    """Append-only jsonl, one per shard, fsync'd after every record; locked against a second writer.
+
+    Records are cumulative per file (the newest one of a file says all there is), and every record is
+    written after the data it counts. So losing the newest line only redoes work, and that is what
+    happens to a last line a kill or a full disk cut short (or left unreadable). Any other bad line is
+    an error: no resume guesses past it."""
 
     def __init__(self, out: Path, shard: tuple[int, int]):
         self.path = out / f".nichelm-ledger.shard-{shard[0]}-of-{shard[1]}.jsonl"
-        out.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, FileState] = {}
         self.settings: dict | None = None
-        self._fh = open(self.path, "a+b")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            # Unbuffered: an append a full disk refuses leaves no bytes behind to be flushed later
+            # (by close, after a newer record), only a cut last line, which the next run drops.
+            self._fh = open(self.path, "a+b", buffering=0)
+        except OSError as e:
+            raise write_error(e, out) from None
         try:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._fh.close()
             raise UserError(f"{self.path}: another `nichelm apply` is writing this shard of {out}; "
                             "wait for it or use another --output") from None
-        self._load()
+        try:
+            self._load()
+        except BaseException:
+            self._fh.close()
+            raise
 
     def _load(self) -> None:
         self._fh.seek(0)
         data = self._fh.read()
-        keep = data.rfind(b"\n") + 1          # a line cut by a kill is dropped (its work is redone)
-        if keep < len(data):
-            self._fh.truncate(keep)
-        for n, line in enumerate(data[:keep].splitlines(), 1):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise UserError(f"{self.path}:{n}: not JSON; the ledger was edited by hand? "
-                                "delete the --output folder to start over") from None
+        lines = data.split(b"\n")                  # the last item is b"" when the file ends with a newline
+        starts = [0]
+        for line in lines[:-1]:
+            starts.append(starts[-1] + len(line) + 1)
+        numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+        records = []
+        for i, (n, line) in enumerate(numbered):
+            rec, why = parse_record(line)
+            if rec is not None and n < len(lines):   # a line without its newline was cut short
+                records.append(rec)
+                continue
+            if i == len(numbered) - 1:             # the newest line, cut or garbled: drop it, redo its work
+                self._fh.truncate(starts[n - 1])
+                print(f"nichelm apply: {self.path}:{n}: dropped an incomplete last record (an interrupted "
+                      "run); its work is done again", file=sys.stderr, flush=True)
+                break
+            raise UserError(f"{self.path}:{n}: {why or 'cut short'}; the ledger is damaged: delete that line "
+                            f"and every line after it (their work is redone), or delete {self.path.parent} "
+                            "to start over")
+        for rec in records:
             if rec["event"] == "start":
                 self.settings = self.settings or rec["settings"]
             else:
-                fields = {k: v for k, v in rec.items() if k not in ("event", "file")}
+                fields = {k: v for k, v in rec.items() if k not in ("event", "file", "crc")}
                 self.files[rec["file"]] = FileState(done=rec["event"] == "done", **fields)
 
     def check_settings(self, settings: dict) -> None:
@@ -174,8 +252,10 @@ class Ledger:
         self.settings = self.settings or settings
 
     def append(self, rec: dict) -> None:
-        self._fh.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._fh.flush()
+        rec = {**rec, "crc": record_crc(rec)}
+        data = memoryview((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+        while data:                                # a raw write may take only part of it
+            data = data[self._fh.write(data):]
         os.fsync(self._fh.fileno())
 
     def put(self, rel: str, state: FileState, done: bool) -> None:
@@ -345,14 +425,20 @@ class DocResult:
     kept_too_different: int = 0
     kept_hit_limit: int = 0
     tokens: int = 0                 # tokens the model wrote (its raw output, before the guard)
+    kept_low_margin: int = 0
+    changed: int = 0
+    corrected: int = 0
+    input_tokens: int = 0
+    input_mnats: int = 0
 
 
 def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[DocResult]:
     """Corrector.correct, plus per-document guard counts: windows of all texts share batches."""
+    from nichelm.data.tokenizer import encode_texts
     from nichelm.inference import cut_windows
     cut = [cut_windows(t, corrector.window_chars) for t in texts]
     fixed = corrector.correct_pieces(cut)
-    tokens = [len(e.ids) for e in corrector.tokenizer.encode_batch([c.raw for c in fixed])] if fixed else []
+    tokens = [len(ids) for ids in encode_texts(corrector.tokenizer, [c.raw for c in fixed])]
     results, k = [], 0
     for pieces in cut:
         r, parts = DocResult(""), []
@@ -363,6 +449,12 @@ def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[D
             r.kept_too_different += c.kept_input == "too_different"
             r.kept_hit_limit += c.kept_input == "hit_limit"
             r.tokens += tokens[k]
+            r.kept_low_margin += c.kept_input == "low_margin"
+            r.changed += c.raw != c.source
+            r.corrected += (c.text if guard else c.raw) != c.source
+            if c.surprisal is not None:
+                r.input_tokens += c.tokens
+                r.input_mnats += round(1000 * c.surprisal * c.tokens)
             k += 1
         r.text = "".join(parts)
         results.append(r)
@@ -393,8 +485,8 @@ class Writer:
         part.parent.mkdir(parents=True, exist_ok=True)
         if not part.exists() and final.exists() and state.bytes and final.stat().st_size == state.bytes:
             final.rename(part)                     # killed after the final rename, before the ledger line
-        if not part.exists() or part.stat().st_size < state.bytes:
-            state = FileState()                    # the partial output is gone: start this file over
+        if not part.exists() or part.stat().st_size < state.bytes or not _ends_a_line(part, state.bytes):
+            state = FileState()                    # the partial output is gone or short: start this file over
         fh = open(part, "r+b" if part.exists() else "w+b")
         fh.truncate(state.bytes)
         fh.seek(state.bytes)
@@ -431,7 +523,11 @@ class Writer:
         fh, state = self._jsonl(doc.unit)
         row = dict(doc.record)
         row[self.output_field] = res.text
-        fh.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        try:
+            line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:     # a lone surrogate the input held as an escape ("\ud800"): escape it back
+            line = (json.dumps(row) + "\n").encode("utf-8")
+        fh.write(line)
         state.lines = doc.line
         _add(state, res)
 
@@ -498,6 +594,30 @@ class Writer:
             fh.close()
 
 
+_TEMP_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")     # nichelm.io.atomic_file's temporary file for NAME
+
+
+def remove_stale_temp_files(out: Path, units: list[Unit]) -> None:
+    """Delete the temporary files (.NAME.XXXXXXXX.tmp beside NAME) that kills left mid-way through atomic
+    writes of this shard's outputs: once, when a run resumes. Other shards' are left to their own process."""
+    mine = {out / u.rel for u in units}
+    for folder, _, names in os.walk(out):
+        for name in names:
+            m = _TEMP_NAME.fullmatch(name)
+            if m and Path(folder) / m.group(1) in mine:
+                (Path(folder) / name).unlink(missing_ok=True)
+
+
+def _ends_a_line(path: Path, size: int) -> bool:
+    """Do the first `size` bytes of a jsonl output end with a whole line? (Not if the ledger and the
+    file disagree: then the file is started over rather than cut mid-line.)"""
+    if size == 0:
+        return True
+    with open(path, "rb") as fh:
+        fh.seek(size - 1)
+        return fh.read(1) == b"\n"
+
+
 def part_path(folder: Path, i: int) -> Path:
     return folder / f"part-{i:06d}.parquet"
 
@@ -557,7 +677,62 @@ def _add(state: FileState, r: DocResult) -> FileState:
     state.kept_too_different += r.kept_too_different
     state.kept_hit_limit += r.kept_hit_limit
     state.tokens += r.tokens
+    for name in GUARD_FIELDS:
+        setattr(state, name, getattr(state, name) + getattr(r, name))
     return state
+
+
+# ---------------------------------------------------------------- the guard's view of a corpus
+
+GUARD_FIELDS = ("kept_low_margin", "changed", "corrected", "input_tokens", "input_mnats")
+DOMAIN_MIN_WINDOWS = 200            # windows seen before the out-of-domain check speaks
+DOMAIN_SURPRISAL_RATIO = 1.5        # out of domain: input surprisal above this x the val split's, or
+DOMAIN_KEPT_RATIO = 0.5             # a share of the model's changes kept below this x the val split's
+
+
+@dataclass
+class GuardFigures:
+    """Windows, windows changed by the model and corrections the guard kept, and the model's surprisal
+    of the input, summed over documents, files or a whole run."""
+    windows: int = 0
+    changed: int = 0
+    corrected: int = 0
+    input_tokens: int = 0
+    input_mnats: int = 0
+
+    def add(self, r) -> None:
+        for name in ("windows", "changed", "corrected", "input_tokens", "input_mnats"):
+            setattr(self, name, getattr(self, name) + getattr(r, name))
+
+    @property
+    def kept_share(self) -> float | None:
+        return self.corrected / self.changed if self.changed else None
+
+    @property
+    def input_surprisal(self) -> float | None:
+        """Mean nats per input token (end markers included)."""
+        return self.input_mnats / 1000 / self.input_tokens if self.input_tokens else None
+
+    def to_dict(self) -> dict:
+        return {"windows": self.windows, "changed": self.changed, "corrected": self.corrected,
+                "kept_share": self.kept_share, "input_surprisal": self.input_surprisal}
+
+    def domain_warning(self, reference: dict) -> str | None:
+        """One line when these inputs look unlike the data the guard was calibrated on (its val split:
+        `reference`), else None: the model finds them much more surprising, or the guard keeps far fewer
+        of its changes. Nothing is said before DOMAIN_MIN_WINDOWS windows or without a calibration."""
+        if self.windows < DOMAIN_MIN_WINDOWS or not reference:
+            return None
+        why = []
+        ref_s, ref_k = reference.get("input_surprisal"), reference.get("kept_share")
+        if ref_s and self.input_surprisal is not None and self.input_surprisal > DOMAIN_SURPRISAL_RATIO * ref_s:
+            why.append(f"input surprisal {self.input_surprisal:.2f} nats/token vs {ref_s:.2f} on its validation data")
+        if ref_k and self.kept_share is not None and self.changed >= 20 and self.kept_share < DOMAIN_KEPT_RATIO * ref_k:
+            why.append(f"guard kept {100 * self.kept_share:.0f}% of the model's changes vs {100 * ref_k:.0f}%")
+        if not why:
+            return None
+        return ("nichelm apply: warning: this corpus looks unlike the model's training data (" + "; ".join(why) +
+                "): the guard leaves most of it as it was; a model trained on text like it would do more")
 
 
 # ---------------------------------------------------------------- progress
@@ -609,6 +784,11 @@ class ApplyReport:
     tokens_this_run: int
     failed: list[str]               # skipped files and jsonl lines (at most 100 listed per jsonl file)
     failed_count: int               # all of them
+    kept_low_margin: int = 0        # windows the margin test kept as they were
+    guard_margin: float | None = None           # nats/token (None: no margin test, the length cap alone)
+    guard: dict = field(default_factory=dict)   # GuardFigures of all files: kept_share, input_surprisal, ...
+    per_file: dict = field(default_factory=dict)    # output name -> its GuardFigures
+    domain_warning: str | None = None           # GuardFigures.domain_warning of all files
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -629,14 +809,16 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
           batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str = "corrected",
           guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0,
           window_overlap: int = 0, backend: str = "torch", compile: str | bool = "auto",
-          draft_tokens: int | None = None, dtype: str = "auto") -> ApplyReport:
+          draft_tokens: int | None = None, dtype: str = "auto", guard_margin: float | None = None) -> ApplyReport:
     """Correct every input of this shard into OUTPUT; re-running resumes where the last run stopped.
 
     backend: the decoding engine, "torch" (nichelm's own), "ct2" or "vllm" (nichelm.backends).
     compile: torch.compile the torch engine; "auto" = when this shard holds at least
     COMPILE_MIN_BYTES of input (compiling costs ~15 s on a 2-core CPU and then decodes faster).
     draft_tokens: copy drafts per greedy step of the torch engine (nichelm.generate; same output);
-    None: the engine's default. dtype: the torch engine's weights ("auto": bf16 on CUDA, fp32 on CPU)."""
+    None: the engine's default. dtype: the torch engine's weights ("auto": bf16 on CUDA, fp32 on CPU).
+    guard_margin: the guard's margin in nats/token (nichelm.inference); None: the one `nichelm evaluate`
+    chose for this model, if any."""
     import torch
 
     from nichelm.export import load_corrector
@@ -653,18 +835,25 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
         compile = sum(u.path.stat().st_size for u in units) >= COMPILE_MIN_BYTES
     corrector = load_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change,
                                window_overlap=window_overlap, backend=backend,
-                               compile=bool(compile) and backend == "torch", dtype=dtype,
+                               compile=bool(compile) and backend == "torch", dtype=dtype, guard_margin=guard_margin,
                                **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
     ledger = Ledger(out, (shard_i, shard_n))
+    resuming = ledger.settings is not None
     try:
+        margin = corrector.guard_margin
         ledger.check_settings({"model": model_identity(model), "guard_max_change": guard_max_change,
+                               **({"guard_margin": margin} if margin != float("-inf") else {}),
                                "text_field": text_field, "output_field": output_field,
                                "window_chars": corrector.window_chars,
                                **({"window_overlap": window_overlap} if window_overlap else {}),
                                **({"backend": backend} if backend != "torch" else {}),
                                **({"dtype": dtype} if dtype != "auto" else {})})
+        if resuming:
+            remove_stale_temp_files(out, units)
         return _run(corrector, units, ledger, out, guard, output_field, text_field,
                     group_windows or 8 * batch_size)
+    except OSError as e:
+        raise write_error(e, out) from None
     finally:
         ledger.close()
 
@@ -676,8 +865,10 @@ def _run(corrector, units, ledger, out, guard, output_field, text_field, group_w
     done_before = sum(1 for u in units if (s := ledger.files.get(u.rel)) is not None and s.done)
     progress.update(done_before, 0, 0)
     group, windows = [], 0
+    seen, warned = GuardFigures(), False         # this run's windows, for the out-of-domain warning
 
     def flush():
+        nonlocal warned
         docs = [ev for ev in group if isinstance(ev, Doc)]
         results = iter(correct_documents(corrector, [d.text for d in docs], guard))
         n_files = n_tokens = 0
@@ -685,6 +876,7 @@ def _run(corrector, units, ledger, out, guard, output_field, text_field, group_w
             if isinstance(ev, Doc):
                 res = next(results)
                 writer.doc(ev, res)
+                seen.add(res)
                 n_tokens += res.tokens
             elif isinstance(ev, Failure):
                 writer.failure(ev)
@@ -695,6 +887,10 @@ def _run(corrector, units, ledger, out, guard, output_field, text_field, group_w
         writer.sync()
         progress.update(n_files, len(docs), n_tokens)
         group.clear()
+        warning = None if warned else seen.domain_warning(corrector.guard.get("val"))
+        if warning:                                # once, as soon as enough windows are seen
+            print(warning, file=sys.stderr, flush=True)
+            warned = True
 
     try:
         for ev in events(units, ledger, text_field, writer.resume_line):
@@ -708,19 +904,31 @@ def _run(corrector, units, ledger, out, guard, output_field, text_field, group_w
     finally:
         writer.close()
         progress.close()
-    return _report(units, ledger, writer, progress, time.time() - started)
+    return _report(units, ledger, writer, progress, time.time() - started, corrector)
 
 
-def _report(units, ledger, writer, progress, seconds) -> ApplyReport:
+def _report(units, ledger, writer, progress, seconds, corrector=None) -> ApplyReport:
     states = [ledger.files[u.rel] for u in units if u.rel in ledger.files]
     failed = writer.file_failures + [f for s in states for f in s.failed]    # jsonl lines: this run and earlier
+    per_file, total = {}, GuardFigures()
+    for u in units:
+        if u.rel in ledger.files:
+            figures = GuardFigures()
+            figures.add(ledger.files[u.rel])
+            per_file[u.rel] = figures.to_dict()
+            total.add(ledger.files[u.rel])
+    margin = getattr(corrector, "guard_margin", float("-inf"))
+    reference = getattr(corrector, "guard", {}).get("val")
     return ApplyReport(files=len(units), documents=sum(s.docs for s in states),
                        windows=sum(s.windows for s in states),
                        kept_too_different=sum(s.kept_too_different for s in states),
                        kept_hit_limit=sum(s.kept_hit_limit for s in states),
                        tokens=sum(s.tokens for s in states), seconds=seconds,
                        documents_this_run=progress.docs, tokens_this_run=progress.tokens, failed=failed,
-                       failed_count=len(writer.file_failures) + sum(s.failed_count for s in states))
+                       failed_count=len(writer.file_failures) + sum(s.failed_count for s in states),
+                       kept_low_margin=sum(s.kept_low_margin for s in states),
+                       guard_margin=None if margin == float("-inf") else margin, guard=total.to_dict(),
+                       per_file=per_file, domain_warning=total.domain_warning(reference))
 
 
 def print_report(report: ApplyReport, file=sys.stderr) -> None:
@@ -730,6 +938,17 @@ def print_report(report: ApplyReport, file=sys.stderr) -> None:
           f"({report.documents_this_run} this run, {docs_s:.1f} docs/s, {tok_s:.0f} tok/s); "
           f"guard kept the input in {report.kept_too_different} too-different and {report.kept_hit_limit} "
           f"unfinished windows of {report.windows}", file=file)
+    g = report.guard
+    if g.get("changed") is not None:
+        kept = f"{100 * g['kept_share']:.0f}%" if g.get("kept_share") is not None else "none"
+        surprisal = f"{g['input_surprisal']:.2f}" if g.get("input_surprisal") is not None else "n/a"
+        margin = (f"guard margin {report.guard_margin:.3f} nats/token kept {report.kept_low_margin} more windows "
+                  "as they were" if report.guard_margin is not None
+                  else "no guard margin (not calibrated: run `nichelm evaluate PROJECT`)")
+        print(f"nichelm apply: {margin}; corrections kept: {kept} of the {g['changed']} windows the model changed; "
+              f"model's surprisal of the input: {surprisal} nats/token", file=file)
+    if report.domain_warning:
+        print(report.domain_warning, file=file)
     if report.failed_count:
         print(f"nichelm apply: {report.failed_count} inputs could not be read and were skipped:", file=file)
         for f in report.failed:

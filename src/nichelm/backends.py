@@ -13,6 +13,13 @@ the row's budget.
          or on a folder made by `nichelm export --format ct2`; beams map to its beam_size
   vllm   vLLM (GPU only) on the hf export; greedy only
 
+Each engine also scores (the do-no-harm guard, nichelm.inference):
+
+    backend.score(prompts: list[list[int]], continuations: list[list[int]]) -> list[float]
+
+the mean log-probability per token of each continuation (teacher-forced) after its prompt; every
+prompt + continuation fits the model's context.
+
 The Corrector around a backend (windows, budgets, guard) is the same for all three, so their
 outputs differ only where the engines' arithmetic does.
 """
@@ -48,6 +55,42 @@ def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]
     return [order[i:i + batch_size] for i in range(0, len(order), max(1, batch_size))]
 
 
+SCORE_LOGITS = 1 << 25       # logits one scoring forward may hold (rows x positions x vocabulary): 128 MB fp32
+
+
+@torch.no_grad()
+def score_torch(model, prompts: list[list[int]], continuations: list[list[int]], device,
+                batch_size: int) -> list[float]:
+    """Mean log-prob per continuation token, from plain causal forwards over prompt + continuation.
+
+    Rows of similar length share a forward, right-padded: attention is causal, so padding after a row's
+    last token never changes its scores. Batches are also bounded by SCORE_LOGITS."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    scores = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    vocab, k = model.cfg.vocab_size, 0
+    while k < len(order):
+        end = k + 1
+        while (end < len(order) and end - k < batch_size
+               and (end - k + 1) * len(seqs[order[end]]) * vocab <= SCORE_LOGITS):
+            end += 1
+        rows = order[k:end]
+        k = end
+        width = len(seqs[rows[-1]])
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)        # which targets are continuation
+        for r, i in enumerate(rows):
+            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, len(prompts[i]) - 1:len(seqs[i]) - 1] = True
+        ids = ids.to(device)
+        logits, _ = model(ids[:, :-1])                                     # position t predicts token t + 1
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
+        totals = (logp * mask).sum(-1) / mask.sum(-1)
+        for r, i in enumerate(rows):
+            scores[i] = float(totals[r])
+    return scores
+
+
 class TorchBackend:
     """nichelm's engine on the Corrector's own model. Reads the Corrector's model, step, device,
     batch_size and beams at every call, so changing them on the Corrector takes effect."""
@@ -65,6 +108,10 @@ class TorchBackend:
         return generate(c.model, prompts, max_new, c.end_id, c.device, c.batch_size, step=c.step,
                         draft_tokens=c.draft_tokens, sources=sources,
                         token_chars=c.token_chars() if c.draft_tokens else None)
+
+    def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        c = self.corrector
+        return score_torch(c.model, prompts, continuations, c.device, c.batch_size)
 
 
 class CT2Backend:
@@ -94,6 +141,15 @@ class CT2Backend:
                 results[i] = finish(r.sequences_ids[0], max_new[i], self.end_id)
         return results
 
+    def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        """score_batch gives the log-prob of every token after the first; the continuation's are the
+        last len(continuation) of them."""
+        seqs = [[self.vocab[t] for t in list(p) + list(c)] for p, c in zip(prompts, continuations)]
+        if not seqs:
+            return []
+        out = self.generator.score_batch(seqs, max_batch_size=self.batch_size, max_input_length=0)
+        return [sum(r.log_probs[-len(c):]) / len(c) for r, c in zip(out, continuations)]
+
 
 class VLLMBackend:
     """vLLM's LLM on an hf export: token-id prompts, greedy, a SamplingParams per row for its budget."""
@@ -120,6 +176,20 @@ class VLLMBackend:
                 tokens.append(self.end_id)        # stopped by the end marker but left it out of token_ids
             results.append(finish(tokens, budget, self.end_id))
         return results
+
+    def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        """prompt_logprobs of prompt + continuation fed as one prompt (one token generated, unused):
+        entry t holds the log-prob of token t (with prompt_logprobs=0, the token itself only)."""
+        if not prompts:
+            return []
+        seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+        params = self.sampling_params(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        scores = []
+        for out, seq, c in zip(outputs, seqs, continuations):
+            lps = out.prompt_logprobs
+            scores.append(sum(lps[t][seq[t]].logprob for t in range(len(seq) - len(c), len(seq))) / len(c))
+        return scores
 
 
 def _greedy_only(beams: int) -> None:

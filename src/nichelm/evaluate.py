@@ -6,6 +6,13 @@ alone) on any pair set in a reader format, one whole document at a time
 (OUT/report.json). Both write the same report keys and a self-contained
 report.html beside the json.
 
+Both score whole documents cut into windows as `apply` cuts them (cut_windows over the
+document's text), never along the gold alignment prepare used for training. The project's
+test documents are rebuilt from its windows (project_documents) and drawn at random with the
+project's seed (sample_documents). With eval.guard_margin = "auto", the project evaluation
+first chooses the do-no-harm guard's margin on the validation documents (calibrate_margin)
+and stores it in RUN/guard.json, which every later load of the model reads.
+
 Corpus (micro) CER/WER: total edits over total reference characters/words, never an
 average of per-example rates. Also the share of examples the model made worse and a
 per-source breakdown.
@@ -14,6 +21,8 @@ per-source breakdown.
 from __future__ import annotations
 
 import json
+import math
+import random
 import re
 import sys
 import time
@@ -22,7 +31,7 @@ from pathlib import Path
 
 from nichelm.config import Project
 from nichelm.errors import UserError
-from nichelm.inference import Corrector, cut_windows
+from nichelm.inference import GUARD_FILE, HARD_LIMITS, NO_MARGIN, Correction, Corrector, cut_windows
 from nichelm.io import atomic_write_json
 from nichelm.metrics import CorpusScore, char_distance, mark_changes
 
@@ -65,38 +74,217 @@ def score_corrections(examples: list[dict], outputs: list[str], raw: list[str] |
     }
 
 
+# --------------------------------------------------------------------------- a project's own split
+
+def project_documents(path: Path) -> list[dict]:
+    """The documents of a prepared split, rebuilt from its windows (examples.SPLIT.jsonl).
+
+    prepare writes each document's windows one after another, in order, each stripped; the text
+    between two windows was whitespace (windows are cut between words), so one space joins them
+    (a newline between them becomes a space, and a window dropped as a duplicate of an earlier
+    split's text leaves a gap). Rows without a doc_id are documents of their own.
+    """
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run `nichelm prepare` first")
+    docs: dict[tuple, dict] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+            key = (ex.get("source", "?"), ex["doc_id"] if "doc_id" in ex else f"line {n}")
+            inp, out = ex["input"], ex["output"]
+        except (ValueError, KeyError, AttributeError, TypeError):
+            raise UserError(f"{path}:{n}: not an example (a JSON object with input and output); "
+                            "re-run `nichelm prepare --force`") from None
+        doc = docs.setdefault(key, {"id": str(key[1]), "source": key[0], "inputs": [], "outputs": []})
+        doc["inputs"].append(inp)
+        doc["outputs"].append(out)
+    return [{"id": d["id"], "source": d["source"], "input": " ".join(d["inputs"]), "output": " ".join(d["outputs"])}
+            for d in docs.values()]
+
+
+def sample_documents(docs: list[dict], max_windows: int, seed: int, window_chars: int) -> list[dict]:
+    """Documents drawn at random (seeded) until their windows, cut as apply cuts them, would pass
+    max_windows (0: all documents); at least one. Returned in their order in the split."""
+    if max_windows <= 0:
+        return list(docs)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    chosen, windows = [], 0
+    for i in order:
+        n = len(cut_windows(docs[i]["input"], window_chars))
+        if chosen and windows + n > max_windows:
+            break
+        chosen.append(i)
+        windows += n
+    return [docs[i] for i in sorted(chosen)]
+
+
+def correct_pieces_of(corrector, texts: list[str]) -> list[list[tuple[Correction, str]]]:
+    """Per document, (Correction, separator) for each window, from one decoding pass (as apply cuts)."""
+    cut = [cut_windows(t, corrector.window_chars) for t in texts]
+    fixed = iter(corrector.correct_pieces(cut))
+    return [[(next(fixed), sep) for _, sep in pieces] for pieces in cut]
+
+
+def stitch(pieces: list[tuple[Correction, str]], margin: float | None) -> str:
+    """A document's text with its windows at the guard of `margin` (None: the model's raw outputs)."""
+    return "".join((c.raw if margin is None else c.text_at(margin)) + sep for c, sep in pieces)
+
+
+def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float) -> dict:
+    """What the guard did at `margin`: windows kept by each rule, corrections let through, and the
+    model's mean surprisal of the inputs (nats/token)."""
+    cs = [c for pieces in fixed for c, _ in pieces]
+    hard = [c for c in cs if c.kept_input in HARD_LIMITS]
+    low = [c for c in cs if c.kept_input not in HARD_LIMITS and c.text_at(margin) != c.raw]
+    changed = sum(c.raw != c.source for c in cs)
+    corrected = sum(c.text_at(margin) != c.source for c in cs)
+    tokens = sum(c.tokens for c in cs if c.surprisal is not None)
+    nats = sum(c.surprisal * c.tokens for c in cs if c.surprisal is not None)
+    return {"windows": len(cs), "kept_too_different": sum(c.kept_input == "too_different" for c in hard),
+            "kept_hit_limit": sum(c.kept_input == "hit_limit" for c in hard), "kept_low_margin": len(low),
+            "changed": changed, "corrected": corrected,
+            "kept_share": corrected / changed if changed else None,
+            "input_surprisal": nats / tokens if tokens else None}
+
+
+def calibrate_margin(docs: list[dict], fixed: list[list[tuple[Correction, str]]], max_worse_share: float) -> dict:
+    """The margin with the lowest corpus CER on `docs` that makes at most max_worse_share of them worse.
+
+    Every margin between two windows' gains gives a different set of corrections, so the sweep goes
+    through the windows by falling gain, letting one group of equal gains through at a time and
+    re-scoring only their documents. The margin stored is halfway between the last gain let through
+    and the next (or that gain itself when it is the lowest); if no margin helps within the bound,
+    one above every gain (no correction of these documents kept).
+    """
+    from nichelm.metrics import char_distance
+    refs = [d["output"] for d in docs]
+    before = [char_distance(stitch(p, math.inf), r) for p, r in zip(fixed, refs)]
+    errors = list(before)
+    candidates = sorted(((c.gain, d, w) for d, pieces in enumerate(fixed) for w, (c, _) in enumerate(pieces)
+                         if c.kept_input not in HARD_LIMITS and c.gain is not None and c.raw != c.source),
+                        key=lambda t: -t[0])
+    let_through = [[False] * len(p) for p in fixed]
+    total, worse, n = sum(before), 0, max(len(docs), 1)
+    best = (total, 0, None)                 # (errors, worse documents, index of the last gain let through)
+    k = 0
+    while k < len(candidates):
+        gain, touched = candidates[k][0], set()
+        while k < len(candidates) and candidates[k][0] == gain:
+            _, d, w = candidates[k]
+            let_through[d][w] = True
+            touched.add(d)
+            k += 1
+        for d in touched:
+            text = "".join((c.raw if let_through[d][w] else c.text_at(math.inf)) + sep
+                           for w, (c, sep) in enumerate(fixed[d]))
+            new = char_distance(text, refs[d])
+            total += new - errors[d]
+            worse += (new > before[d]) - (errors[d] > before[d])
+            errors[d] = new
+        if worse / n <= max_worse_share and total < best[0]:
+            best = (total, worse, k - 1)
+    gains = [g for g, _, _ in candidates]
+    if best[2] is None:
+        margin = (gains[0] + 1.0) if gains else 0.0
+    elif best[2] + 1 < len(gains):
+        margin = (gains[best[2]] + gains[best[2] + 1]) / 2
+    else:
+        margin = gains[best[2]]
+    return {"margin": margin, "max_worse_share": max_worse_share, "windows_scored": len(candidates),
+            "corrections_let_through": 0 if best[2] is None else best[2] + 1}
+
+
 def evaluate_project(project: Project, device: str = "cpu") -> dict:
-    run = project.run_path
-    examples = read_examples(run / "data" / "examples.test.jsonl", project.eval.max_examples)
-    if not examples:
+    """Corpus CER/WER before and after on the project's test documents, cut as apply cuts them.
+
+    With eval.guard_margin = "auto" the margin is first chosen on the validation documents and stored
+    in RUN/guard.json (with the checkpoint it was chosen for); a number or "off" is stored as given.
+    The report gives the figures at that margin (the outputs users get), plus those of the model's raw
+    outputs ("unguarded") and of the length cap alone ("no_margin"), all from one decoding pass."""
+    from nichelm.checkpoint import latest_checkpoint
+    ev, run = project.eval, project.run_path
+    data = run / "data"
+    test = project_documents(data / "examples.test.jsonl")
+    if not test:
         raise UserError(f"{run}/data/examples.test.jsonl is empty; raise split.test_fraction or add data")
-    corrector = Corrector.from_run(run, device=device, batch_size=project.eval.batch_size,
-                                   guard_max_change=project.eval.guard_max_change,
-                                   max_new_tokens_ratio=project.eval.max_new_tokens_ratio,
-                                   beams=project.eval.beams, window_overlap=project.eval.window_overlap,
-                                   draft_tokens=project.eval.draft_tokens)
+    corrector = Corrector.from_run(run, device=device, batch_size=ev.batch_size,
+                                   guard_max_change=ev.guard_max_change,
+                                   max_new_tokens_ratio=ev.max_new_tokens_ratio,
+                                   beams=ev.beams, window_overlap=ev.window_overlap,
+                                   draft_tokens=ev.draft_tokens, guard_margin=NO_MARGIN)
+    calibration = None
+    if ev.guard_margin == "auto":
+        val_path = data / "examples.val.jsonl"
+        val = project_documents(val_path) if val_path.is_file() else []
+        if val:
+            val = sample_documents(val, ev.max_examples, project.seed, corrector.window_chars)
+            fixed = correct_pieces_of(corrector, [d["input"] for d in val])
+            calibration = calibrate_margin(val, fixed, ev.max_worse_share)
+            margin = calibration["margin"]
+            calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin),
+                                  **guard_counts(fixed, margin)}
+            margin_from = "val"
+        else:
+            margin, margin_from = NO_MARGIN, "none: no validation examples to choose it on"
+    else:
+        margin = NO_MARGIN if ev.guard_margin == "off" else float(ev.guard_margin)
+        margin_from = "project"
+    if margin_from != "none: no validation examples to choose it on":
+        ckpt = latest_checkpoint(run)
+        atomic_write_json(run / GUARD_FILE, {
+            "margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
+            "checkpoint": ckpt.name if ckpt else None, "max_change": ev.guard_max_change,
+            **({"max_worse_share": ev.max_worse_share, "val": calibration["val"]} if calibration else {})})
+
+    docs = sample_documents(test, ev.max_examples, project.seed, corrector.window_chars)
+    corrector.stats = type(corrector.stats)()
     t0 = time.perf_counter()
-    results = corrector.correct_windows([e["input"] for e in examples])
+    fixed = correct_pieces_of(corrector, [d["input"] for d in docs])
     seconds = time.perf_counter() - t0
-    outputs = [r.text for r in results]
-    report = score_corrections(examples, outputs)
-    raw = score_corrections(examples, [r.raw for r in results])
+    outputs = [stitch(p, margin) for p in fixed]
+    report = score_corrections(docs, outputs)
+    raw = score_corrections(docs, [stitch(p, None) for p in fixed])
+    no_margin = score_corrections(docs, [stitch(p, NO_MARGIN) for p in fixed])
+    counts = guard_counts(fixed, margin)
+    windows = counts["windows"]
     report.update({
+        "unit": "document", "n_documents": len(docs),
+        "sample": {"split": "test", "documents_in_split": len(test), "documents": len(docs), "windows": windows,
+                   "max_windows": ev.max_examples, "seed": project.seed,
+                   "how": "whole test documents drawn at random with the seed, cut into windows as apply cuts "
+                          "them" if ev.max_examples else "every test document, cut into windows as apply cuts them"},
         "cer_after_unguarded": raw["cer_after"], "wer_after_unguarded": raw["wer_after"],
         "worse_fraction_unguarded": raw["worse_fraction"],
-        "guard": {"max_change": project.eval.guard_max_change,
-                  "kept_too_different": corrector.stats.kept_too_different,
-                  "kept_hit_limit": corrector.stats.kept_hit_limit},
+        "cer_after_no_margin": no_margin["cer_after"], "wer_after_no_margin": no_margin["wer_after"],
+        "worse_fraction_no_margin": no_margin["worse_fraction"],
+        "guard": {"max_change": ev.guard_max_change, "kept_too_different": counts["kept_too_different"],
+                  "kept_hit_limit": counts["kept_hit_limit"]},
+        "margin_guard": {"margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
+                         **{k: counts[k] for k in ("kept_low_margin", "changed", "corrected", "kept_share",
+                                                   "input_surprisal")},
+                         **({"calibration": calibration} if calibration else {})},
         "seconds": seconds,
-        "chars_per_s": sum(len(r.raw) for r in results) / seconds if seconds else None,
-        "examples": [{"input": e["input"], "output": r.text, "reference": e["output"], "source": e.get("source"),
-                      "kept_input": r.kept_input} for e, r in zip(examples[:50], results[:50])],
+        "chars_per_s": sum(len(d["input"]) for d in docs) / seconds if seconds else None,
+        "examples": [{"id": d["id"], "input": d["input"], "output": out, "reference": d["output"],
+                      "source": d["source"], "kept_input": ",".join(sorted({c.kept_input or "low_margin" for c, _ in p
+                                                                            if c.text_at(margin) != c.raw}))}
+                     for d, out, p in zip(docs[:50], outputs[:50], fixed[:50])],
     })
-    report["unit"] = "window"
-    report["per_example"] = per_example_scores(examples, outputs)
+    report["per_example"] = per_example_scores(docs, outputs)
     atomic_write_json(run / "eval" / "report.json", report)
     _write_html(report, run / "eval" / "report.html", run)
     return report
+
+
+def _scores_at(docs: list[dict], fixed, margin: float) -> dict:
+    """Corpus CER before/after and the share of documents made worse at `margin` (and with no margin)."""
+    at = score_corrections(docs, [stitch(p, margin) for p in fixed])
+    off = score_corrections(docs, [stitch(p, NO_MARGIN) for p in fixed])
+    return {"cer_before": at["cer_before"], "cer_after": at["cer_after"], "worse_fraction": at["worse_fraction"],
+            "cer_after_no_margin": off["cer_after"], "worse_fraction_no_margin": off["worse_fraction"]}
 
 
 def print_summary(report: dict, examples: int = 3, file=sys.stdout) -> None:
@@ -113,6 +301,20 @@ def print_summary(report: dict, examples: int = 3, file=sys.stdout) -> None:
         print(f"do-no-harm guard kept the input for {g['kept_too_different']} too-different and "
               f"{g['kept_hit_limit']} unfinished outputs (unguarded CER {100 * report['cer_after_unguarded']:.2f}%)",
               file=file)
+    m = report.get("margin_guard")
+    if m and m.get("margin") is not None:
+        kept = f"{100 * m['kept_share']:.0f}%" if m.get("kept_share") is not None else "n/a"
+        cal = m.get("calibration")
+        where = (f"chosen on {cal['val']['documents']} val documents for at most "
+                 f"{100 * cal['max_worse_share']:.0f}% made worse" if cal else f"from {m['chosen_on']}")
+        no_margin = (f"; without it CER {100 * report['cer_after_no_margin']:.2f}%"
+                     if report.get("cer_after_no_margin") is not None else "")
+        print(f"guard margin {m['margin']:.3f} nats/token ({where}): {kept} of the model's changed windows kept"
+              f"{no_margin}", file=file)
+    if report.get("sample"):
+        s = report["sample"]
+        print(f"test sample: {s['documents']} of {s['documents_in_split']} documents ({s['windows']} windows), "
+              f"seed {s['seed']}", file=file)
     changed = [e for e in report.get("examples", []) if e["output"] != e["input"]]
     for e in changed[:examples]:
         print(f"\n  input:     {e['input']}", file=file)
@@ -256,13 +458,27 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
                  if model is not None else None)
     inputs = [e["input"] for e in examples]
     t0 = time.perf_counter()
-    outputs, unguarded = correct_documents(corrector, inputs) if corrector else (inputs, inputs)
+    fixed = correct_pieces_of(corrector, inputs) if hasattr(corrector, "correct_pieces") else None
+    if fixed is not None:
+        margin = corrector.guard_margin
+        outputs, unguarded = [stitch(p, margin) for p in fixed], [stitch(p, None) for p in fixed]
+    else:
+        outputs, unguarded = correct_documents(corrector, inputs) if corrector else (inputs, inputs)
     seconds = time.perf_counter() - t0
     report = score_corrections(examples, outputs)
     if corrector is not None and unguarded is not outputs:
         raw = score_corrections(examples, unguarded)
         report.update({"cer_after_unguarded": raw["cer_after"], "wer_after_unguarded": raw["wer_after"],
                        "worse_fraction_unguarded": raw["worse_fraction"]})
+    if fixed is not None:
+        off = score_corrections(examples, [stitch(p, NO_MARGIN) for p in fixed])
+        counts = guard_counts(fixed, margin)
+        report.update({"cer_after_no_margin": off["cer_after"], "wer_after_no_margin": off["wer_after"],
+                       "worse_fraction_no_margin": off["worse_fraction"],
+                       "margin_guard": {"margin": None if margin == NO_MARGIN else margin,
+                                        "chosen_on": corrector.guard.get("chosen_on", "none (not calibrated)"),
+                                        **{k: counts[k] for k in ("kept_low_margin", "changed", "corrected",
+                                                                  "kept_share", "input_surprisal")}}})
     report["per_example"] = per_example_scores(examples, outputs)
     report.update(_run_facts(data, fmt, gold, model, corrector, examples, seconds))
     report["examples"] = _worst_and_best(examples, outputs, report["per_example"])
@@ -346,3 +562,65 @@ def print_external_summary(report: dict, out: Path, file=sys.stdout) -> None:
 def _write_html(report: dict, path: Path, run: Path | None) -> None:
     from nichelm.report import write_report_html   # matplotlib is imported only when a report is drawn
     write_report_html(report, path, run_dir=run)
+
+
+# --------------------------------------------------------------------------- specialized perplexity
+
+def evaluate_perplexity(project: Project | None, data: Path | None = None, model: Path | None = None,
+                        out: Path | None = None, device: str = "cpu", max_docs: int = 0) -> tuple[dict, Path]:
+    """`evaluate --perplexity`: the model's perplexity on held-out plain text (nichelm.perplexity), per
+    domain (or source) and macro-averaged, stored as the "perplexity" key of report.json (other keys kept).
+
+    Text: --data (jsonl(.gz) with a "text" field, .txt, .parquet, or a folder of them), else the test
+    split of the project's target (role = "target" sources, else its pairs / clean gold side). Model:
+    --model (run, project file or hf export), else the project's run. Report: OUT/report.json, else
+    report.json in the model's (or the project's run's) eval/ folder."""
+    from nichelm.perplexity import group_texts, load_model, perplexity_report
+    from nichelm.selection import target_records
+    from nichelm.selection.records import guess_format, iter_records
+    if data is not None:
+        data = Path(data)
+        if not data.exists():
+            raise UserError(f"{data}: not found; give --data a .jsonl(.gz), .txt or .parquet file or a folder of them")
+        records = iter_records(data, guess_format(data), name=data_name(data))
+        what = str(data)
+    elif project is not None:
+        records = target_records(project, "test")
+        what = "the project's target, test split"
+        if not records:
+            raise UserError(f"{project.source_file}: no held-out target text (the test split is empty); give --data "
+                            "PATH, or raise split.test_fraction")
+    else:
+        raise UserError("evaluate --perplexity needs a project file or --data PATH")
+    groups = group_texts(records, max_docs)
+    if model is None:
+        if project is None:
+            raise UserError("evaluate --perplexity --data PATH needs --model (a run, project file or export) "
+                            "or a project file")
+        model = project.run_path
+    net, tokenizer, first_id = load_model(Path(model), device)
+    report = perplexity_report(net, tokenizer, groups, first_id, device)
+    report.update({"data": what, "model": str(model)})
+    out = Path(out) if out is not None else (model_run_dir(Path(model)) or Path(model)) / "eval"
+    path = out / "report.json"
+    existing = {}
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path}: not a readable report; move it away or give --out another folder") from None
+    existing["perplexity"] = report
+    atomic_write_json(path, existing)
+    return report, path
+
+
+def print_perplexity(report: dict, path: Path, file=None) -> None:
+    file = file or sys.stdout              # looked up now: tests and callers may swap it
+    print(f"\n{'':24}{'documents':>10}{'tokens':>10}{'perplexity':>12}{'bits/byte':>11}", file=file)
+    for name, g in report["groups"].items():
+        print(f"{name[:23]:24}{g['documents']:>10}{g['tokens']:>10}{g['perplexity']:>12.3f}{g['bits_per_byte']:>11.4f}",
+              file=file)
+    if report["groups"]:
+        print(f"{'macro (exp mean NLL)':24}{report['documents']:>10}{report['tokens']:>10}"
+              f"{report['macro_perplexity']:>12.3f}{report['bits_per_byte']:>11.4f}", file=file)
+    print(f"\nreport: {path}", file=file)

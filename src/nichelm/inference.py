@@ -1,6 +1,14 @@
 """Load a trained run and correct text with it: windowing, batched decoding, do-no-harm guard.
 
 Used by `nichelm evaluate`, `nichelm correct` and `nichelm.load(...)`.
+
+The guard keeps a window's input unless its correction passes three tests: the model ended it (end
+marker within the budget), it changes at most guard_max_change of the window (a hard cap), and the
+model itself prefers it to the input copied unchanged by at least guard_margin nats per token. The
+last test needs one teacher-forced pass (backend.score) over the prompt followed by each candidate;
+the same pass gives the model's surprisal of the input, which apply reports to spot a corpus unlike
+the training data. `nichelm evaluate` chooses the margin on the validation split and stores it in
+RUN/guard.json; every way of loading a model reads it (run_task), so all engines apply one rule.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ import bisect
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +39,40 @@ class GuardStats:
     windows: int = 0
     kept_too_different: int = 0
     kept_hit_limit: int = 0
+    kept_low_margin: int = 0       # the model did not prefer its correction to the input by guard_margin
+    changed: int = 0               # windows the model changed (its output differs from the input)
+    corrected: int = 0             # of those, windows whose correction the guard let through
+    input_tokens: int = 0          # tokens of the inputs scored as continuations (end markers included)
+    input_nats: float = 0.0        # the model's total surprisal of those tokens
+
+    @property
+    def input_surprisal(self) -> float | None:
+        """Mean surprisal of the input, nats/token (None: nothing scored)."""
+        return self.input_nats / self.input_tokens if self.input_tokens else None
+
+
+# Reasons a window keeps its input whatever the margin: the length cap and an unfinished output.
+HARD_LIMITS = ("too_different", "hit_limit")
+GUARD_FILE = "guard.json"          # RUN/guard.json: the margin `nichelm evaluate` chose (calibrate_margin)
 
 
 @dataclass
 class Correction:
     text: str              # what we return (after the guard)
     raw: str               # the model's own output
-    kept_input: str = ""   # "", "too_different" or "hit_limit"
+    kept_input: str = ""   # "", "too_different", "hit_limit" or "low_margin"
+    source: str = ""       # the window's input
+    gain: float | None = None       # mean log-prob/token of the correction minus that of the input copied
+                                    # (None: not scored: the model changed nothing, or a hard limit applied)
+    surprisal: float | None = None  # the model's mean surprisal of the input copied, nats/token
+    tokens: int = 0                 # tokens that surprisal is over
+
+    def text_at(self, margin: float) -> str:
+        """The guarded text at another margin (the hard limits as they were): evaluate replays the
+        guard with this to choose the margin without decoding again."""
+        if self.kept_input in HARD_LIMITS or (self.gain is not None and not self.gain >= margin):
+            return self.source
+        return self.raw
 
 
 _SPACES = re.compile(r"\s*")
@@ -152,13 +188,35 @@ def _spread_offsets(text: str) -> list[int]:
 
 
 DTYPES = ("auto", "float32", "bfloat16")
+NO_MARGIN = float("-inf")         # an uncalibrated model: the margin test lets every correction through
+
+
+def run_task(run: Path, checkpoint: Path | None = None) -> dict:
+    """RUN/task.json plus the guard `nichelm evaluate` calibrated for the run's newest checkpoint
+    (RUN/guard.json, under "guard"), as exports store it in their task.json. A calibration made for an
+    older checkpoint is left out, with a note: its margin says nothing about the new weights."""
+    run = Path(run)
+    task = json.loads((run / "task.json").read_text())
+    path = run / GUARD_FILE
+    if path.is_file():
+        try:
+            guard = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"{path}: not valid JSON; delete it and re-run `nichelm evaluate`") from None
+        checkpoint = checkpoint or latest_checkpoint(run)
+        if checkpoint is not None and guard.get("checkpoint") not in (None, checkpoint.name):
+            print(f"nichelm: {path} was calibrated for {guard.get('checkpoint')}, the newest checkpoint is "
+                  f"{checkpoint.name}: guard margin not used; re-run `nichelm evaluate`", file=sys.stderr)
+        else:
+            task["guard"] = guard
+    return task
 
 
 class Corrector:
     def __init__(self, model: GPT, tokenizer, task: dict, device: torch.device | str = "cpu",
                  batch_size: int = 64, guard_max_change: float = 0.15, max_new_tokens_ratio: float = 1.5,
                  beams: int = 1, window_overlap: int = 0, compile: bool = False,
-                 draft_tokens: int = DRAFT_TOKENS, dtype: str = "auto"):
+                 draft_tokens: int = DRAFT_TOKENS, dtype: str = "auto", guard_margin: float | None = None):
         self.device = torch.device(device)
         # bf16 weights and KV cache (logits come back as fp32): on a GPU by default; on a CPU when asked,
         # which pays on CPUs with bf16 arithmetic (AVX512-BF16, AMX) and may round near-ties differently
@@ -173,6 +231,13 @@ class Corrector:
         self.window_chars = int(task.get("window_chars", 100))
         self.batch_size = batch_size
         self.guard_max_change = guard_max_change
+        # keep a correction only when the model prefers it to the input by this many nats per token;
+        # None: the margin calibrated for this model (task["guard"], from RUN/guard.json), else no margin
+        self.guard = task.get("guard") or {}
+        if guard_margin is None:
+            guard_margin = self.guard.get("margin")          # null in guard.json: "off"
+        self.guard_margin = NO_MARGIN if guard_margin is None else float(guard_margin)
+        self._scoring = True               # off while _raw_windows decodes for correct_pieces
         self.max_new_tokens_ratio = max_new_tokens_ratio
         self.beams = beams                 # 1: batched greedy; >1: beam search, one window at a time
         # greedy decoding checks this many tokens copied from the input per forward pass (0: one token
@@ -195,8 +260,7 @@ class Corrector:
         model = GPT(ModelConfig(**trainer["model_config"]))
         load_model_weights(model, ckpt / "model.safetensors")
         tokenizer = load_tokenizer(run / "tokenizer" / "tokenizer.json")
-        task = json.loads((run / "task.json").read_text())
-        return cls(model.to(device), tokenizer, task, device=device, **kwargs)
+        return cls(model.to(device), tokenizer, run_task(run, ckpt), device=device, **kwargs)
 
     def token_chars(self) -> list[int]:
         """Characters of each token id (copy drafts re-align by them), computed once."""
@@ -218,7 +282,7 @@ class Corrector:
         Lone surrogates (not Unicode text: they cannot be written as UTF-8) become U+FFFD first,
         in the model's input and in any window kept as it was, so every output can be written."""
         windows = [scrub_surrogates(w) for w in windows]
-        results = [None if w.strip() else Correction(w, w) for w in windows]      # blank: nothing to do
+        decoded: list[tuple[str, bool] | None] = [None] * len(windows)     # blank: nothing to do
         busy = [i for i, w in enumerate(windows) if w.strip()]
         texts = [windows[i] for i in busy]
         prompts, budgets, sources, todo = [], [], [], []
@@ -227,7 +291,7 @@ class Corrector:
             w = windows[i]
             budget = self.budget(len(source), len(ids))
             if budget <= 0:              # the window does not fit the context: keep it
-                results[i] = Correction(w, w, "hit_limit")
+                decoded[i] = (w, True)
                 continue
             todo.append(i)
             prompts.append(ids)
@@ -235,20 +299,77 @@ class Corrector:
             sources.append(source)             # what the output mostly copies: drafts come from it
         gens = self.backend.generate(prompts, budgets, sources) if todo else []
         for i, g in zip(todo, gens):
-            raw = self.tokenizer.decode(g.tokens).strip()
-            results[i] = self._guard(windows[i], raw, g.hit_limit)
+            decoded[i] = (self.tokenizer.decode(g.tokens).strip(), g.hit_limit)
         self.stats.windows += len(windows)
-        return results
+        return self._guard_all(windows, decoded)
 
-    def _guard(self, source: str, raw: str, hit_limit: bool) -> Correction:
-        """Do no harm: keep the input where the output drifted too far or never ended."""
-        if hit_limit:
-            self.stats.kept_hit_limit += 1
-            return Correction(source, raw, "hit_limit")
-        if self.guard_max_change >= 0 and char_distance(raw, source) > self.guard_max_change * max(len(source), 1):
-            self.stats.kept_too_different += 1
-            return Correction(source, raw, "too_different")
-        return Correction(raw, raw)
+    def _guard_all(self, windows: list[str], decoded: list[tuple[str, bool] | None]) -> list[Correction]:
+        """The guard over many windows: (model output, hit the limit) per window, None for a blank one.
+        One scoring pass (backend.score) gives each changed window's gain and every window's surprisal."""
+        scores = self._scores(windows, decoded) if self._scoring else [(None, None, 0)] * len(windows)
+        return [Correction(w, w, source=w) if d is None else self._guard(w, d[0], d[1], *sc)
+                for w, d, sc in zip(windows, decoded, scores)]
+
+    def _too_different(self, source: str, raw: str) -> bool:
+        return self.guard_max_change >= 0 and char_distance(raw, source) > self.guard_max_change * max(len(source), 1)
+
+    def _scores(self, windows: list[str], decoded) -> list[tuple[float | None, float | None, int]]:
+        """(gain, surprisal, input tokens) per window from one teacher-forced pass.
+
+        Each window's prompt is followed once by its input copied unchanged and, where the model changed
+        it (and no hard limit already keeps the input), once by its correction; both end with the end
+        marker. gain = mean log-prob per token of the correction minus that of the copy; surprisal =
+        minus the copy's. A sequence longer than the context cannot be scored: a correction then gets
+        gain -inf (kept only with no margin at all), an input no surprisal."""
+        out: list[tuple[float | None, float | None, int]] = [(None, None, 0)] * len(windows)
+        if not hasattr(self.backend, "score"):
+            return out
+        rows, todo = [], []                  # todo: (window, copy row, correction row or None, copy tokens)
+        block = self.model.cfg.block_size
+        busy = [i for i, d in enumerate(decoded) if d is not None]
+        texts = [windows[i] for i in busy]
+        for i, prompt, copy in zip(busy, prompt_ids_batch(self.tokenizer, self.prompt_template, texts),
+                                   encode_texts(self.tokenizer, texts)):
+            raw, hit_limit = decoded[i]
+            copy = copy + [self.end_id]
+            c = None
+            if len(prompt) + len(copy) <= block:
+                c = len(rows)
+                rows.append((prompt, copy))
+            f = None
+            if raw != windows[i] and not hit_limit and not self._too_different(windows[i], raw):
+                fix = encode_text(self.tokenizer, raw) + [self.end_id]
+                f = -1
+                if c is not None and len(prompt) + len(fix) <= block:
+                    f = len(rows)
+                    rows.append((prompt, fix))
+            todo.append((i, c, f, len(copy)))
+        logp = self.backend.score([p for p, _ in rows], [x for _, x in rows]) if rows else []
+        for i, c, f, n in todo:
+            copy_lp = logp[c] if c is not None else None
+            gain = None if f is None else (float("-inf") if f < 0 else logp[f] - copy_lp)
+            out[i] = (gain, None if copy_lp is None else -copy_lp, n if copy_lp is not None else 0)
+        return out
+
+    def _guard(self, source: str, raw: str, hit_limit: bool, gain: float | None = None,
+               surprisal: float | None = None, tokens: int = 0) -> Correction:
+        """Do no harm: keep the input where the output never ended, changed too much of it, or the model
+        did not prefer it to the input by guard_margin (Correction.text_at: the one rule)."""
+        reason = "hit_limit" if hit_limit else "too_different" if self._too_different(source, raw) else ""
+        c = Correction(source, raw, reason, source, gain, surprisal, tokens)
+        c.text = c.text_at(self.guard_margin)
+        if not reason and c.text != raw:
+            c.kept_input = "low_margin"
+        st = self.stats
+        st.kept_hit_limit += reason == "hit_limit"
+        st.kept_too_different += reason == "too_different"
+        st.kept_low_margin += c.kept_input == "low_margin"
+        st.changed += raw != source
+        st.corrected += c.text != source
+        if surprisal is not None:
+            st.input_tokens += tokens
+            st.input_nats += surprisal * tokens
+        return c
 
     def correct_pieces(self, cut: list[list[tuple[str, str]]]) -> list[Correction]:
         """One Correction per chunk of cut_windows' pieces (all documents, in order).
@@ -278,10 +399,15 @@ class Corrector:
                 jobs.append((len(results), lead, core, trail, a, b, src, not touches_next))
                 inputs.append(src)
                 results.append(None)
+        cores, decoded = [], []
         for job, (raw, hit_limit) in zip(jobs, self._raw_windows(inputs)):
-            i, lead, core, trail, a, b, src, end_inserts = job
-            c = self._guard(core, core_output(src, raw, a, b, end_inserts), hit_limit)
-            results[i] = Correction(lead + c.text + trail, lead + c.raw + trail, c.kept_input)
+            _, lead, core, trail, a, b, src, end_inserts = job
+            cores.append(core)
+            decoded.append((core_output(src, raw, a, b, end_inserts), hit_limit))
+        for job, c in zip(jobs, self._guard_all(cores, decoded)):      # the guard sees the core alone
+            i, lead, _, trail = job[:4]
+            results[i] = Correction(lead + c.text + trail, lead + c.raw + trail, c.kept_input,
+                                    lead + c.source + trail, c.gain, c.surprisal, c.tokens)
         self.stats.windows += len(results)
         return results
 
@@ -298,14 +424,15 @@ class Corrector:
         return text[start:end], 0, end - start
 
     def _raw_windows(self, windows: list[str]) -> list[tuple[str, bool]]:
-        """(model output, hit the limit) per window, from correct_windows with its guard and counts off."""
-        saved_guard, saved_stats = self.guard_max_change, vars(self.stats).copy()
-        self.guard_max_change = -1
+        """(model output, hit the limit) per window, from correct_windows with its guard, scoring and
+        counts off (correct_pieces guards and scores the cores afterwards)."""
+        saved = self.guard_max_change, self.guard_margin, vars(self.stats).copy()
+        self.guard_max_change, self.guard_margin, self._scoring = -1, NO_MARGIN, False
         try:
             fixed = self.correct_windows(windows) if windows else []
         finally:
-            self.guard_max_change = saved_guard
-            vars(self.stats).update(saved_stats)
+            self.guard_max_change, self.guard_margin, self._scoring = saved[0], saved[1], True
+            vars(self.stats).update(saved[2])
         return [(c.raw, c.kept_input == "hit_limit") for c in fixed]
 
     def correct(self, texts: list[str], guard: bool = True) -> list[str]:
