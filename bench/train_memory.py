@@ -87,6 +87,7 @@ def build(workdir: Path, shards: int, shard_tokens: int, steps: int) -> tuple[Pa
     of the N shards only (a reference: memory should not grow with the split). Same val shard."""
     from nichelm.config import load_project
     from nichelm.data.shards import write_shard
+    from nichelm.prepare import file_sha256
     from nichelm.data.tokenizer import load_tokenizer, template_markers
     from nichelm.prepare import prepare
 
@@ -119,6 +120,11 @@ def build(workdir: Path, shards: int, shard_tokens: int, steps: int) -> tuple[Pa
         parts.append(part)
     write_shard(one / "data" / "shards" / "train_000000.bin", np.concatenate(parts), vocab)
     write_shard(small / "data" / "shards" / "train_000000.bin", parts[0], vocab)
+    for run in (one, many, small):            # these shards are ours, not prepare's: record them as train checks
+        manifest_path = run / "data" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["shard_sha256"] = {f.name: file_sha256(f) for f in sorted((run / "data" / "shards").glob("*.bin"))}
+        manifest_path.write_text(json.dumps(manifest))
     return project_file, {"1_shard": one, f"{shards}_shards": many, "small_split": small}
 
 

@@ -332,3 +332,41 @@ def test_tensorboard_and_parquet_without_their_packages(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(UserError, match=r"needs pyarrow: pip install 'nichelm\[parquet\]'"):
         pyarrow_for(tmp_path / "x.parquet")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "rng.safetensors"])
+def test_a_bit_flipped_in_a_checkpoint_is_found_not_trained_on(tmp_path, name):
+    """Same size, valid header, one data byte changed: only the marker's sha256 can tell, and does."""
+    model, opt = tiny_model_and_optimizer()
+    out = save(tmp_path, 4, model, opt)
+    f = out / name
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x10                                  # inside the tensor data, past the header
+    f.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{name}.*sha256 differs.*delete the folder .*step_0000004"):
+        latest_checkpoint(tmp_path)
+
+
+def test_a_bit_flipped_in_a_shard_stops_training_in_one_line(tiny_project):
+    from tests.conftest import run_cli
+    assert run_cli("prepare", tiny_project).returncode == 0
+    shard = tiny_project.parent / "run" / "data" / "shards" / "train_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0x01                                # a token id, not the header
+    shard.write_bytes(bytes(data))
+    proc = run_cli("train", tiny_project, "--set", "train.max_steps=1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{shard}: missing, or changed since prepare wrote it" in proc.stderr
+
+
+def test_a_full_disk_is_one_line_and_exit_1(tiny_project, monkeypatch, capsys):
+    """Disk errors are not the user's input (exit 1, not 2) but still one line, naming the file."""
+    from nichelm import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/run/checkpoints/x")
+    monkeypatch.setattr(cli, "cmd_train", full)          # build_parser binds the name when main() runs
+    assert cli.main(["train", str(tiny_project)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("nichelm: error: /data/run/checkpoints/x: No space left on device; free some space, then "
+                   "re-run the same command (finished work is kept)")

@@ -16,6 +16,8 @@ cleaned up (or, for a moved-aside checkpoint with no replacement, put back) by t
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -69,9 +71,27 @@ def _damaged(path: Path, why: str) -> UserError:
                      "from the checkpoint before it (or to start over if it is the only one)")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def check_checkpoint(ckpt: Path) -> None:
-    """Cheap checks that every file of a checkpoint is whole: trainer.json parses and each
-    safetensors file's header matches its size (a truncated file fails here, not mid-load)."""
+    """Checks that every file of a checkpoint is whole and unchanged: each file's sha256 against the
+    one its COMPLETE marker recorded (markers written before checksums existed have none), trainer.json
+    parses, and each safetensors file's header matches its size (a truncated file fails here, not mid-load)."""
+    lines = (ckpt / MARKER).read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        sums = json.loads(lines[1])["sha256"] if len(lines) > 1 else {}
+    except (ValueError, KeyError, TypeError):
+        raise _damaged(ckpt / MARKER, "unreadable checksums") from None
+    for name, digest in sums.items():
+        f = ckpt / name
+        if not f.is_file() or _sha256(f) != digest:
+            raise _damaged(f, "missing, or its content changed since it was written (sha256 differs)")
     read_trainer_state(ckpt)
     for f in sorted(ckpt.glob("*.safetensors")):
         try:
@@ -106,7 +126,11 @@ def _load_tensors(path: Path) -> dict:
 
 def _save_tensors(tensors: dict, path: Path) -> None:
     """Into a staging folder (so no temporary name is needed), then fsync'd."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    except SafetensorError as e:          # a full or read-only disk: an OSError, as any other write gives
+        code = errno.ENOSPC if "No space" in str(e) else errno.EROFS if "Read-only" in str(e) else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
     fsync_file(path)
 
 
@@ -174,7 +198,9 @@ def save_checkpoint(run: Path, step: int, model, optimizer, trainer_state: dict,
         state = dict(trainer_state, param_groups=groups, optimizer_scalars=scalars)
         atomic_write_json(staging / "trainer.json", state)
         fsync_dir(staging)                         # every file durable before the marker exists
-        atomic_write_text(staging / MARKER, f"step {step}\n")
+        # the marker holds every file's sha256: a bit flipped later is found on load, never trained on
+        sums = {f.name: _sha256(f) for f in sorted(staging.iterdir()) if f.is_file()}
+        atomic_write_text(staging / MARKER, f"step {step}\n" + json.dumps({"sha256": sums}) + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

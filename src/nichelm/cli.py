@@ -6,6 +6,7 @@ User errors (UserError) print one line and exit 2; --debug shows the traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import sys
@@ -292,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of the disk rather than of the program: one line and exit 1, like a user error but not the user's input.
+DISK_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+               errno.EFBIG: "the file is larger than this filesystem or `ulimit -f` allows",
+               errno.EROFS: "the folder is on a read-only filesystem: choose a writable one",
+               errno.EACCES: "make the folder writable", errno.EPERM: "make the folder writable"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -305,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nichelm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if args.debug or e.errno not in DISK_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"nichelm: error: {where}{e.strerror or e}; {DISK_ERRORS[e.errno]}, then re-run the same "
+              "command (finished work is kept)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -170,6 +170,7 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
     ids = [tokenizer.token_to_id(t) for t in (input_marker, output_marker, project.task.end_marker)]
     mcfg = model_config(project, tokenizer.get_vocab_size())
     seq_len = mcfg.block_size
+    check_shards(run / "data")
     train_data = TaskBatches(load_split(shards, "train"), seq_len, *ids, seed=project.seed,
                              rank=ddp.rank, world_size=ddp.world_size)
     val_data = TaskBatches(load_split(shards, "val"), seq_len, *ids, seed=project.seed)
@@ -308,6 +309,24 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
             f"{tokens_seen / 1e6:.2f}M tokens in {elapsed / 60:.1f} min")
     ddp.close()
     return {"step": step, "train_loss": last_loss, "val_loss": val_loss, "tokens": tokens_seen}
+
+
+def check_shards(data_dir: Path) -> None:
+    """Every shard the manifest lists is there with the sha256 prepare recorded (manifests written
+    before checksums existed list none): a shard damaged on disk stops training with one line."""
+    manifest = data_dir / "manifest.json"
+    if not manifest.exists():                     # shards made by hand, not by prepare: nothing recorded
+        return
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8")).get("shard_sha256", {})
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{manifest}: unreadable; re-run `nichelm prepare PROJECT --force`") from None
+    from nichelm.prepare import file_sha256
+    for name, digest in listed.items():
+        path = data_dir / "shards" / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise UserError(f"{path}: missing, or changed since prepare wrote it (sha256 differs); "
+                            "re-run `nichelm prepare PROJECT --force`")
 
 
 def _save(run, step, model, optimizer, elapsed, tokens, cfg, write: bool = True):

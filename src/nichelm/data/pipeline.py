@@ -1189,6 +1189,8 @@ class WriteManifest(PipelineStep):
             "fingerprint": self.fp,
             "tokenizer_sha256": file_sha256(staged / "tokenizer.json"),
             "task_sha256": file_sha256(staged / "task.json"),
+            # train checks these before reading a token: a shard changed on disk is an error, not data
+            "shard_sha256": {f.name: file_sha256(f) for f in sorted((staged / "shards").glob("*.bin"))},
             "sources": records,
             "examples": {s: int(kept.get(f"{SEP}examples_{s}", 0)) for s in SPLITS},
             "tokens": tokens,
