@@ -15,18 +15,8 @@ from nichelm.errors import UserError
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 KILLS_PER_COMMAND = 7
 
-# Cases that fail today, and what they wait for. strict: once one passes, its entry must go.
-_WRITE = ("a full disk or a read-only run folder ends in a traceback: needs an OSError (ENOSPC, EDQUOT, EFBIG, "
-          "EROFS, EACCES) handler in cli.main, and checkpoint._save_tensors turning safetensors' SafetensorError "
-          "into a one-line error")
-_NO_SUM = "no checksum: a flipped bit in tensor data loads silently and changes the result"
-OPEN: dict[str, str] = {
-    "disk_full_prepare": _WRITE, "disk_full_train": _WRITE, "readonly_prepare": _WRITE, "readonly_train": _WRITE,
-    "ckpt_model_data_flipped": "checkpoint files have " + _NO_SUM,
-    "ckpt_optimizer_data_flipped": "checkpoint files have " + _NO_SUM,
-    "apply_model_data_flipped": "checkpoint files have " + _NO_SUM,
-    "shard_data_flipped": "token shards have " + _NO_SUM,
-}
+# Cases that fail today (strict xfail, with the reason): once one passes, its entry must go.
+OPEN: dict[str, str] = {}          # fault cases known to fail (strict xfail); none today
 
 
 def _case_names() -> list[str]:
