@@ -6,8 +6,9 @@ Usage: python bench/do_no_harm.py MODEL [--run RUN] [--bln600 CSV] [--icdar DIR]
 MODEL is a run directory or an export (its guard margin is the one `nichelm evaluate PROJECT` chose, read
 from RUN/guard.json or the export's task.json); RUN gives the project's test split (default: MODEL).
 Documents are drawn at random with --seed up to --max-chars characters per set, cut into windows as
-`nichelm apply` cuts them, decoded once; the guard is then replayed at the stored margin ("guard") and
-with no margin (the length cap alone, "no_margin") from the same decode.
+`nichelm apply` cuts them, decoded once; the guard is then replayed at the stored margin and document
+test ("guard") and with neither (the length cap alone, "no_margin": the guard as it was) from the same
+decode.
 
 Prints one JSON object with the command and, per part:
   ood:   real newspaper OCR of another domain (BLN600 train.csv documents; --icdar adds ICDAR 2017 English
@@ -53,15 +54,15 @@ def measure(corrector, docs: list[dict]) -> dict:
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, [d["input"] for d in docs])
     seconds = time.perf_counter() - t0
-    margin = corrector.guard_margin
+    margin, share = corrector.guard_margin, corrector.doc_min_kept_share
     out = {"documents": len(docs), "input_chars": sum(len(d["input"]) for d in docs), "seconds": round(seconds, 1)}
-    for name, m in (("guard", margin), ("no_margin", NO_MARGIN), ("unguarded", None)):
-        s = score_corrections(docs, [stitch(p, m) for p in fixed])
+    for name, m, ds in (("guard", margin, share), ("no_margin", NO_MARGIN, None), ("unguarded", None, None)):
+        s = score_corrections(docs, [stitch(p, m, ds) for p in fixed])
         if name == "guard":
             out.update({"cer_before": s["cer_before"], "wer_before": s["wer_before"]})
         out[name] = {"cer_after": s["cer_after"], "wer_after": s["wer_after"], "worse_share": s["worse_fraction"],
                      "better_share": s["better_fraction"]}
-    out["guard"].update({k: v for k, v in guard_counts(fixed, margin).items() if k != "windows"})
+    out["guard"].update({k: v for k, v in guard_counts(fixed, margin, share).items() if k != "windows"})
     out["windows"] = sum(len(p) for p in fixed)
     return out
 
@@ -92,6 +93,7 @@ def main(argv=None) -> dict:
               "model": args.model,
               "margin": None if corrector.guard_margin == float("-inf") else corrector.guard_margin,
               "margin_chosen_on": corrector.guard.get("chosen_on"), "max_change": corrector.guard_max_change,
+              "doc_min_kept_share": corrector.doc_min_kept_share,
               "seed": args.seed, "max_chars": args.max_chars, "threads": args.threads}
     bln = Path(args.bln600)
     bln_docs = external_docs(bln, "bln600") if bln.is_file() and parts & {"ood", "clean"} else []

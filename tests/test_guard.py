@@ -233,6 +233,45 @@ def test_calibration_takes_the_best_margin_within_the_worse_share():
     assert calibrate_margin(docs, fixed, 0.25)["margin"] == 1 and calibrate_margin(docs, fixed, 0.2)["margin"] == 2
 
 
+def test_an_unfamiliar_document_keeps_its_input_whole():
+    """12 windows changed, 2 pass the margin: under half the val split's share of 40% -> the document is
+    left as it was; with 9 changed windows it is too short to judge; with 5 passing it is familiar."""
+    from nichelm.evaluate import stitch
+    from nichelm.inference import document_unfamiliar
+
+    def doc(changed: int, passing: int, same: int = 3):
+        cs = [Correction("", f"fix{i}", "", f"src{i}", 2.0 if i < passing else 0.1) for i in range(changed)]
+        return cs + [Correction("", f"same{i}", "", f"same{i}") for i in range(same)]
+    assert document_unfamiliar(doc(12, 2), 1.0, 0.2)
+    assert not document_unfamiliar(doc(12, 3), 1.0, 0.2)       # 3 of 12 = 25% >= 20%
+    assert not document_unfamiliar(doc(9, 0), 1.0, 0.2)        # fewer than DOC_MIN_CHANGED changed windows
+    assert not document_unfamiliar(doc(12, 0), 1.0, None)      # not calibrated: no such test
+    pieces = [(c, " ") for c in doc(12, 2)]
+    assert stitch(pieces, 1.0, 0.2) == "".join(c.source + " " for c, _ in pieces)
+    assert stitch(pieces, 1.0, None) == "".join((c.raw if c.gain == 2.0 or c.gain is None else c.source) + " "
+                                                for c, _ in pieces)
+
+
+def test_the_corrector_applies_the_document_test(monkeypatch):
+    torch.set_num_threads(1)
+    words = " ".join(SENTENCES).split()
+    text = " ".join(f"tlie {w} c0rn" for w in words[:60])        # every window has something to change
+    corrector = scripted_corrector(monkeypatch, guard_margin=-math.inf, guard_max_change=-1)
+    fixed = corrector.correct([text])[0]
+    results = corrector.correct_pieces([cut_windows(text, corrector.window_chars)])
+    assert fixed != text and len(results) >= 12 and all(c.raw != c.source for c in results)
+    corrector.doc_min_kept_share = 0.5                       # every change passes (no margin): familiar
+    assert corrector.correct([text])[0] == fixed and corrector.stats.documents_out_of_domain == 0
+    gains = sorted(c.gain for c in results)
+    corrector.guard_margin = gains[len(gains) // 4]          # about 3/4 pass: familiar at 0.5
+    assert corrector.correct([text])[0] != text and corrector.stats.documents_out_of_domain == 0
+    corrector.doc_min_kept_share = 0.9                       # under 90% pass: unfamiliar, input kept whole
+    corrector.stats = type(corrector.stats)()
+    assert corrector.correct([text])[0] == text
+    assert corrector.stats.documents_out_of_domain == 1 and corrector.stats.corrected == 0
+    assert corrector.stats.kept_out_of_domain > 0
+
+
 # ---------------------------------------------------------------- a real run: evaluate, then apply and export
 
 

@@ -127,6 +127,7 @@ class FileState:
     kept_hit_limit: int = 0
     tokens: int = 0
     kept_low_margin: int = 0        # the guard's view of the file (GuardFigures): windows kept for a low margin,
+    docs_out_of_domain: int = 0     # documents left whole as unfamiliar,
     changed: int = 0                # windows the model changed, of them those whose correction was kept,
     corrected: int = 0
     input_tokens: int = 0           # and the model's surprisal of the input: tokens scored, millinats in all
@@ -426,6 +427,7 @@ class DocResult:
     kept_hit_limit: int = 0
     tokens: int = 0                 # tokens the model wrote (its raw output, before the guard)
     kept_low_margin: int = 0
+    docs_out_of_domain: int = 0
     changed: int = 0
     corrected: int = 0
     input_tokens: int = 0
@@ -450,6 +452,7 @@ def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[D
             r.kept_hit_limit += c.kept_input == "hit_limit"
             r.tokens += tokens[k]
             r.kept_low_margin += c.kept_input == "low_margin"
+            r.docs_out_of_domain = int(r.docs_out_of_domain or c.kept_input == "out_of_domain")
             r.changed += c.raw != c.source
             r.corrected += (c.text if guard else c.raw) != c.source
             if c.surprisal is not None:
@@ -684,10 +687,11 @@ def _add(state: FileState, r: DocResult) -> FileState:
 
 # ---------------------------------------------------------------- the guard's view of a corpus
 
-GUARD_FIELDS = ("kept_low_margin", "changed", "corrected", "input_tokens", "input_mnats")
+GUARD_FIELDS = ("kept_low_margin", "docs_out_of_domain", "changed", "corrected", "input_tokens", "input_mnats")
 DOMAIN_MIN_WINDOWS = 200            # windows seen before the out-of-domain check speaks
 DOMAIN_SURPRISAL_RATIO = 1.5        # out of domain: input surprisal above this x the val split's, or
 DOMAIN_KEPT_RATIO = 0.5             # a share of the model's changes kept below this x the val split's
+                                    # (as inference.DOC_KEPT_RATIO judges one document)
 
 
 @dataclass
@@ -785,6 +789,7 @@ class ApplyReport:
     failed: list[str]               # skipped files and jsonl lines (at most 100 listed per jsonl file)
     failed_count: int               # all of them
     kept_low_margin: int = 0        # windows the margin test kept as they were
+    documents_out_of_domain: int = 0            # documents left whole as unlike the training data
     guard_margin: float | None = None           # nats/token (None: no margin test, the length cap alone)
     guard: dict = field(default_factory=dict)   # GuardFigures of all files: kept_share, input_surprisal, ...
     per_file: dict = field(default_factory=dict)    # output name -> its GuardFigures
@@ -927,6 +932,7 @@ def _report(units, ledger, writer, progress, seconds, corrector=None) -> ApplyRe
                        documents_this_run=progress.docs, tokens_this_run=progress.tokens, failed=failed,
                        failed_count=len(writer.file_failures) + sum(s.failed_count for s in states),
                        kept_low_margin=sum(s.kept_low_margin for s in states),
+                       documents_out_of_domain=sum(s.docs_out_of_domain for s in states),
                        guard_margin=None if margin == float("-inf") else margin, guard=total.to_dict(),
                        per_file=per_file, domain_warning=total.domain_warning(reference))
 
@@ -943,7 +949,8 @@ def print_report(report: ApplyReport, file=sys.stderr) -> None:
         kept = f"{100 * g['kept_share']:.0f}%" if g.get("kept_share") is not None else "none"
         surprisal = f"{g['input_surprisal']:.2f}" if g.get("input_surprisal") is not None else "n/a"
         margin = (f"guard margin {report.guard_margin:.3f} nats/token kept {report.kept_low_margin} more windows "
-                  "as they were" if report.guard_margin is not None
+                  f"and {report.documents_out_of_domain} unfamiliar documents as they were"
+                  if report.guard_margin is not None
                   else "no guard margin (not calibrated: run `nichelm evaluate PROJECT`)")
         print(f"nichelm apply: {margin}; corrections kept: {kept} of the {g['changed']} windows the model changed; "
               f"model's surprisal of the input: {surprisal} nats/token", file=file)

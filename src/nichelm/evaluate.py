@@ -31,7 +31,8 @@ from pathlib import Path
 
 from nichelm.config import Project
 from nichelm.errors import UserError
-from nichelm.inference import GUARD_FILE, HARD_LIMITS, NO_MARGIN, Correction, Corrector, cut_windows
+from nichelm.inference import (DOC_KEPT_RATIO, GUARD_FILE, HARD_LIMITS, NO_MARGIN, Correction, Corrector, cut_windows,
+                               document_unfamiliar)
 from nichelm.io import atomic_write_json
 from nichelm.metrics import CorpusScore, char_distance, mark_changes
 
@@ -128,25 +129,36 @@ def correct_pieces_of(corrector, texts: list[str]) -> list[list[tuple[Correction
     return [[(next(fixed), sep) for _, sep in pieces] for pieces in cut]
 
 
-def stitch(pieces: list[tuple[Correction, str]], margin: float | None) -> str:
-    """A document's text with its windows at the guard of `margin` (None: the model's raw outputs)."""
-    return "".join((c.raw if margin is None else c.text_at(margin)) + sep for c, sep in pieces)
+def stitch(pieces: list[tuple[Correction, str]], margin: float | None, doc_min_kept_share: float | None = None) -> str:
+    """A document's text with its windows at the guard of `margin` and the document test of
+    doc_min_kept_share (inference.document_unfamiliar), as Corrector.correct_pieces applies them.
+    margin None: the model's raw outputs."""
+    if margin is None:
+        return "".join(c.raw + sep for c, sep in pieces)
+    if document_unfamiliar([c for c, _ in pieces], margin, doc_min_kept_share):
+        return "".join(c.source + sep for c, sep in pieces)
+    return "".join(c.text_at(margin) + sep for c, sep in pieces)
 
 
-def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float) -> dict:
-    """What the guard did at `margin`: windows kept by each rule, corrections let through, and the
-    model's mean surprisal of the inputs (nats/token)."""
+def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
+                 doc_min_kept_share: float | None = None) -> dict:
+    """What the guard did at `margin` (and the document test): windows kept by each rule, corrections
+    let through, documents left whole, and the model's mean surprisal of the inputs (nats/token)."""
     cs = [c for pieces in fixed for c, _ in pieces]
     hard = [c for c in cs if c.kept_input in HARD_LIMITS]
     low = [c for c in cs if c.kept_input not in HARD_LIMITS and c.text_at(margin) != c.raw]
     changed = sum(c.raw != c.source for c in cs)
-    corrected = sum(c.text_at(margin) != c.source for c in cs)
+    passed = sum(c.text_at(margin) != c.source for c in cs)
+    gated = [p for p in fixed if document_unfamiliar([c for c, _ in p], margin, doc_min_kept_share)]
+    undone = sum(c.text_at(margin) != c.source for p in gated for c, _ in p)
     tokens = sum(c.tokens for c in cs if c.surprisal is not None)
     nats = sum(c.surprisal * c.tokens for c in cs if c.surprisal is not None)
     return {"windows": len(cs), "kept_too_different": sum(c.kept_input == "too_different" for c in hard),
             "kept_hit_limit": sum(c.kept_input == "hit_limit" for c in hard), "kept_low_margin": len(low),
-            "changed": changed, "corrected": corrected,
-            "kept_share": corrected / changed if changed else None,
+            "changed": changed, "passed_margin": passed, "documents_out_of_domain": len(gated),
+            "kept_out_of_domain": undone, "corrected": passed - undone,
+            "kept_share": (passed - undone) / changed if changed else None,
+            "passed_share": passed / changed if changed else None,
             "input_surprisal": nats / tokens if tokens else None}
 
 
@@ -215,7 +227,8 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
                                    max_new_tokens_ratio=ev.max_new_tokens_ratio,
                                    beams=ev.beams, window_overlap=ev.window_overlap,
                                    draft_tokens=ev.draft_tokens, guard_margin=NO_MARGIN)
-    calibration = None
+    corrector.doc_min_kept_share = None      # the guard is replayed below (stitch), at the margin chosen
+    calibration, doc_share = None, None
     if ev.guard_margin == "auto":
         val_path = data / "examples.val.jsonl"
         val = project_documents(val_path) if val_path.is_file() else []
@@ -224,8 +237,11 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
             fixed = correct_pieces_of(corrector, [d["input"] for d in val])
             calibration = calibrate_margin(val, fixed, ev.max_worse_share)
             margin = calibration["margin"]
-            calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin),
-                                  **guard_counts(fixed, margin)}
+            passed = guard_counts(fixed, margin)["passed_share"]
+            doc_share = DOC_KEPT_RATIO * passed if passed else None
+            calibration["doc_min_kept_share"] = doc_share
+            calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin, doc_share),
+                                  **guard_counts(fixed, margin, doc_share)}
             margin_from = "val"
         else:
             margin, margin_from = NO_MARGIN, "none: no validation examples to choose it on"
@@ -237,18 +253,19 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         atomic_write_json(run / GUARD_FILE, {
             "margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
             "checkpoint": ckpt.name if ckpt else None, "max_change": ev.guard_max_change,
-            **({"max_worse_share": ev.max_worse_share, "val": calibration["val"]} if calibration else {})})
+            **({"doc_min_kept_share": doc_share, "max_worse_share": ev.max_worse_share, "val": calibration["val"]}
+               if calibration else {})})
 
     docs = sample_documents(test, ev.max_examples, project.seed, corrector.window_chars)
     corrector.stats = type(corrector.stats)()
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, [d["input"] for d in docs])
     seconds = time.perf_counter() - t0
-    outputs = [stitch(p, margin) for p in fixed]
+    outputs = [stitch(p, margin, doc_share) for p in fixed]
     report = score_corrections(docs, outputs)
     raw = score_corrections(docs, [stitch(p, None) for p in fixed])
     no_margin = score_corrections(docs, [stitch(p, NO_MARGIN) for p in fixed])
-    counts = guard_counts(fixed, margin)
+    counts = guard_counts(fixed, margin, doc_share)
     windows = counts["windows"]
     report.update({
         "unit": "document", "n_documents": len(docs),
@@ -263,14 +280,13 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         "guard": {"max_change": ev.guard_max_change, "kept_too_different": counts["kept_too_different"],
                   "kept_hit_limit": counts["kept_hit_limit"]},
         "margin_guard": {"margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
-                         **{k: counts[k] for k in ("kept_low_margin", "changed", "corrected", "kept_share",
-                                                   "input_surprisal")},
+                         "doc_min_kept_share": doc_share,
+                         **{k: counts[k] for k in GUARD_REPORT_KEYS},
                          **({"calibration": calibration} if calibration else {})},
         "seconds": seconds,
         "chars_per_s": sum(len(d["input"]) for d in docs) / seconds if seconds else None,
         "examples": [{"id": d["id"], "input": d["input"], "output": out, "reference": d["output"],
-                      "source": d["source"], "kept_input": ",".join(sorted({c.kept_input or "low_margin" for c, _ in p
-                                                                            if c.text_at(margin) != c.raw}))}
+                      "source": d["source"], "kept_input": _kept_reasons(p, margin, doc_share)}
                      for d, out, p in zip(docs[:50], outputs[:50], fixed[:50])],
     })
     report["per_example"] = per_example_scores(docs, outputs)
@@ -279,9 +295,20 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     return report
 
 
-def _scores_at(docs: list[dict], fixed, margin: float) -> dict:
+GUARD_REPORT_KEYS = ("kept_low_margin", "changed", "passed_margin", "documents_out_of_domain", "kept_out_of_domain",
+                     "corrected", "kept_share", "input_surprisal")
+
+
+def _kept_reasons(pieces, margin: float, doc_share: float | None) -> str:
+    """Why a document's windows kept their input: the reasons of those whose output was not used."""
+    if document_unfamiliar([c for c, _ in pieces], margin, doc_share):
+        return "out_of_domain"
+    return ",".join(sorted({c.kept_input or "low_margin" for c, _ in pieces if c.text_at(margin) != c.raw}))
+
+
+def _scores_at(docs: list[dict], fixed, margin: float, doc_share: float | None = None) -> dict:
     """Corpus CER before/after and the share of documents made worse at `margin` (and with no margin)."""
-    at = score_corrections(docs, [stitch(p, margin) for p in fixed])
+    at = score_corrections(docs, [stitch(p, margin, doc_share) for p in fixed])
     off = score_corrections(docs, [stitch(p, NO_MARGIN) for p in fixed])
     return {"cer_before": at["cer_before"], "cer_after": at["cer_after"], "worse_fraction": at["worse_fraction"],
             "cer_after_no_margin": off["cer_after"], "worse_fraction_no_margin": off["worse_fraction"]}
@@ -460,8 +487,8 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, inputs) if hasattr(corrector, "correct_pieces") else None
     if fixed is not None:
-        margin = corrector.guard_margin
-        outputs, unguarded = [stitch(p, margin) for p in fixed], [stitch(p, None) for p in fixed]
+        margin, doc_share = corrector.guard_margin, corrector.doc_min_kept_share
+        outputs, unguarded = [stitch(p, margin, doc_share) for p in fixed], [stitch(p, None) for p in fixed]
     else:
         outputs, unguarded = correct_documents(corrector, inputs) if corrector else (inputs, inputs)
     seconds = time.perf_counter() - t0
@@ -472,13 +499,13 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
                        "worse_fraction_unguarded": raw["worse_fraction"]})
     if fixed is not None:
         off = score_corrections(examples, [stitch(p, NO_MARGIN) for p in fixed])
-        counts = guard_counts(fixed, margin)
+        counts = guard_counts(fixed, margin, doc_share)
         report.update({"cer_after_no_margin": off["cer_after"], "wer_after_no_margin": off["wer_after"],
                        "worse_fraction_no_margin": off["worse_fraction"],
                        "margin_guard": {"margin": None if margin == NO_MARGIN else margin,
                                         "chosen_on": corrector.guard.get("chosen_on", "none (not calibrated)"),
-                                        **{k: counts[k] for k in ("kept_low_margin", "changed", "corrected",
-                                                                  "kept_share", "input_surprisal")}}})
+                                        "doc_min_kept_share": doc_share,
+                                        **{k: counts[k] for k in GUARD_REPORT_KEYS}}})
     report["per_example"] = per_example_scores(examples, outputs)
     report.update(_run_facts(data, fmt, gold, model, corrector, examples, seconds))
     report["examples"] = _worst_and_best(examples, outputs, report["per_example"])

@@ -6,8 +6,11 @@ The guard keeps a window's input unless its correction passes three tests: the m
 marker within the budget), it changes at most guard_max_change of the window (a hard cap), and the
 model itself prefers it to the input copied unchanged by at least guard_margin nats per token. The
 last test needs one teacher-forced pass (backend.score) over the prompt followed by each candidate;
-the same pass gives the model's surprisal of the input, which apply reports to spot a corpus unlike
-the training data. `nichelm evaluate` chooses the margin on the validation split and stores it in
+the same pass gives the model's surprisal of the input, which apply reports. On text unlike its
+training data a small model is as sure of its wrong edits as of its right ones at home, but far
+fewer of its changes pass the margin; so a whole document keeps its input when the share of its
+changed windows that passed is far below the validation split's (document_unfamiliar).
+`nichelm evaluate` chooses the margin on the validation split and stores it, with that share, in
 RUN/guard.json; every way of loading a model reads it (run_task), so all engines apply one rule.
 """
 
@@ -40,6 +43,8 @@ class GuardStats:
     kept_too_different: int = 0
     kept_hit_limit: int = 0
     kept_low_margin: int = 0       # the model did not prefer its correction to the input by guard_margin
+    kept_out_of_domain: int = 0    # corrections undone because their document looked unfamiliar
+    documents_out_of_domain: int = 0
     changed: int = 0               # windows the model changed (its output differs from the input)
     corrected: int = 0             # of those, windows whose correction the guard let through
     input_tokens: int = 0          # tokens of the inputs scored as continuations (end markers included)
@@ -54,13 +59,15 @@ class GuardStats:
 # Reasons a window keeps its input whatever the margin: the length cap and an unfinished output.
 HARD_LIMITS = ("too_different", "hit_limit")
 GUARD_FILE = "guard.json"          # RUN/guard.json: the margin `nichelm evaluate` chose (calibrate_margin)
+DOC_MIN_CHANGED = 10               # a document is judged as a whole once the model changed this many windows
+DOC_KEPT_RATIO = 0.5               # ... and left as it was when under this x the val split's share passed
 
 
 @dataclass
 class Correction:
     text: str              # what we return (after the guard)
     raw: str               # the model's own output
-    kept_input: str = ""   # "", "too_different", "hit_limit" or "low_margin"
+    kept_input: str = ""   # "", "too_different", "hit_limit", "low_margin" or "out_of_domain" (its document)
     source: str = ""       # the window's input
     gain: float | None = None       # mean log-prob/token of the correction minus that of the input copied
                                     # (None: not scored: the model changed nothing, or a hard limit applied)
@@ -68,11 +75,23 @@ class Correction:
     tokens: int = 0                 # tokens that surprisal is over
 
     def text_at(self, margin: float) -> str:
-        """The guarded text at another margin (the hard limits as they were): evaluate replays the
-        guard with this to choose the margin without decoding again."""
+        """The window's guarded text at another margin (the hard limits as they were; the document test
+        is document_unfamiliar's): evaluate replays the guard with this without decoding again."""
         if self.kept_input in HARD_LIMITS or (self.gain is not None and not self.gain >= margin):
             return self.source
         return self.raw
+
+
+def document_unfamiliar(corrections: list[Correction], margin: float, min_kept_share: float | None) -> bool:
+    """Should this document keep its input whole? Yes when the model changed at least DOC_MIN_CHANGED of
+    its windows and under min_kept_share of those changes pass the guard at `margin`: the pattern of a
+    text unlike the training data, where what passes is mostly wrong. None: no such test (uncalibrated)."""
+    if min_kept_share is None:
+        return False
+    changed = [c for c in corrections if c.raw != c.source]
+    if len(changed) < DOC_MIN_CHANGED:
+        return False
+    return sum(c.text_at(margin) != c.source for c in changed) < min_kept_share * len(changed)
 
 
 _SPACES = re.compile(r"\s*")
@@ -237,6 +256,8 @@ class Corrector:
         if guard_margin is None:
             guard_margin = self.guard.get("margin")          # null in guard.json: "off"
         self.guard_margin = NO_MARGIN if guard_margin is None else float(guard_margin)
+        # a document keeps its input when under this share of its changed windows pass (document_unfamiliar)
+        self.doc_min_kept_share = self.guard.get("doc_min_kept_share")
         self._scoring = True               # off while _raw_windows decodes for correct_pieces
         self.max_new_tokens_ratio = max_new_tokens_ratio
         self.beams = beams                 # 1: batched greedy; >1: beam search, one window at a time
@@ -379,7 +400,24 @@ class Corrector:
         k characters of whole-word context each side (less where the prompt and its output budget
         would not fit the model's context); only the output aligned to the core is kept
         (core_output), and the guard compares that with the core, as it would without context.
+        Then a document that looks unfamiliar (document_unfamiliar) keeps its input whole.
         """
+        results = self._correct_pieces(cut)
+        k = 0
+        for pieces in cut:
+            doc = results[k:k + len(pieces)]
+            if document_unfamiliar(doc, self.guard_margin, self.doc_min_kept_share):
+                self.stats.documents_out_of_domain += 1
+                for i, c in enumerate(doc, k):
+                    if c.text != c.source:
+                        results[i] = Correction(c.source, c.raw, "out_of_domain", c.source, c.gain, c.surprisal,
+                                                c.tokens)
+                        self.stats.corrected -= 1
+                        self.stats.kept_out_of_domain += 1
+            k += len(pieces)
+        return results
+
+    def _correct_pieces(self, cut: list[list[tuple[str, str]]]) -> list[Correction]:
         if self.window_overlap <= 0:
             return self.correct_windows([chunk for pieces in cut for chunk, _ in pieces])
         jobs, inputs, results = [], [], []
@@ -392,7 +430,7 @@ class Corrector:
                 start = pos + len(lead)
                 pos += len(chunk) + len(sep)
                 if not core:                           # blank: nothing to correct
-                    results.append(Correction(chunk, chunk))
+                    results.append(Correction(chunk, chunk, source=chunk))
                     continue
                 src, a, b = self._with_context(text, start, start + len(core))
                 touches_next = not (trail or sep) and n + 1 < len(pieces)      # a word cut hard
