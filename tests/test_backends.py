@@ -7,6 +7,8 @@ import shutil
 import sys
 import types
 
+import hashlib
+import json
 import pytest
 import torch
 
@@ -56,6 +58,12 @@ def make_ending_run(run, out):
     weights = load_file(str(path))
     weights["lm_head.weight"][corrector.end_id] *= scale
     save_file(weights, str(path))
+    # weights changed on purpose: record their new checksum, as a save would (else the load refuses them)
+    marker = path.parent / "COMPLETE"
+    head, sums = marker.read_text().split("\n", 1)
+    sums = json.loads(sums)
+    sums["sha256"]["model.safetensors"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    marker.write_text(head + "\n" + json.dumps(sums) + "\n")
     return out
 
 
