@@ -169,7 +169,8 @@ def calibrate_margin(docs: list[dict], fixed: list[list[tuple[Correction, str]]]
     through the windows by falling gain, letting one group of equal gains through at a time and
     re-scoring only their documents. The margin stored is halfway between the last gain let through
     and the next (or that gain itself when it is the lowest); if no margin helps within the bound,
-    one above every gain (no correction of these documents kept).
+    one above every gain (no correction of these documents kept). The document test is left out here:
+    its threshold follows from the share that passes at the margin chosen (evaluate_project).
     """
     from nichelm.metrics import char_distance
     refs = [d["output"] for d in docs]
@@ -336,8 +337,10 @@ def print_summary(report: dict, examples: int = 3, file=sys.stdout) -> None:
                  f"{100 * cal['max_worse_share']:.0f}% made worse" if cal else f"from {m['chosen_on']}")
         no_margin = (f"; without it CER {100 * report['cer_after_no_margin']:.2f}%"
                      if report.get("cer_after_no_margin") is not None else "")
+        gated = (f", {m['documents_out_of_domain']} unfamiliar documents left whole"
+                 if m.get("documents_out_of_domain") else "")
         print(f"guard margin {m['margin']:.3f} nats/token ({where}): {kept} of the model's changed windows kept"
-              f"{no_margin}", file=file)
+              f"{gated}{no_margin}", file=file)
     if report.get("sample"):
         s = report["sample"]
         print(f"test sample: {s['documents']} of {s['documents_in_split']} documents ({s['windows']} windows), "
