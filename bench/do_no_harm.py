@@ -54,7 +54,7 @@ def measure(corrector, docs: list[dict]) -> dict:
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, [d["input"] for d in docs])
     seconds = time.perf_counter() - t0
-    margin, share = corrector.guard_margin, corrector.doc_min_kept_share
+    margin, share = corrector.guard_margin, corrector.passed_share
     out = {"documents": len(docs), "input_chars": sum(len(d["input"]) for d in docs), "seconds": round(seconds, 1)}
     for name, m, ds in (("guard", margin, share), ("no_margin", NO_MARGIN, None), ("unguarded", None, None)):
         s = score_corrections(docs, [stitch(p, m, ds) for p in fixed])
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
               "model": args.model,
               "margin": None if corrector.guard_margin == float("-inf") else corrector.guard_margin,
               "margin_chosen_on": corrector.guard.get("chosen_on"), "max_change": corrector.guard_max_change,
-              "doc_min_kept_share": corrector.doc_min_kept_share,
+              "passed_share": corrector.passed_share,
               "seed": args.seed, "max_chars": args.max_chars, "threads": args.threads}
     bln = Path(args.bln600)
     bln_docs = external_docs(bln, "bln600") if bln.is_file() and parts & {"ood", "clean"} else []

@@ -234,20 +234,29 @@ def test_calibration_takes_the_best_margin_within_the_worse_share():
 
 
 def test_an_unfamiliar_document_keeps_its_input_whole():
-    """12 windows changed, 2 pass the margin: under half the val split's share of 40% -> the document is
-    left as it was; with 9 changed windows it is too short to judge; with 5 passing it is familiar."""
+    """A document keeps its input whole when so few of its changed windows pass the margin that a
+    document whose changes pass as often as on val would show as few with probability under 1%."""
     from nichelm.evaluate import stitch
-    from nichelm.inference import document_unfamiliar
+    from nichelm.inference import DOC_ALPHA, binomial_cdf, document_unfamiliar
 
     def doc(changed: int, passing: int, same: int = 3):
         cs = [Correction("", f"fix{i}", "", f"src{i}", 2.0 if i < passing else 0.1) for i in range(changed)]
         return cs + [Correction("", f"same{i}", "", f"same{i}") for i in range(same)]
-    assert document_unfamiliar(doc(12, 2), 1.0, 0.2)
-    assert not document_unfamiliar(doc(12, 3), 1.0, 0.2)       # 3 of 12 = 25% >= 20%
-    assert not document_unfamiliar(doc(9, 0), 1.0, 0.2)        # fewer than DOC_MIN_CHANGED changed windows
-    assert not document_unfamiliar(doc(12, 0), 1.0, None)      # not calibrated: no such test
-    pieces = [(c, " ") for c in doc(12, 2)]
-    assert stitch(pieces, 1.0, 0.2) == "".join(c.source + " " for c, _ in pieces)
+    # val: 80% of changes pass. 3 of 12 passing: P(X <= 3 | 12, 0.8) = 0.0006 -> unfamiliar
+    assert binomial_cdf(3, 12, 0.8) == pytest.approx(sum(math.comb(12, i) * 0.8 ** i * 0.2 ** (12 - i)
+                                                         for i in range(4)))
+    assert document_unfamiliar(doc(12, 3), 1.0, 0.8)
+    assert binomial_cdf(7, 12, 0.8) > DOC_ALPHA and not document_unfamiliar(doc(12, 7), 1.0, 0.8)
+    assert not document_unfamiliar(doc(12, 0), 1.0, 0.8)        # nothing passed: nothing to undo
+    assert not document_unfamiliar(doc(12, 12), 1.0, 0.8)
+    assert not document_unfamiliar(doc(12, 3), 1.0, None)       # not calibrated: no such test
+    assert not document_unfamiliar(doc(2, 1), 1.0, 0.8)         # 1 of 2: P = 0.36, proves nothing
+    # the normal approximation for long documents agrees with the exact sum where both apply
+    exact = sum(math.exp(math.lgamma(2001) - math.lgamma(i + 1) - math.lgamma(2001 - i) + i * math.log(0.3)
+                         + (2000 - i) * math.log(0.7)) for i in range(571))
+    assert binomial_cdf(570, 2000, 0.3) == pytest.approx(exact, abs=0.01)
+    pieces = [(c, " ") for c in doc(12, 3)]
+    assert stitch(pieces, 1.0, 0.8) == "".join(c.source + " " for c, _ in pieces)
     assert stitch(pieces, 1.0, None) == "".join((c.raw if c.gain == 2.0 or c.gain is None else c.source) + " "
                                                 for c, _ in pieces)
 
@@ -260,12 +269,12 @@ def test_the_corrector_applies_the_document_test(monkeypatch):
     fixed = corrector.correct([text])[0]
     results = corrector.correct_pieces([cut_windows(text, corrector.window_chars)])
     assert fixed != text and len(results) >= 12 and all(c.raw != c.source for c in results)
-    corrector.doc_min_kept_share = 0.5                       # every change passes (no margin): familiar
-    assert corrector.correct([text])[0] == fixed and corrector.stats.documents_out_of_domain == 0
     gains = sorted(c.gain for c in results)
-    corrector.guard_margin = gains[len(gains) // 4]          # about 3/4 pass: familiar at 0.5
-    assert corrector.correct([text])[0] != text and corrector.stats.documents_out_of_domain == 0
-    corrector.doc_min_kept_share = 0.9                       # under 90% pass: unfamiliar, input kept whole
+    corrector.guard_margin = gains[len(gains) * 3 // 4]      # about 1/4 of the changes pass
+    corrector.passed_share = 0.25                            # as on val: familiar
+    quarter = corrector.correct([text])[0]
+    assert quarter not in (text, fixed) and corrector.stats.documents_out_of_domain == 0
+    corrector.passed_share = 0.95                            # on val nearly all passed: unfamiliar, kept whole
     corrector.stats = type(corrector.stats)()
     assert corrector.correct([text])[0] == text
     assert corrector.stats.documents_out_of_domain == 1 and corrector.stats.corrected == 0

@@ -691,7 +691,7 @@ GUARD_FIELDS = ("kept_low_margin", "docs_out_of_domain", "changed", "corrected",
 DOMAIN_MIN_WINDOWS = 200            # windows seen before the out-of-domain check speaks
 DOMAIN_SURPRISAL_RATIO = 1.5        # out of domain: input surprisal above this x the val split's, or
 DOMAIN_KEPT_RATIO = 0.5             # a share of the model's changes kept below this x the val split's
-                                    # (as inference.DOC_KEPT_RATIO judges one document)
+                                    # (inference.document_unfamiliar judges one document)
 
 
 @dataclass

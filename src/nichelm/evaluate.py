@@ -31,7 +31,7 @@ from pathlib import Path
 
 from nichelm.config import Project
 from nichelm.errors import UserError
-from nichelm.inference import (DOC_KEPT_RATIO, GUARD_FILE, HARD_LIMITS, NO_MARGIN, Correction, Corrector, cut_windows,
+from nichelm.inference import (GUARD_FILE, HARD_LIMITS, NO_MARGIN, Correction, Corrector, cut_windows,
                                document_unfamiliar)
 from nichelm.io import atomic_write_json
 from nichelm.metrics import CorpusScore, char_distance, mark_changes
@@ -129,19 +129,19 @@ def correct_pieces_of(corrector, texts: list[str]) -> list[list[tuple[Correction
     return [[(next(fixed), sep) for _, sep in pieces] for pieces in cut]
 
 
-def stitch(pieces: list[tuple[Correction, str]], margin: float | None, doc_min_kept_share: float | None = None) -> str:
+def stitch(pieces: list[tuple[Correction, str]], margin: float | None, passed_share: float | None = None) -> str:
     """A document's text with its windows at the guard of `margin` and the document test of
-    doc_min_kept_share (inference.document_unfamiliar), as Corrector.correct_pieces applies them.
+    passed_share (inference.document_unfamiliar), as Corrector.correct_pieces applies them.
     margin None: the model's raw outputs."""
     if margin is None:
         return "".join(c.raw + sep for c, sep in pieces)
-    if document_unfamiliar([c for c, _ in pieces], margin, doc_min_kept_share):
+    if document_unfamiliar([c for c, _ in pieces], margin, passed_share):
         return "".join(c.source + sep for c, sep in pieces)
     return "".join(c.text_at(margin) + sep for c, sep in pieces)
 
 
 def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
-                 doc_min_kept_share: float | None = None) -> dict:
+                 passed_share: float | None = None) -> dict:
     """What the guard did at `margin` (and the document test): windows kept by each rule, corrections
     let through, documents left whole, and the model's mean surprisal of the inputs (nats/token)."""
     cs = [c for pieces in fixed for c, _ in pieces]
@@ -149,7 +149,7 @@ def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
     low = [c for c in cs if c.kept_input not in HARD_LIMITS and c.text_at(margin) != c.raw]
     changed = sum(c.raw != c.source for c in cs)
     passed = sum(c.text_at(margin) != c.source for c in cs)
-    gated = [p for p in fixed if document_unfamiliar([c for c, _ in p], margin, doc_min_kept_share)]
+    gated = [p for p in fixed if document_unfamiliar([c for c, _ in p], margin, passed_share)]
     undone = sum(c.text_at(margin) != c.source for p in gated for c, _ in p)
     tokens = sum(c.tokens for c in cs if c.surprisal is not None)
     nats = sum(c.surprisal * c.tokens for c in cs if c.surprisal is not None)
@@ -162,8 +162,10 @@ def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
             "input_surprisal": nats / tokens if tokens else None}
 
 
-def calibrate_margin(docs: list[dict], fixed: list[list[tuple[Correction, str]]], max_worse_share: float) -> dict:
-    """The margin with the lowest corpus CER on `docs` that makes at most max_worse_share of them worse.
+def calibrate_margin(docs: list[dict], fixed: list[list[tuple[Correction, str]]], max_worse_share: float,
+                     groups: list[str] | None = None) -> dict:
+    """The margin with the lowest corpus CER on `docs` that makes at most max_worse_share of them worse
+    (of each group's documents, when `groups` names one per document: e.g. noisy and clean copies).
 
     Every margin between two windows' gains gives a different set of corrections, so the sweep goes
     through the windows by falling gain, letting one group of equal gains through at a time and
@@ -180,8 +182,11 @@ def calibrate_margin(docs: list[dict], fixed: list[list[tuple[Correction, str]]]
                          if c.kept_input not in HARD_LIMITS and c.gain is not None and c.raw != c.source),
                         key=lambda t: -t[0])
     let_through = [[False] * len(p) for p in fixed]
-    total, worse, n = sum(before), 0, max(len(docs), 1)
-    best = (total, 0, None)                 # (errors, worse documents, index of the last gain let through)
+    groups = groups or ["all"] * len(docs)
+    size = {g: groups.count(g) for g in set(groups)}
+    worse = dict.fromkeys(size, 0)
+    total = sum(before)
+    best = (total, None)                    # (errors, index of the last gain let through)
     k = 0
     while k < len(candidates):
         gain, touched = candidates[k][0], set()
@@ -195,26 +200,29 @@ def calibrate_margin(docs: list[dict], fixed: list[list[tuple[Correction, str]]]
                            for w, (c, sep) in enumerate(fixed[d]))
             new = char_distance(text, refs[d])
             total += new - errors[d]
-            worse += (new > before[d]) - (errors[d] > before[d])
+            worse[groups[d]] += (new > before[d]) - (errors[d] > before[d])
             errors[d] = new
-        if worse / n <= max_worse_share and total < best[0]:
-            best = (total, worse, k - 1)
+        if all(worse[g] <= max_worse_share * size[g] for g in size) and total < best[0]:
+            best = (total, k - 1)
     gains = [g for g, _, _ in candidates]
-    if best[2] is None:
+    last = best[1]
+    if last is None:
         margin = (gains[0] + 1.0) if gains else 0.0
-    elif best[2] + 1 < len(gains):
-        margin = (gains[best[2]] + gains[best[2] + 1]) / 2
+    elif last + 1 < len(gains):
+        margin = (gains[last] + gains[last + 1]) / 2
     else:
-        margin = gains[best[2]]
+        margin = gains[last]
     return {"margin": margin, "max_worse_share": max_worse_share, "windows_scored": len(candidates),
-            "corrections_let_through": 0 if best[2] is None else best[2] + 1}
+            "corrections_let_through": 0 if last is None else last + 1}
 
 
 def evaluate_project(project: Project, device: str = "cpu") -> dict:
     """Corpus CER/WER before and after on the project's test documents, cut as apply cuts them.
 
-    With eval.guard_margin = "auto" the margin is first chosen on the validation documents and stored
-    in RUN/guard.json (with the checkpoint it was chosen for); a number or "off" is stored as given.
+    With eval.guard_margin = "auto" the margin is first chosen on the validation documents, as they are
+    and with their gold side as input (clean text), for the lowest CER with at most eval.max_worse_share
+    of either made worse, and stored in RUN/guard.json (with the checkpoint it was chosen for and the
+    share of changes that passed, document_unfamiliar's reference); a number or "off" is stored as given.
     The report gives the figures at that margin (the outputs users get), plus those of the model's raw
     outputs ("unguarded") and of the length cap alone ("no_margin"), all from one decoding pass."""
     from nichelm.checkpoint import latest_checkpoint
@@ -228,21 +236,26 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
                                    max_new_tokens_ratio=ev.max_new_tokens_ratio,
                                    beams=ev.beams, window_overlap=ev.window_overlap,
                                    draft_tokens=ev.draft_tokens, guard_margin=NO_MARGIN)
-    corrector.doc_min_kept_share = None      # the guard is replayed below (stitch), at the margin chosen
+    corrector.passed_share = None      # the guard is replayed below (stitch), at the margin chosen
     calibration, doc_share = None, None
     if ev.guard_margin == "auto":
         val_path = data / "examples.val.jsonl"
         val = project_documents(val_path) if val_path.is_file() else []
         if val:
+            # the val documents as they are, and their gold side as input (clean text: any change is harm)
             val = sample_documents(val, ev.max_examples, project.seed, corrector.window_chars)
-            fixed = correct_pieces_of(corrector, [d["input"] for d in val])
-            calibration = calibrate_margin(val, fixed, ev.max_worse_share)
+            clean = [{**d, "input": d["output"]} for d in val]
+            both = correct_pieces_of(corrector, [d["input"] for d in val + clean])
+            fixed, fixed_clean = both[:len(val)], both[len(val):]
+            calibration = calibrate_margin(val + clean, both, ev.max_worse_share,
+                                           ["noisy"] * len(val) + ["clean"] * len(clean))
             margin = calibration["margin"]
-            passed = guard_counts(fixed, margin)["passed_share"]
-            doc_share = DOC_KEPT_RATIO * passed if passed else None
-            calibration["doc_min_kept_share"] = doc_share
+            doc_share = guard_counts(fixed, margin)["passed_share"]     # document_unfamiliar's reference
+            calibration["passed_share"] = doc_share
             calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin, doc_share),
                                   **guard_counts(fixed, margin, doc_share)}
+            calibration["val_clean"] = {"documents": len(clean), **_scores_at(clean, fixed_clean, margin, doc_share),
+                                        **guard_counts(fixed_clean, margin, doc_share)}
             margin_from = "val"
         else:
             margin, margin_from = NO_MARGIN, "none: no validation examples to choose it on"
@@ -254,7 +267,8 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         atomic_write_json(run / GUARD_FILE, {
             "margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
             "checkpoint": ckpt.name if ckpt else None, "max_change": ev.guard_max_change,
-            **({"doc_min_kept_share": doc_share, "max_worse_share": ev.max_worse_share, "val": calibration["val"]}
+            **({"passed_share": doc_share, "max_worse_share": ev.max_worse_share, "val": calibration["val"],
+                "val_clean": calibration["val_clean"]}
                if calibration else {})})
 
     docs = sample_documents(test, ev.max_examples, project.seed, corrector.window_chars)
@@ -281,7 +295,7 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         "guard": {"max_change": ev.guard_max_change, "kept_too_different": counts["kept_too_different"],
                   "kept_hit_limit": counts["kept_hit_limit"]},
         "margin_guard": {"margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
-                         "doc_min_kept_share": doc_share,
+                         "val_passed_share": doc_share,
                          **{k: counts[k] for k in GUARD_REPORT_KEYS},
                          **({"calibration": calibration} if calibration else {})},
         "seconds": seconds,
@@ -490,7 +504,7 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, inputs) if hasattr(corrector, "correct_pieces") else None
     if fixed is not None:
-        margin, doc_share = corrector.guard_margin, corrector.doc_min_kept_share
+        margin, doc_share = corrector.guard_margin, corrector.passed_share
         outputs, unguarded = [stitch(p, margin, doc_share) for p in fixed], [stitch(p, None) for p in fixed]
     else:
         outputs, unguarded = correct_documents(corrector, inputs) if corrector else (inputs, inputs)
@@ -507,7 +521,7 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
                        "worse_fraction_no_margin": off["worse_fraction"],
                        "margin_guard": {"margin": None if margin == NO_MARGIN else margin,
                                         "chosen_on": corrector.guard.get("chosen_on", "none (not calibrated)"),
-                                        "doc_min_kept_share": doc_share,
+                                        "val_passed_share": doc_share,
                                         **{k: counts[k] for k in GUARD_REPORT_KEYS}}})
     report["per_example"] = per_example_scores(examples, outputs)
     report.update(_run_facts(data, fmt, gold, model, corrector, examples, seconds))

@@ -8,8 +8,8 @@ model itself prefers it to the input copied unchanged by at least guard_margin n
 last test needs one teacher-forced pass (backend.score) over the prompt followed by each candidate;
 the same pass gives the model's surprisal of the input, which apply reports. On text unlike its
 training data a small model is as sure of its wrong edits as of its right ones at home, but far
-fewer of its changes pass the margin; so a whole document keeps its input when the share of its
-changed windows that passed is far below the validation split's (document_unfamiliar).
+fewer of its changes pass the margin; so a whole document keeps its input when so few of its changed
+windows passed that a document like the validation split's would hardly ever show it (document_unfamiliar).
 `nichelm evaluate` chooses the margin on the validation split and stores it, with that share, in
 RUN/guard.json; every way of loading a model reads it (run_task), so all engines apply one rule.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -59,8 +60,7 @@ class GuardStats:
 # Reasons a window keeps its input whatever the margin: the length cap and an unfinished output.
 HARD_LIMITS = ("too_different", "hit_limit")
 GUARD_FILE = "guard.json"          # RUN/guard.json: the margin `nichelm evaluate` chose (calibrate_margin)
-DOC_MIN_CHANGED = 10               # a document is judged as a whole once the model changed this many windows
-DOC_KEPT_RATIO = 0.5               # ... and left as it was when under this x the val split's share passed
+DOC_ALPHA = 0.01                   # a document like the val split's is left whole by chance at most this often
 
 
 @dataclass
@@ -82,16 +82,30 @@ class Correction:
         return self.raw
 
 
-def document_unfamiliar(corrections: list[Correction], margin: float, min_kept_share: float | None) -> bool:
-    """Should this document keep its input whole? Yes when the model changed at least DOC_MIN_CHANGED of
-    its windows and under min_kept_share of those changes pass the guard at `margin`: the pattern of a
-    text unlike the training data, where what passes is mostly wrong. None: no such test (uncalibrated)."""
-    if min_kept_share is None:
+def document_unfamiliar(corrections: list[Correction], margin: float, passed_share: float | None) -> bool:
+    """Should this document keep its input whole? Yes when, of the n windows the model changed, so few
+    passed the guard at `margin` that a document whose changes pass as often as on the val split
+    (passed_share) would show as few with probability under DOC_ALPHA (binomial test). That is the
+    pattern of a text unlike the training data, where what passes is mostly wrong. None: no test."""
+    if passed_share is None:
         return False
     changed = [c for c in corrections if c.raw != c.source]
-    if len(changed) < DOC_MIN_CHANGED:
-        return False
-    return sum(c.text_at(margin) != c.source for c in changed) < min_kept_share * len(changed)
+    passed = sum(c.text_at(margin) != c.source for c in changed)
+    return 0 < passed < len(changed) and binomial_cdf(passed, len(changed), passed_share) < DOC_ALPHA
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p): exact below 2000 trials, else the normal approximation."""
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 1.0 if k >= n else 0.0
+    if n >= 2000:
+        sd = math.sqrt(n * p * (1 - p))
+        return 0.5 * math.erfc(-(k + 0.5 - n * p) / (sd * math.sqrt(2)))
+    log_p, log_q = math.log(p), math.log1p(-p)
+    return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                                 + i * log_p + (n - i) * log_q) for i in range(k + 1)))
 
 
 _SPACES = re.compile(r"\s*")
@@ -256,8 +270,8 @@ class Corrector:
         if guard_margin is None:
             guard_margin = self.guard.get("margin")          # null in guard.json: "off"
         self.guard_margin = NO_MARGIN if guard_margin is None else float(guard_margin)
-        # a document keeps its input when under this share of its changed windows pass (document_unfamiliar)
-        self.doc_min_kept_share = self.guard.get("doc_min_kept_share")
+        # the share of the model's changes that passed on the val split (document_unfamiliar's reference)
+        self.passed_share = self.guard.get("passed_share")
         self._scoring = True               # off while _raw_windows decodes for correct_pieces
         self.max_new_tokens_ratio = max_new_tokens_ratio
         self.beams = beams                 # 1: batched greedy; >1: beam search, one window at a time
@@ -406,7 +420,7 @@ class Corrector:
         k = 0
         for pieces in cut:
             doc = results[k:k + len(pieces)]
-            if document_unfamiliar(doc, self.guard_margin, self.doc_min_kept_share):
+            if document_unfamiliar(doc, self.guard_margin, self.passed_share):
                 self.stats.documents_out_of_domain += 1
                 for i, c in enumerate(doc, k):
                     if c.text != c.source:
