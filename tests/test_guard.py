@@ -233,6 +233,24 @@ def test_calibration_takes_the_best_margin_within_the_worse_share():
     assert calibrate_margin(docs, fixed, 0.25)["margin"] == 1 and calibrate_margin(docs, fixed, 0.2)["margin"] == 2
 
 
+def test_calibration_bounds_the_clean_documents_and_scores_both():
+    """evaluate's calibration: the worse-share bound holds for the clean copies (input = gold, any change is
+    harm), not for the noisy documents, whose corpus CER is the objective together with the clean ones'."""
+    docs, fixed = fake_corrections([(3, True), (2.5, True), (2, False), (1.5, True), (1.2, True), (1.1, True)])
+    clean = [Correction("", "a b q", "", "a b x", g) for g in (1.0, 0.5)]        # each change: 0 errors -> 1
+    docs += [{"input": "a b x", "output": "a b x"}] * 2
+    fixed += [[(c, "")] for c in clean]
+    bounded = [False] * 6 + [True] * 2
+    # errors (6 noisy at 1 each) as the margin falls past each gain: 6 -> 5 -> 4 -> 6 (a noisy document
+    # made worse) -> 5 -> 4 -> 3 (margin halfway to 1.0) -> 4 (a clean one changed) -> 5
+    assert calibrate_margin(docs, fixed, 0.0, bounded)["margin"] == 1.05
+    assert calibrate_margin(docs, fixed, 0.5, bounded)["margin"] == 1.05        # a changed clean one costs too
+    assert calibrate_margin(docs, fixed, 0.0)["margin"] == 2.25                 # bounding all: stop at 4
+    fixed[6][0][0].gain = 4.0              # a clean document changed before any correction: no margin helps
+    assert calibrate_margin(docs, fixed, 0.0, bounded)["margin"] == 5.0
+    assert calibrate_margin(docs, fixed, 0.5, bounded)["margin"] == pytest.approx(0.8)    # 1 of 2 may change
+
+
 def test_an_unfamiliar_document_keeps_its_input_whole():
     """A document keeps its input whole when so few of its changed windows pass the margin that a
     document whose changes pass as often as on val would show as few with probability under 1%."""
