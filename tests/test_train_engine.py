@@ -159,3 +159,68 @@ def test_batch_tokens_accumulates_to_the_same_step(tiny_project, tmp_path):
     bad = load_project(tiny_project, [f"run_dir={tmp_path / 'accum'}", "train.batch_size=4", "train.batch_tokens=100"])
     with pytest.raises(UserError, match="batch_tokens"):
         train(bad)
+
+
+def test_start_removes_temp_files_a_killed_train_left(tiny_project, tmp_path):
+    """A train killed inside an atomic write leaves .metrics.jsonl.XXXXXXXX.tmp (or model_config.json's) in
+    RUN; the next start deletes those, and only those: another command may be writing its own there."""
+    import tempfile
+
+    import torch
+
+    from nichelm.config import load_project
+    from nichelm.prepare import prepare
+    from nichelm.train import train
+
+    torch.set_num_threads(1)
+    project = load_project(tiny_project, [f"run_dir={tmp_path / 'run'}", "train.max_steps=1", "train.eval_every=0"])
+    prepare(project)
+    run = project.run_path
+
+    def leftover(name):          # named as nichelm.io.atomic_file names its temporary file
+        fd, path = tempfile.mkstemp(dir=run, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        return path
+
+    ours = [leftover("metrics.jsonl"), leftover("model_config.json")]
+    others = [leftover("guard.json"), leftover("metrics.jsonl.bak")]
+    train(project)
+    assert not any(map(os.path.exists, ours)), "a killed train's temporary files are still there"
+    assert all(map(os.path.exists, others)), "train deleted a temporary file that is not its own"
+
+
+def test_tokens_per_s_include_data_loading(tiny_project, tmp_path, monkeypatch, capsys):
+    """Reading batches counts as training time: with 0.3 s of loading per step, no logged tokens/s can
+    exceed tokens_per_step / 0.3, and the log line says that its tok/s include data loading (with an ETA)."""
+    import re
+
+    import torch
+
+    from nichelm.config import load_project
+    from nichelm.data.loader import TaskBatches
+    from nichelm.prepare import prepare
+    from nichelm.train import train
+
+    torch.set_num_threads(1)
+    project = load_project(tiny_project, [f"run_dir={tmp_path / 'run'}", "train.max_steps=3", "train.eval_every=0",
+                                          "train.log_every=1"])
+    prepare(project)
+    real_rows = TaskBatches.rows                  # what get() reads a training batch with
+
+    def slow_rows(self, *args, **kwargs):
+        time.sleep(0.3)
+        return real_rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskBatches, "rows", slow_rows)
+    capsys.readouterr()
+    train(project)
+    records = [json.loads(line) for line in (project.run_path / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = 8 * 96
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert r["data_s_per_step"] >= 0.3, r
+        assert r["tokens_per_s"] <= tokens_per_step / 0.3, r
+    log = capsys.readouterr().err
+    assert re.search(r"step 1/3 .* tok/s incl\. data loading, .*ETA \d+\.\d min", log), log
+    assert re.search(r"step 3/3 .* tok/s incl\. data loading", log), log
+    assert re.search(r"trained to step 3: .* tok/s incl\. data loading", log), log

@@ -4,6 +4,14 @@ train.parallel = "fsdp").
 Re-running the same command resumes from the newest complete checkpoint: model,
 optimizer, step, elapsed time and RNG state come back, and the data order is a
 function of the step, so the resumed run continues exactly where it stopped.
+
+`train()` reads top to bottom as its parts, each a function or class below it:
+  _set_up          config, devices, torchrun ranks; leftovers of a killed run removed
+  _load_data       tokenizer, model config, shards checked, train/val batches (a function of the step)
+  _build_model     model (seeded), newest checkpoint, optimizer, compile, DDP/FSDP wrapping
+  _train_step      one optimizer step: lr, forward/backward over the micro-batches, clipping, update
+  MetricsSink      metrics.jsonl, TensorBoard, progress line: tokens/s (data loading included), ETA
+  _evaluate / _save   validation loss and checkpoints, during the loop and at its end
 """
 
 from __future__ import annotations
@@ -11,26 +19,362 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from nichelm.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
-from nichelm.config import Project, model_config
+from nichelm.config import Project, TrainConfig, model_config
 from nichelm.data.loader import TaskBatches
 from nichelm.data.shards import load_split
 from nichelm.data.tokenizer import load_tokenizer, template_markers
 from nichelm.errors import UserError
 from nichelm.io import atomic_write_text
-from nichelm.model import GPT
+from nichelm.model import GPT, ModelConfig
 
 # Peak dense bf16 FLOP/s for MFU, by device name fragment.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
+
+def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
+    """Train (or resume training) the project's model. Returns a summary dict."""
+    setup = _set_up(project)
+    cfg, ddp = setup.cfg, setup.ddp
+    data = _load_data(project, setup)
+    grad_accum = accumulation_steps(cfg, data.seq_len, ddp.world_size)
+    tokens_per_step = cfg.batch_size * grad_accum * data.seq_len * ddp.world_size
+    trainee = _build_model(project, setup, data)
+    clock = Clock(trainee.elapsed_before)
+    sink = MetricsSink(setup, trainee, data, tokens_per_step, clock)
+    if ddp.main:
+        mcfg = data.model_config
+        log(f"model {mcfg.arch} {trainee.raw_model.num_params() / 1e6:.2f}M params, {mcfg.n_layer} layers, "
+            f"d={mcfg.n_embd}; {tokens_per_step} tokens/step on {setup.device} x{ddp.world_size}"
+            + (f" ({'fsdp' if trainee.fsdp else 'ddp'})" if ddp.enabled else ""))
+
+    budget_s = cfg.max_minutes * 60
+    step, tokens_seen = trainee.start_step, trainee.tokens_seen
+    last_loss, val_loss, val_step = float("nan"), None, None       # val_step: the step val_loss is of
+    while step < cfg.max_steps:
+        elapsed = clock.elapsed()
+        # Ranks must agree on when to stop; asking them is a host sync, so ask every 10 steps.
+        if budget_s > 0 and (not ddp.enabled or step % 10 == 0) and ddp.any(elapsed >= budget_s):
+            break
+        progress = elapsed / budget_s if budget_s > 0 else step / cfg.max_steps     # through the lr schedule
+        lr = lr_at(progress, step, cfg)
+        loss_sum, n_tokens, grad_norm = _train_step(setup, data, trainee, step, lr, grad_accum)
+        step += 1
+        tokens_seen += tokens_per_step
+
+        is_last = step >= cfg.max_steps
+        if cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
+            with sink.paused():
+                val_loss, val_step = _evaluate(setup, data, trainee), step
+        if step % cfg.log_every == 0 or is_last:
+            last_loss = ddp.sum(loss_sum).item() / n_tokens.item()       # every rank: an all-reduce
+            sink.write({"step": step, "train_loss": last_loss, "tokens": tokens_seen, "lr": lr,
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None},
+                       val_loss if val_step == step else None)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not is_last and (ddp.main or trainee.fsdp):
+            with sink.paused():
+                _save(setup, trainee, step, clock.elapsed(), tokens_seen)
+        if stop_after_steps is not None and step - trainee.start_step >= stop_after_steps:
+            break
+
+    # The final figure and checkpoint (FSDP: every rank takes part in the forward and the gather).
+    elapsed = clock.elapsed()
+    if ddp.main or trainee.fsdp:
+        if val_step != step:
+            val_loss = _evaluate(setup, data, trainee)
+        elapsed = clock.elapsed()
+        _save(setup, trainee, step, elapsed, tokens_seen)
+    sink.close()
+    if ddp.main:
+        log(f"trained to step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}, "
+            f"{tokens_seen / 1e6:.2f}M tokens in {elapsed / 60:.1f} min; {sink.summary()}")
+    ddp.close()
+    return {"step": step, "train_loss": last_loss, "val_loss": val_loss, "tokens": tokens_seen}
+
+
+# ---------------------------------------------------------------- set-up
+
+@dataclass
+class Setup:
+    """Where and how this process trains."""
+    cfg: TrainConfig
+    run: Path
+    ddp: Distributed
+    device: torch.device
+    autocast: object             # bf16 autocast on CUDA, a no-op context on CPU
+
+
+# What a killed train can leave in RUN: nichelm.io.atomic_file's temporary files (.NAME.XXXXXXXX.tmp) for
+# the files train rewrites. Checkpoint staging folders are cleaned by the next save (checkpoint.py).
+_STALE_TEMP = re.compile(r"\.(metrics\.jsonl|model_config\.json)\.[a-z0-9_]{8}\.tmp")
+
+
+def _set_up(project: Project) -> Setup:
+    cfg, run = project.train, project.run_path
+    tok_path = run / "tokenizer" / "tokenizer.json"
+    if not tok_path.is_file():
+        raise UserError(f"{tok_path}: no tokenizer; run `nichelm prepare {project.source_file}` first")
+    ddp = Distributed(cfg.device)
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and ddp.enabled:
+        device = torch.device("cuda", ddp.local_rank)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if ddp.main:
+        remove_stale_temp_files(run)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return Setup(cfg=cfg, run=run, ddp=ddp, device=device, autocast=autocast)
+
+
+def remove_stale_temp_files(run: Path) -> None:
+    """Delete the temporary files a train killed mid-write left beside metrics.jsonl / model_config.json
+    (only those: another command, e.g. evaluate, may be writing its own in RUN at this moment)."""
+    if run.is_dir():
+        for path in run.iterdir():
+            if _STALE_TEMP.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class Data:
+    model_config: ModelConfig    # its vocabulary is the tokenizer's, its block_size the row length
+    train: TaskBatches           # this rank's slice of each global batch
+    val: TaskBatches             # fixed batches, the same on every rank
+
+    @property
+    def seq_len(self) -> int:
+        return self.model_config.block_size
+
+    def step_batches(self, step: int, grad_accum: int, batch_size: int, device: torch.device) -> list[tuple]:
+        """This rank's micro-batches (x, y, mask) of optimizer step `step`. The order is a function of the
+        step alone, so a resumed run needs no saved position: it reads what the uninterrupted one would."""
+        batches = [self.train.get(step, micro, grad_accum, batch_size) for micro in range(grad_accum)]
+        if device.type == "cuda":              # pinned pages let the copies to the GPU run asynchronously
+            batches = [tuple(t.pin_memory() for t in b) for b in batches]
+        return batches
+
+
+def _load_data(project: Project, setup: Setup) -> Data:
+    run, ddp = setup.run, setup.ddp
+    tokenizer = load_tokenizer(run / "tokenizer" / "tokenizer.json")
+    input_marker, output_marker = template_markers(project.task.prompt_template)
+    ids = [tokenizer.token_to_id(t) for t in (input_marker, output_marker, project.task.end_marker)]
+    mcfg = model_config(project, tokenizer.get_vocab_size())
+    shards = run / "data" / "shards"
+    check_shards(run / "data")
+    train_data = TaskBatches(load_split(shards, "train"), mcfg.block_size, *ids, seed=project.seed,
+                             rank=ddp.rank, world_size=ddp.world_size)
+    val_data = TaskBatches(load_split(shards, "val"), mcfg.block_size, *ids, seed=project.seed)
+    return Data(model_config=mcfg, train=train_data, val=val_data)
+
+
+# ---------------------------------------------------------------- model and resume
+
+@dataclass
+class Trainee:
+    """The model being trained and where it starts from."""
+    raw_model: GPT               # the module itself: checkpoints, validation, FLOPs
+    model: torch.nn.Module       # what a step calls: raw_model compiled and/or wrapped in DDP
+    optimizer: Optimizers
+    fsdp: bool
+    start_step: int = 0          # from the checkpoint; 0 for a new run
+    elapsed_before: float = 0.0  # seconds trained by earlier runs
+    tokens_seen: int = 0
+
+
+def _build_model(project: Project, setup: Setup, data: Data) -> Trainee:
+    """A seeded model, then the newest complete checkpoint (weights, optimizer, RNG) if there is one."""
+    cfg, ddp, device, mcfg = setup.cfg, setup.ddp, setup.device, data.model_config
+    torch.manual_seed(project.seed)
+    model = GPT(mcfg).to(device)
+    ckpt = latest_checkpoint(setup.run)
+    fsdp = ddp.enabled and cfg.parallel == "fsdp"
+    if fsdp:
+        if ckpt is not None:           # checkpoints hold whole weights: load them, then shard
+            load_model_weights(model, ckpt / "model.safetensors")
+        shard_model(model, device)
+    optimizer = make_optimizer(model, cfg, device)     # after sharding: it steps the shards
+    trainee = Trainee(raw_model=model, model=model, optimizer=optimizer, fsdp=fsdp)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, weights=not fsdp)
+        trainee.start_step, trainee.elapsed_before = state["step"], state["elapsed_s"]
+        trainee.tokens_seen = state["tokens"]
+        if ddp.main:
+            log(f"resuming from {ckpt} (step {trainee.start_step})")
+    else:
+        # The RNG (dropout) continues from the checkpoint when resuming; ranks draw differently.
+        torch.manual_seed(project.seed + ddp.rank)
+    if ddp.main:
+        atomic_write_text(setup.run / "model_config.json", json.dumps(mcfg.to_dict(), indent=2) + "\n")
+
+    if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
+        from torch import _dynamo
+        _dynamo.config.suppress_errors = True         # a machine without a working compiler falls back to eager
+        trainee.model = torch.compile(trainee.model)
+    if ddp.enabled and not fsdp:
+        trainee.model = torch.nn.parallel.DistributedDataParallel(
+            trainee.model, device_ids=[device.index] if device.type == "cuda" else None)
+    return trainee
+
+
+# ---------------------------------------------------------------- one step
+
+def _train_step(setup: Setup, data: Data, trainee: Trainee, step: int, lr: float, grad_accum: int):
+    """One optimizer step over grad_accum micro-batches. Returns (summed loss, output-token count of the
+    global step, gradient norm or None), all left on the device: reading them back is the caller's choice."""
+    cfg, ddp, device, model = setup.cfg, setup.ddp, setup.device, trainee.model
+    for group in trainee.optimizer.param_groups:
+        group["lr"] = lr
+    # Normalise by the output tokens of the whole global step (all micro-batches, all ranks), so
+    # N processes x B rows compute exactly the loss and gradient of one process with N*B rows.
+    batches = data.step_batches(step, grad_accum, cfg.batch_size, device)
+    # The masks are on the host; the global count stays a tensor (on the GPU under NCCL), read
+    # back only when logging, so a step never waits for the device.
+    n_tokens = ddp.sum(torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))).clamp(min=1.0)
+    loss_sum = torch.zeros((), device=device)
+    for micro, batch in enumerate(batches):
+        x, y, mask = (t.to(device, non_blocking=True) for t in batch)
+        last_micro = micro == grad_accum - 1
+        if trainee.fsdp:
+            trainee.raw_model.set_requires_gradient_sync(last_micro)  # reduce-scatter once per step
+        sync = model.no_sync() if (ddp.enabled and not trainee.fsdp and not last_micro) else nullcontext()
+        with sync:
+            with setup.autocast:
+                _, loss = model(x, y, mask, reduction="sum")
+            # DDP/FSDP average gradients over ranks; scale by world size so the result is a global-token mean.
+            (loss * ddp.world_size / n_tokens).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+    trainee.optimizer.step()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, n_tokens, grad_norm
+
+
+# ---------------------------------------------------------------- metrics sink
+
+class Clock:
+    """Training time: what earlier runs spent (from the checkpoint) plus this run's wall time."""
+
+    def __init__(self, before: float):
+        self.before, self.start = before, time.perf_counter()
+
+    def elapsed(self, now: float | None = None) -> float:
+        return self.before + (time.perf_counter() if now is None else now) - self.start
+
+
+class MetricsSink:
+    """Where logged steps go: RUN/metrics.jsonl (rank 0, one line per logged step), TensorBoard, and the
+    progress bar or log line.
+
+    tokens_per_s is over the wall time of the training steps since the last logged one, data loading
+    included (data_s_per_step says how much of it); time inside paused() (validation, checkpoints) is
+    left out. The ETA is over all this run's time so far, pauses included."""
+
+    def __init__(self, setup: Setup, trainee: Trainee, data: Data, tokens_per_step: int, clock: Clock):
+        cfg, device, run = setup.cfg, setup.device, setup.run
+        self.cfg, self.main, self.clock, self.data = cfg, setup.ddp.main, clock, data
+        self.world_size, self.tokens_per_step = setup.ddp.world_size, tokens_per_step
+        self.start_step = trainee.start_step
+        self.flops_per_step = trainee.raw_model.flops_per_token(data.seq_len) * tokens_per_step
+        self.peak = next((v for k, v in PEAK_FLOPS.items()
+                          if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+        self.file = self.board = self.progress = None
+        if self.main:
+            _truncate_metrics(run / "metrics.jsonl", trainee.start_step)    # every step appears once
+            self.file = open(run / "metrics.jsonl", "a")
+            self.board = _tensorboard(run) if cfg.tensorboard else None
+            self.progress = _progress(cfg.max_steps, trainee.start_step)
+        self.t_last = self.t_start = time.perf_counter()
+        self.last_step, self.paused_s = trainee.start_step, 0.0    # since the last logged step
+        self.train_s, self.steps_timed = 0.0, 0                    # over this whole run, for the summary
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside is not training time (validation, checkpoints)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
+
+    def write(self, record: dict, val_loss: float | None) -> None:
+        """Complete a logged step's record with timings, and send it everywhere it goes."""
+        now, step = time.perf_counter(), record["step"]
+        steps = step - self.last_step
+        window = now - self.t_last - self.paused_s                    # seconds of training steps
+        dt = window / steps
+        data_dt = self.data.train.pop_load_seconds() / steps          # of which reading batches
+        self.train_s, self.steps_timed = self.train_s + window, self.steps_timed + steps
+        self.t_last, self.last_step, self.paused_s = now, step, 0.0
+        mfu = self.flops_per_step / dt / self.peak / self.world_size if (self.peak and dt > 0) else None
+        record.update({"tokens_per_s": self.tokens_per_step / dt if dt > 0 else None,
+                       "data_s_per_step": round(data_dt, 6), "mfu": mfu,
+                       "elapsed_s": round(self.clock.elapsed(now), 3)})
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.board:
+            for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                if record.get(key) is not None:
+                    self.board.add_scalar(key, record[key], step)
+        if self.progress:
+            self.progress(step, record, self.eta_s(step, now))
+
+    def eta_s(self, step: int, now: float) -> float | None:
+        """Seconds to the end at this run's pace so far (validation and checkpoints included), or to the
+        end of train.max_minutes if that comes first."""
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        eta = (self.cfg.max_steps - step) * (now - self.t_start) / done
+        if self.cfg.max_minutes > 0:
+            eta = min(eta, max(self.cfg.max_minutes * 60 - self.clock.elapsed(now), 0.0))
+        return eta
+
+    def summary(self) -> str:
+        """This run's training throughput, for the last log line."""
+        if self.train_s <= 0:
+            return "no step timed"
+        return f"{self.tokens_per_step * self.steps_timed / self.train_s:.0f} tok/s incl. data loading"
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.board:
+            self.board.close()
+
+
+# ---------------------------------------------------------------- validation and checkpoints
+
+def _evaluate(setup: Setup, data: Data, trainee: Trainee) -> float:
+    return evaluate_loss(trainee.raw_model, data.val, setup.cfg, setup.device, setup.autocast)
+
+
+def _save(setup: Setup, trainee: Trainee, step: int, elapsed: float, tokens: int) -> None:
+    """A checkpoint of step `step`. Under FSDP every rank gathers the weights; rank 0 writes."""
+    model = trainee.raw_model
+    save_checkpoint(setup.run, step, model, trainee.optimizer,
+                    {"step": step, "elapsed_s": elapsed, "tokens": tokens, "model_config": model.cfg.to_dict()},
+                    keep=setup.cfg.keep_checkpoints, write=setup.ddp.main)
+
+
+# ---------------------------------------------------------------- building blocks
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -148,169 +492,6 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
-    """Train (or resume training) the project's model. Returns a summary dict."""
-    cfg = project.train
-    run = project.run_path
-    shards = run / "data" / "shards"
-    tok_path = run / "tokenizer" / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UserError(f"{tok_path}: no tokenizer; run `nichelm prepare {project.source_file}` first")
-    ddp = Distributed(cfg.device)
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and ddp.enabled:
-        device = torch.device("cuda", ddp.local_rank)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-    tokenizer = load_tokenizer(tok_path)
-    input_marker, output_marker = template_markers(project.task.prompt_template)
-    ids = [tokenizer.token_to_id(t) for t in (input_marker, output_marker, project.task.end_marker)]
-    mcfg = model_config(project, tokenizer.get_vocab_size())
-    seq_len = mcfg.block_size
-    check_shards(run / "data")
-    train_data = TaskBatches(load_split(shards, "train"), seq_len, *ids, seed=project.seed,
-                             rank=ddp.rank, world_size=ddp.world_size)
-    val_data = TaskBatches(load_split(shards, "val"), seq_len, *ids, seed=project.seed)
-
-    torch.manual_seed(project.seed)
-    model = GPT(mcfg).to(device)
-    ckpt = latest_checkpoint(run)
-    fsdp = ddp.enabled and cfg.parallel == "fsdp"
-    if fsdp:
-        if ckpt is not None:           # checkpoints hold whole weights: load them, then shard
-            load_model_weights(model, ckpt / "model.safetensors")
-        shard_model(model, device)
-    optimizer = make_optimizer(model, cfg, device)     # after sharding: it steps the shards
-    start_step, elapsed_before, tokens_seen = 0, 0.0, 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, weights=not fsdp)
-        start_step, elapsed_before, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
-        if ddp.main:
-            log(f"resuming from {ckpt} (step {start_step})")
-    # The RNG (dropout) continues from the checkpoint when resuming; ranks draw differently.
-    if ckpt is None:
-        torch.manual_seed(project.seed + ddp.rank)
-    if ddp.main:
-        _truncate_metrics(run / "metrics.jsonl", start_step)
-        atomic_write_text(run / "model_config.json", json.dumps(mcfg.to_dict(), indent=2) + "\n")
-
-    raw_model = model
-    if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
-        from torch import _dynamo
-        _dynamo.config.suppress_errors = True         # a machine without a working compiler falls back to eager
-        model = torch.compile(model)
-    if ddp.enabled and not fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-
-    grad_accum = accumulation_steps(cfg, seq_len, ddp.world_size)
-    tokens_per_step = cfg.batch_size * grad_accum * seq_len * ddp.world_size
-    flops_per_step = raw_model.flops_per_token(seq_len) * tokens_per_step
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
-    budget_s = cfg.max_minutes * 60
-    metrics_file = open(run / "metrics.jsonl", "a") if ddp.main else None
-    board = _tensorboard(run) if (cfg.tensorboard and ddp.main) else None
-    progress_bar = _progress(cfg.max_steps, start_step) if ddp.main else None
-    if ddp.main:
-        log(f"model {mcfg.arch} {raw_model.num_params() / 1e6:.2f}M params, {mcfg.n_layer} layers, d={mcfg.n_embd}; "
-            f"{tokens_per_step} tokens/step on {device} x{ddp.world_size}"
-            + (f" ({'fsdp' if fsdp else 'ddp'})" if ddp.enabled else ""))
-
-    step, t_start = start_step, time.perf_counter()
-    last_loss, val_loss = float("nan"), None
-    t_last, steps_since_log, eval_seconds = t_start, 0, 0.0   # tokens/s includes data loading, excludes validation
-    while step < cfg.max_steps:
-        elapsed = elapsed_before + (time.perf_counter() - t_start)
-        # Ranks must agree on when to stop; asking them is a host sync, so ask every 10 steps.
-        if budget_s > 0 and (not ddp.enabled or step % 10 == 0) and ddp.any(elapsed >= budget_s):
-            break
-        progress = elapsed / budget_s if budget_s > 0 else step / cfg.max_steps
-        lr = lr_at(progress, step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Normalise by the output tokens of the whole global step (all micro-batches, all ranks), so
-        # N processes x B rows compute exactly the loss and gradient of one process with N*B rows.
-        batches = [train_data.get(step, micro, grad_accum, cfg.batch_size) for micro in range(grad_accum)]
-        if device.type == "cuda":              # pinned pages let the copies below run asynchronously
-            batches = [tuple(t.pin_memory() for t in b) for b in batches]
-        # The masks are on the host; the global count stays a tensor (on the GPU under NCCL), read
-        # back only when logging, so a step never waits for the device.
-        n_tokens = ddp.sum(torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))).clamp(min=1.0)
-        loss_sum = torch.zeros((), device=device)
-        for micro, batch in enumerate(batches):
-            x, y, mask = (t.to(device, non_blocking=True) for t in batch)
-            last_micro = micro == grad_accum - 1
-            if fsdp:
-                raw_model.set_requires_gradient_sync(last_micro)  # reduce-scatter once per step
-            sync = model.no_sync() if (ddp.enabled and not fsdp and not last_micro) else nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(x, y, mask, reduction="sum")
-                # DDP/FSDP average gradients over ranks; scale by world size so the result is a global-token mean.
-                (loss * ddp.world_size / n_tokens).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-
-        is_last = step >= cfg.max_steps
-        evaluated_now = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or is_last)
-        if evaluated_now:
-            t_eval = time.perf_counter()
-            val_loss = evaluate_loss(raw_model, val_data, cfg, device, autocast)
-            eval_seconds += time.perf_counter() - t_eval
-        steps_since_log += 1
-        if step % cfg.log_every == 0 or is_last:
-            last_loss = ddp.sum(loss_sum).item() / n_tokens.item()
-            now = time.perf_counter()
-            dt = (now - t_last - eval_seconds) / steps_since_log        # seconds per training step
-            data_dt = train_data.pop_load_seconds() / steps_since_log   # of which reading batches
-            t_last, steps_since_log, eval_seconds = now, 0, 0.0
-            record = {"step": step, "train_loss": last_loss, "tokens": tokens_seen, "lr": lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_s": tokens_per_step / dt if dt > 0 else None,
-                      "data_s_per_step": round(data_dt, 6),
-                      "mfu": (flops_per_step / dt / peak / ddp.world_size) if (peak and dt > 0) else None,
-                      "elapsed_s": round(elapsed_before + now - t_start, 3)}
-            if evaluated_now:
-                record["val_loss"] = val_loss
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            if board:
-                for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                    if record.get(key) is not None:
-                        board.add_scalar(key, record[key], step)
-            if progress_bar:
-                progress_bar(step, record)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps and (ddp.main or fsdp):
-            _save(run, step, raw_model, optimizer, elapsed_before + time.perf_counter() - t_start, tokens_seen, cfg,
-                  write=ddp.main)
-        if stop_after_steps is not None and step - start_step >= stop_after_steps:
-            break
-
-    if ddp.main or fsdp:                        # FSDP: every rank takes part in the forward and the gather
-        if not (cfg.eval_every and val_loss is not None and step % cfg.eval_every == 0):
-            val_loss = evaluate_loss(raw_model, val_data, cfg, device, autocast)   # the final figure
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        _save(run, step, raw_model, optimizer, elapsed, tokens_seen, cfg, write=ddp.main)
-    if ddp.main:
-        if metrics_file:
-            metrics_file.close()
-        if board:
-            board.close()
-        log(f"trained to step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}, "
-            f"{tokens_seen / 1e6:.2f}M tokens in {elapsed / 60:.1f} min")
-    ddp.close()
-    return {"step": step, "train_loss": last_loss, "val_loss": val_loss, "tokens": tokens_seen}
-
-
 def check_shards(data_dir: Path) -> None:
     """Every shard the manifest lists is there with the sha256 prepare recorded (manifests written
     before checksums existed list none): a shard damaged on disk stops training with one line."""
@@ -327,12 +508,6 @@ def check_shards(data_dir: Path) -> None:
         if not path.is_file() or file_sha256(path) != digest:
             raise UserError(f"{path}: missing, or changed since prepare wrote it (sha256 differs); "
                             "re-run `nichelm prepare PROJECT --force`")
-
-
-def _save(run, step, model, optimizer, elapsed, tokens, cfg, write: bool = True):
-    save_checkpoint(run, step, model, optimizer,
-                    {"step": step, "elapsed_s": elapsed, "tokens": tokens, "model_config": model.cfg.to_dict()},
-                    keep=cfg.keep_checkpoints, write=write)
 
 
 def shard_model(model: GPT, device: torch.device) -> None:
@@ -387,22 +562,24 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
 
 
 def _progress(total: int, start: int):
-    """A tqdm bar on a terminal; a plain line every ~10 s otherwise."""
+    """A tqdm bar on a terminal; a plain line every ~10 s otherwise. Its tokens/s include data loading."""
     if sys.stderr.isatty():
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
-        def update(step, rec):
+        def update(step, rec, eta_s):
             bar.n = step
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s_incl_data=f"{rec['tokens_per_s'] or 0:.0f}",
+                            refresh=False)
             bar.refresh()
         return update
     last = [0.0]
 
-    def update(step, rec):
+    def update(step, rec, eta_s):
         if time.perf_counter() - last[0] >= 10 or step == total:
             last[0] = time.perf_counter()
             val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+            eta = f", ETA {eta_s / 60:.1f} min" if eta_s is not None and step < total else ""
             log(f"step {step}/{total} loss {rec['train_loss']:.4f}{val} lr {rec['lr']:.2e} "
-                f"{rec['tokens_per_s'] or 0:.0f} tok/s {rec['elapsed_s'] / 60:.1f} min")
+                f"{rec['tokens_per_s'] or 0:.0f} tok/s incl. data loading, {rec['elapsed_s'] / 60:.1f} min{eta}")
     return update
