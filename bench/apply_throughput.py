@@ -1,7 +1,12 @@
-"""Corrected tokens/s: nichelm's engine vs transformers `generate()` (vs CTranslate2 if installed).
+"""Decode-only tokens/s: generate() on pre-tokenized windows, nichelm's engine vs transformers (vs CTranslate2).
 
     python bench/apply_throughput.py RUN_OR_EXPORT [--threads 2] [--batch-size 32] [--windows 256] [--rounds 5]
                                      [--device cpu|cuda]
+
+What it times is decoding alone ("measures": "decode_only" in its JSON): each engine's generate call on
+windows already cut and tokenized, nothing else. No file reading, windowing, guard scoring, stitching,
+writing or ledger, and no process start or model load: for `nichelm apply` end to end (files in,
+files out, in MB of input text per second) see bench/apply_e2e.py.
 
 Every engine gets the same exported weights, the same prompts (windows of the run's test split,
 or of built-in sentences for an export folder without its run) and the same batch size, and
@@ -19,7 +24,7 @@ batch size 1, the only one it takes), transformers-fp32 (in float32 whatever --d
 Every engine first warms up on two batches (where torch.compile compiles); then `--rounds` rounds each
 time every engine once over all windows, in turn, so that a machine whose speed drifts (a shared
 VM) slows every engine alike. Reported: the median round and the best; every round is listed.
-Prints one JSON object.
+Prints one JSON object; its rates are decode_tokens_per_s and its ratios decode_only_speedup_vs_transformers.
 """
 
 from __future__ import annotations
@@ -159,9 +164,9 @@ def summary(run: dict, reference, limits) -> dict:
     tokens = sum(len(o) + (len(o) < b) for o, b in zip(outputs, limits))
     seconds = statistics.median(run["seconds"])
     same = sum(o == r for o, r in zip(outputs, reference)) / len(outputs)
-    return {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-            "tokens_per_s_best": round(tokens / min(run["seconds"]), 1),
-            "tokens_per_s_each_round": [round(tokens / s, 1) for s in run["seconds"]],
+    return {"seconds": round(seconds, 3), "tokens": tokens, "decode_tokens_per_s": round(tokens / seconds, 1),
+            "decode_tokens_per_s_best": round(tokens / min(run["seconds"]), 1),
+            "decode_tokens_per_s_each_round": [round(tokens / s, 1) for s in run["seconds"]],
             "warmup_s": round(run["warmup_s"], 2), "windows_per_s": round(len(outputs) / seconds, 2),
             "same_as_nichelm": round(same, 4)}
 
@@ -232,7 +237,7 @@ def main(argv=None) -> dict:
                 skipped["ctranslate2"] = str(e).splitlines()[0]
         runs = measure(engines, len(prompts), args.batch_size, args.rounds)
         reference = runs["nichelm"]["out"]
-        result = {"model": str(model), "arch": corrector.model.cfg.arch, "params": sum(
+        result = {"measures": "decode_only", "model": str(model), "arch": corrector.model.cfg.arch, "params": sum(
                       p.numel() for p in corrector.model.parameters()),
                   "device": args.device, "cpu": platform.processor() or platform.machine(), "threads": args.threads,
                   "gpu": torch.cuda.get_device_name() if corrector.device.type == "cuda" else None,
@@ -248,9 +253,10 @@ def main(argv=None) -> dict:
             result["engines"]["transformers-prompt-lookup"]["batch_size"] = 1
         result["engines"].update({name: {"skipped": why} for name, why in skipped.items()})
         base = result["engines"].get("transformers", {})
-        if "tokens_per_s" in base:
-            result["speedup_vs_transformers"] = {name: round(e["tokens_per_s"] / base["tokens_per_s"], 2)
-                                                 for name, e in result["engines"].items() if "tokens_per_s" in e}
+        if "decode_tokens_per_s" in base:
+            result["decode_only_speedup_vs_transformers"] = {
+                name: round(e["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
+                for name, e in result["engines"].items() if "decode_tokens_per_s" in e}
     print(json.dumps(result, indent=2))
     return result
 

@@ -55,6 +55,7 @@ def test_apply_throughput_smoke_on_cpu(tiny_run):
     result = bench.main([str(tiny_run), "--threads", "1", "--batch-size", "4", "--windows", "12", "--rounds", "1",
                          "--draft-tokens", "3", "--engines", "nichelm,nichelm-copy,transformers"])
     engines = result["engines"]
+    assert result["measures"] == "decode_only"
     assert set(engines) == {"nichelm", "nichelm-copy", "transformers"} and result["windows"] == 12
     assert engines["nichelm-copy"]["same_as_nichelm"] == engines["transformers"]["same_as_nichelm"] == 1.0
     # Each row's tokens up to its budget, plus its end marker where it ended: counted here from
@@ -69,14 +70,15 @@ def test_apply_throughput_smoke_on_cpu(tiny_run):
     assert engines["nichelm"]["tokens"] == engines["nichelm-copy"]["tokens"] == engines["transformers"]["tokens"] \
         == needed > 0
     for e in engines.values():
-        assert len(e["tokens_per_s_each_round"]) == 1
+        assert len(e["decode_tokens_per_s_each_round"]) == 1
         # tokens over the timed seconds (rounded to 1 ms in the JSON)
         low, high = e["tokens"] / (e["seconds"] + 5e-4), e["tokens"] / (e["seconds"] - 5e-4)
-        assert low - 0.05 <= e["tokens_per_s"] <= high + 0.05, e
-    speedup, base = result["speedup_vs_transformers"], engines["transformers"]["tokens_per_s"]
+        assert low - 0.05 <= e["decode_tokens_per_s"] <= high + 0.05, e
+    speedup = result["decode_only_speedup_vs_transformers"]
+    base = engines["transformers"]["decode_tokens_per_s"]
     assert set(speedup) == set(engines)
     for name in ("nichelm", "nichelm-copy"):
-        assert speedup[name] == pytest.approx(engines[name]["tokens_per_s"] / base, abs=0.006), name
+        assert speedup[name] == pytest.approx(engines[name]["decode_tokens_per_s"] / base, abs=0.006), name
 
 
 def test_copy_drafts_counts_on_cpu(tiny_run):
@@ -86,3 +88,41 @@ def test_copy_drafts_counts_on_cpu(tiny_run):
     assert [(r["draft_tokens"], r["realign_by_length"]) for r in runs] == [(0, False), (2, False), (2, True)]
     assert all(r["same_as_one_token_steps"] for r in runs) and result["output_tokens"] > 0
     assert runs[0]["tokens_per_row_step"] == 1.0 and runs[0]["steps"] > 0
+
+
+def test_apply_e2e_smoke_on_cpu(tiny_run, tmp_path):
+    """End-to-end apply throughput: every engine's command runs over the same generated files; with the
+    guard off (raw corrections) the torch engine, CTranslate2 and the plain transformers loop must write
+    byte-identical files, over windows some of which end early and some run to their budget (so the
+    loop's budgets, end-marker cuts and stitching are checked, not only its decoding); MB/s is input
+    MB over the median wall time and the ratios are ratios of those."""
+    import nichelm
+    from nichelm.inference import cut_windows
+    bench = _import("apply_e2e")
+    ct2 = importlib.util.find_spec("ctranslate2") is not None
+    result = bench.main(["--model", str(tiny_run), "--mb", "0.003", "--files", "3", "--threads", "1",
+                         "--batch-size", "4", "--guard", "-1", "--no-startup", "--work", str(tmp_path)])
+    engines = result["engines"]
+    assert set(engines) == {"torch", "ct2", "transformers"}
+    if not ct2:                                        # no CTranslate2 here: the JSON says why instead of a figure
+        assert "pip install ctranslate2" in engines.pop("ct2")["skipped"]
+    inp = result["input"]
+    assert inp["files"] == 3 and 3000 <= inp["bytes"] < 4000 and inp["windows"] > 20
+    for name, e in engines.items():
+        assert e["same_outputs_every_round"] and len(e["wall_s_each_round"]) == 1, name
+        assert e["same_files_as_transformers"] == e["same_files_as_torch"] == 1.0, name
+        assert e["mb_per_s"] == pytest.approx(inp["mb"] / e["wall_s"], rel=1e-3), name
+        assert e["startup_s"] is None and e["cpu_s"] > 0 and e["peak_rss_mb"] > 50, name
+    assert "--guard -1.0" in engines["torch"]["command"] and " hf-loop " in engines["transformers"]["command"]
+    ratios = result["ratio_vs_transformers"]
+    assert set(ratios) == set(engines)
+    for name, e in engines.items():
+        assert ratios[name] == pytest.approx(e["mb_per_s"] / engines["transformers"]["mb_per_s"], rel=0.01)
+    assert result["acceptance_torch_at_least_3x"] == (ratios["torch"] >= 3)
+    # the input really has windows of both kinds: ended by the end marker, and cut at their budget
+    corrector = nichelm.load(tiny_run, guard_max_change=-1)
+    chunks = [c for p in sorted((tmp_path / "input").glob("*.txt"))
+              for c, _ in cut_windows(p.read_text(), corrector.window_chars)]
+    assert len(chunks) == inp["windows"]
+    kinds = {c.kept_input for c in corrector.correct_windows(chunks) if c.source.strip()}
+    assert {"", "hit_limit"} <= kinds, kinds
