@@ -1,5 +1,6 @@
 """`nichelm apply`: a corpus of .txt/.jsonl in, mirrored corrections out; resumable after SIGKILL with
-byte-identical results, bad inputs reported by name, shards that cover every input exactly once."""
+byte-identical results (also inside a large .txt), bad inputs reported by name, shards that cover every
+input exactly once, changed inputs redone, an output folder apart from the inputs."""
 
 import json
 import signal
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nichelm.apply import Ledger, apply, correct_documents, discover, shard_of
+import nichelm.apply
+from nichelm.apply import Ledger, apply, correct_documents, discover, shard_of, text_chunks
 from nichelm.errors import UserError
 from tests.conftest import SENTENCES
 
@@ -107,6 +109,27 @@ def ledger_lines(out: Path) -> list[dict]:
 
 
 OPTS = dict(batch_size=32, threads=1, guard_max_change=-1)      # guard off: compare the model's own outputs
+
+
+def apply_cmd(run: Path, corpus: Path, out: Path, *extra: str, **constants) -> list[str]:
+    """`nichelm apply` in a subprocess, as a user runs it; `constants` first set module constants of
+    nichelm.apply (sizes that make a small test cut, roll or flush like a big corpus)."""
+    setup = "".join(f"a.{k} = {v!r}; " for k, v in constants.items())
+    return [sys.executable, "-c", f"import sys, nichelm.apply as a; {setup}"
+            "from nichelm.cli import main; sys.exit(main(sys.argv[1:]))",
+            "apply", "--model", str(run), "--input", str(corpus), "--output", str(out), "--threads", "1", *extra]
+
+
+def kill_when(proc: subprocess.Popen, out: Path, ready, what: str) -> None:
+    """SIGKILL proc as soon as ready(ledger records) holds; fail if it never did."""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ready(ledger_lines(out)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"not killed {what}: " + proc.stderr.read().decode()[-2000:]
 
 
 def test_outputs_are_corrector_outputs_and_mirror_inputs(run, tmp_path):
@@ -210,7 +233,10 @@ def test_bad_inputs_are_reported_by_name_and_skipped(run, tmp_path):
         assert name in proc.stderr
     out = tree(tmp_path / "out")
     assert set(out) == {f"part{i}/doc{i:04d}.txt" for i in range(3)} | {"mixed.jsonl"}
-    assert len(out["mixed.jsonl"].decode().splitlines()) == 2
+    rows = [json.loads(line) for line in out["mixed.jsonl"].decode().splitlines()]     # every line keeps its place
+    assert [r["corrected"] is None for r in rows] == [False, True, True, True, True, True, False]
+    assert rows[2] == {"body": "x", "corrected": None} and rows[4] == {"text": 3, "corrected": None}
+    assert rows[1] == rows[3] == rows[5] == {"corrected": None}
     again = apply(run, [corpus], tmp_path / "out", threads=1)        # nothing left to do; failures still known
     assert len(again.failed) == again.failed_count == 6 and again.documents_this_run == 0
     assert tree(tmp_path / "out") == out
@@ -304,6 +330,7 @@ def test_parquet_crash_then_resume_equals_an_uninterrupted_run(run, tmp_path, mo
     'done': the output was renamed into place but not recorded (combined again).
     'parts-lost': someone deleted the partial folder after the crash (that file starts over)."""
     pytest.importorskip("pyarrow")
+    monkeypatch.setattr(nichelm.apply, "PART_SECONDS", 0)     # a part file at every group
     corpus = tmp_path / "in"
     write_parquet(corpus / "books.parquet", 24)
     make_corpus(corpus, 2)
@@ -331,17 +358,9 @@ def test_parquet_sigkill_then_resume_equals_an_uninterrupted_run(run, tmp_path):
     corpus = write_parquet(tmp_path / "in" / "books.parquet", 60)
     apply(run, [corpus], tmp_path / "ref", batch_size=8, threads=1, guard_max_change=-1)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "nichelm", "apply", "--model", str(run), "--input", str(corpus), "--output",
-           str(out), "--batch-size", "8", "--threads", "1", "--guard", "-1"]
+    cmd = apply_cmd(run, corpus, out, "--batch-size", "8", "--guard", "-1", PART_SECONDS=0)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        if any(r["event"] == "progress" for r in ledger_lines(out)):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    kill_when(proc, out, lambda recs: any(r["event"] == "progress" for r in recs), "after a part file")
     assert not any(r["event"] == "done" for r in ledger_lines(out)), "the kill came too late to test resuming"
     report = apply(run, [corpus], out, batch_size=8, threads=1, guard_max_change=-1)
     assert tree(out) == tree(tmp_path / "ref") and report.documents == 59
@@ -356,3 +375,130 @@ def test_parquet_without_pyarrow_names_the_file_and_the_fix(run, tmp_path, monke
     with pytest.raises(UserError, match=r"books.parquet: reading parquet needs pyarrow: pip install 'nichelm\[parquet\]'"):
         apply(run, [tmp_path / "in"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- large .txt files, changed inputs, overlap
+
+def test_text_pieces_cut_at_paragraphs_then_lines_then_spaces_and_restart_anywhere(tmp_path, monkeypatch):
+    """A .txt file's pieces: at most TEXT_CHUNK_BYTES, cut after a blank line, else a line end, else a
+    space, else between two characters; together the file; and read from any piece's end they are the
+    same pieces (so a resumed run cuts as an uninterrupted one)."""
+    monkeypatch.setattr(nichelm.apply, "TEXT_CHUNK_BYTES", 32)
+    text = ("First paragraph, short.\n\nline one of two\nline two of two, longer\n\n"
+            "one long line without a break in it at all\n\n" + "é€𝄞" * 12 + "\n")
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = list(text_chunks(path, 0))
+    data = [p for _, p in pieces]
+    assert b"".join(data) == text.encode() and all(len(p) <= 32 for p in data)
+    assert data[0] == b"First paragraph, short.\n\n"                # a paragraph break
+    assert data[1] == b"line one of two\n"                         # no break fits: a line end
+    assert data[3] == b"one long line without a break "            # no line end fits: a space
+    assert all(p.decode() for p in data)                           # never inside a character
+    assert [len(p) for p in data[5:8]] == [32, 31, 32]               # no space: cut between characters
+    for end, _ in pieces:
+        assert list(text_chunks(path, end)) == [p for p in pieces if p[0] > end]
+    path.write_bytes(b"")
+    assert list(text_chunks(path, 0)) == [(0, b"")]                   # an empty file is one empty document
+
+
+def large_text(n: int) -> str:
+    """n paragraphs, blank lines between; some longer than a piece of 4 KB: one of many lines (cut at a
+    line end) or one long line (cut at a space)."""
+    paras = []
+    for i in range(n):
+        if i % 10 == 3:
+            paras.append("\n".join(noisy(i + j) for j in range(40)))
+        elif i % 10 == 7:
+            paras.append(" ".join(noisy(i + j) for j in range(40)))
+        else:
+            paras.append(noisy(i))
+    return "\n\n".join(paras) + "\n"
+
+
+def test_sigkill_inside_a_large_txt_resumes_mid_file(run, tmp_path, monkeypatch, capsys):
+    """The acceptance test of a mid-file resume: SIGKILL inside a large .txt, re-run: the output is byte for
+    byte the uninterrupted run's, the re-run starts at the byte the ledger recorded (it says so) and
+    decodes only the pieces after it."""
+    chunk = 4096
+    monkeypatch.setattr(nichelm.apply, "TEXT_CHUNK_BYTES", chunk)
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    big = corpus / "big.txt"
+    big.write_text(large_text(60), encoding="utf-8")
+    (corpus / "small.txt").write_text(noisy(1) + "\n")
+    pieces = list(text_chunks(big, 0))
+    assert len(pieces) >= 12 and big.stat().st_size > 10 * chunk
+    opts = dict(batch_size=8, threads=1, guard_max_change=-1)
+    ref = apply(run, [corpus], tmp_path / "ref", **opts)
+    assert ref.documents == len(pieces) + 1
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(apply_cmd(run, corpus, out, "--batch-size", "8", "--guard", "-1",
+                                      TEXT_CHUNK_BYTES=chunk), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kill_when(proc, out, lambda recs: any(r.get("file") == "big.txt" and r.get("offset", 0) > 0 for r in recs),
+              "inside big.txt")
+    records = [r for r in ledger_lines(out) if r.get("file") == "big.txt"]
+    assert records and records[-1]["event"] == "progress", "the kill came too late to test resuming"
+    at = records[-1]["offset"]
+    assert 0 < at < big.stat().st_size and at in {end for end, _ in pieces}
+    capsys.readouterr()
+
+    report = apply(run, [corpus], out, **opts)
+    err = capsys.readouterr().err
+    assert tree(out) == tree(tmp_path / "ref")
+    assert f"resuming {big} at byte {at}" in err
+    assert report.documents_this_run == len([p for p in pieces if p[0] > at]) + ("small.txt" not in
+                                                                                   {r["file"] for r in records})
+    assert report.documents == ref.documents and not list(out.rglob("*.partial"))
+
+
+def test_changed_input_is_corrected_again_and_said(run, tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "in", 3, n_lines=4)
+    apply(run, [corpus], tmp_path / "out", **OPTS)
+    (corpus / "part1" / "doc0001.txt").write_text(noisy(9) + " And more.\n")
+    with (corpus / "00-records.jsonl").open("a") as f:
+        f.write(json.dumps({"id": 4, "text": noisy(20)}) + "\n")
+    capsys.readouterr()
+    report = apply(run, [corpus], tmp_path / "out", **OPTS)
+    err = capsys.readouterr().err
+    assert "doc0001.txt changed since the last run" in err and "00-records.jsonl changed" in err
+    assert "doc0000.txt changed" not in err and report.documents_this_run == 1 + 5
+    apply(run, [corpus], tmp_path / "fresh", **OPTS)
+    assert tree(tmp_path / "out") == tree(tmp_path / "fresh")
+
+
+def test_output_overlapping_an_input_is_refused(tmp_path):
+    corpus = make_corpus(tmp_path / "in", 2)
+    model = tmp_path / "no-model-needed"          # refused before any model is loaded
+    for inputs, output, says in (([corpus], corpus / "out", "is inside --input"),
+                                 ([corpus], corpus, "is the same as --input"),
+                                 ([corpus / "part0" / "doc0000.txt"], corpus / "part0", "holds --input"),
+                                 ([tmp_path / "x.txt", corpus], tmp_path, "holds --input")):
+        with pytest.raises(UserError, match=f"--output .* {says}") as e:
+            apply(model, inputs, output)
+        assert "\n" not in str(e.value)
+    assert not (corpus / "out").exists()
+
+
+def test_parquet_part_files_roll_by_size_or_age(run, tmp_path, monkeypatch):
+    """Many small groups make one part file unless the part grows past PART_BYTES or PART_SECONDS pass;
+    the combined output is the same whatever the parts."""
+    pytest.importorskip("pyarrow")
+    corpus = write_parquet(tmp_path / "in" / "books.parquet", 24, row_group_size=5)
+    real, parts = nichelm.apply.combine_parts, []
+
+    def combine(source, folder, n, final, output_field):
+        parts.append(n)
+        real(source, folder, n, final, output_field)
+
+    monkeypatch.setattr(nichelm.apply, "combine_parts", combine)
+    outputs = []
+    for part_bytes, part_seconds in ((1 << 30, 1e9), (1000, 1e9), (1 << 30, 0)):
+        monkeypatch.setattr(nichelm.apply, "PART_BYTES", part_bytes)
+        monkeypatch.setattr(nichelm.apply, "PART_SECONDS", part_seconds)
+        out = tmp_path / f"out-{part_bytes}-{part_seconds}"
+        apply(run, [corpus], out, group_windows=4, **OPTS)
+        outputs.append(tree(out))
+    assert parts[0] == 1 and 1 < parts[1] < parts[2]
+    assert outputs[0] == outputs[1] == outputs[2]

@@ -3,35 +3,46 @@
 Inputs are .txt files (one document each), .jsonl files (one document per line, the text in
 ``text_field``), .parquet files (one document per row, the text in column ``text_field``; needs
 pyarrow) or folders of them (recursive). Outputs mirror the inputs under OUT: a folder input's
-files keep their path inside the folder, a file input keeps its name.
+files keep their path inside the folder, a file input keeps its name. OUT may not overlap an input.
+
+A .txt file is read in pieces of at most TEXT_CHUNK_BYTES, cut at a paragraph break (a blank line),
+else at a line end, else at a space, else at a character boundary (text_chunks); each piece is
+corrected as a document of its own, so memory stays bounded whatever the file's size. The cuts depend
+only on the file's bytes, so a run killed mid-file and resumed writes exactly what an uninterrupted
+run writes. A small file is one piece: the whole file is the document.
 
 Documents from many files are corrected together (windows of all of them share batches),
 then written in input order. Crash safety without a database:
 
-- a text output is written atomically, then a line naming it is appended to the ledger
-  (OUT/.nichelm-ledger.shard-I-of-N.jsonl) and fsync'd;
-- a jsonl output grows in OUT/.NAME.partial; after each group of documents the partial file
-  is fsync'd, then a ledger line records how many input lines and output bytes it holds.
-  On resume the partial file is cut back to the recorded size and reading restarts at the
-  recorded line, so a kill at any moment loses only unrecorded work and duplicates nothing;
-  when the input ends the partial file is renamed onto the final name.
+- a text or jsonl output grows in OUT/.NAME.partial; after each group of documents the partial file
+  is fsync'd, then a ledger line (OUT/.nichelm-ledger.shard-I-of-N.jsonl, fsync'd) records how far
+  the input was read (text: bytes, jsonl: lines) and how many output bytes count. On resume the
+  partial file is cut back to the recorded size and reading restarts at the recorded point ("resuming
+  FILE at byte N" on stderr), so a kill at any moment loses only unrecorded work and duplicates
+  nothing; when the input ends the partial file is renamed onto the final name.
 - a parquet output's new column grows as part files in the folder OUT/.NAME.partial/, each
-  written atomically, then counted in a ledger line (input rows consumed, parts). On resume,
-  parts the ledger does not count are deleted and reading restarts at the recorded row. When
-  the input ends, its columns plus the new one are written to a temporary file renamed onto
-  OUT/NAME (row order and every other column kept), then the parts are removed.
+  written atomically, then counted in a ledger line (input rows consumed, parts). A part is written
+  once it holds PART_BYTES of text or PART_SECONDS after the previous one (the work a kill can lose).
+  On resume, parts the ledger does not count are deleted and reading restarts at the recorded row.
+  When the input ends, its columns plus the new one are written row group by row group to a
+  temporary file renamed onto OUT/NAME (row order and every other column kept), then the parts are
+  removed.
+- every ledger record names the input's size and modification time: an input changed since is
+  corrected again from its start (said on stderr).
 - every ledger line carries a CRC32 of its record. A last line cut short or unreadable (a kill or a full
   disk mid-append) is dropped and its work redone; any other bad line stops the run with a one-line
   error naming it, since resuming past it could skip or repeat work. A full disk or a read-only OUT is
   a one-line error too; the same command resumes once it can write.
 
-Unreadable inputs (binary, bad UTF-8, malformed jsonl line, missing field, corrupt parquet) are
-reported by name and skipped; a parquet row without a string text keeps its place with a null
-output. The run carries on and ``ApplyReport.failed`` lists them (exit code 1).
+Unreadable inputs (binary, bad UTF-8, corrupt parquet) are reported by name and skipped. A jsonl line
+that is blank or bad (not UTF-8, not a JSON object, no string in ``text_field``) and a parquet row
+without a string text keep their place with a null output; bad ones are reported by line. The run
+carries on and ``ApplyReport.failed`` lists them (exit code 1).
 """
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import hashlib
@@ -46,13 +57,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nichelm.errors import UserError
-from nichelm.io import atomic_file, atomic_write_bytes, atomic_write_text
+from nichelm.io import atomic_file, atomic_write_bytes, fsync_dir
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
 PARQUET_SUFFIXES = (".parquet",)
 COMPILE_MIN_BYTES = 1_000_000        # compile='auto': ~10k windows; below that compiling costs more than it saves
 MAX_LISTED_FAILURES = 100           # per jsonl/parquet file in the ledger; the count is always exact
+TEXT_CHUNK_BYTES = 1 << 16          # a .txt file's pieces: ~650 windows of 100 characters, about one group
+PART_BYTES = 16 << 20               # a parquet output's part file holds about this much corrected text,
+PART_SECONDS = 60.0                 # or what was corrected in this long (so a kill loses at most that)
 
 
 # ---------------------------------------------------------------- inputs and shards
@@ -93,6 +107,30 @@ def discover(inputs: list[str | Path]) -> list[Unit]:
     return [units[k] for k in sorted(units)]
 
 
+def refuse_overlap(inputs: list[str | Path], output: str | Path) -> None:
+    """OUT inside an input folder would have its outputs read as inputs by the next run; an input
+    inside OUT could be overwritten by its own output. Either is a one-line error."""
+    out = Path(output).resolve()
+    for raw in inputs:
+        path = Path(raw).resolve()
+        if out == path or path in out.parents or out in path.parents:
+            where = "inside" if path in out.parents else "the same as" if out == path else "holds"
+            raise UserError(f"--output {output} is {where} --input {raw}; choose an --output folder outside "
+                            "every input (and no input inside it)")
+
+
+def input_stamps(units: list[Unit]) -> dict[str, tuple[int, int]]:
+    """rel -> (size, modification time in ns) of each input, taken before it is read."""
+    stamps = {}
+    for u in units:
+        try:
+            st = u.path.stat()
+        except OSError:
+            continue                               # reading it will report why
+        stamps[u.rel] = (st.st_size, st.st_mtime_ns)
+    return stamps
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """'1/4' -> (1, 4): this process takes shard 1 of 4 (0-based)."""
     if not text:
@@ -119,8 +157,11 @@ class FileState:
     """What the ledger says about one input file (records are cumulative per file)."""
     done: bool = False
     lines: int = 0                  # jsonl: input lines consumed; parquet: input rows consumed
-    bytes: int = 0                  # jsonl: output bytes written to the partial file
+    offset: int = 0                 # text: input bytes consumed
+    bytes: int = 0                  # text, jsonl: output bytes written to the partial file
     parts: int = 0                  # parquet: part files in the partial folder
+    size: int = -1                  # the input's size and modification time when it was read
+    mtime_ns: int = -1              # (-1: a record written before they were kept)
     docs: int = 0
     windows: int = 0
     kept_too_different: int = 0
@@ -276,16 +317,25 @@ class Doc:
     line: int                       # jsonl: 1-based input line; parquet: 1-based row; text: 0
     text: str
     record: dict | None = None      # jsonl: the input object
+    end: int = 0                    # text: the input byte just after this piece
 
 
 @dataclass
 class Failure:
     unit: Unit
-    line: int
+    line: int                       # 0: the whole file is skipped; else the jsonl line or parquet row, output null
     why: str
+    record: dict | None = None      # jsonl: the input object, when the line is one (its output keeps it)
 
     def __str__(self):
         return f"{self.unit.path}{f':{self.line}' if self.line else ''}: {self.why}"
+
+
+@dataclass
+class Blank:
+    """A blank jsonl line: it keeps its place with a null output, and is no failure."""
+    unit: Unit
+    line: int
 
 
 @dataclass
@@ -293,26 +343,90 @@ class UnitEnd:
     unit: Unit
 
 
-def read_text_unit(unit: Unit):
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
+
+
+def check_text_file(path: Path) -> str:
+    """"" for a readable UTF-8 text file, else why it is skipped. One pass in blocks (memory stays bounded),
+    before anything of the file is corrected, so a bad byte late in a big file writes nothing."""
+    decoder, pos, held = codecs.getincrementaldecoder("utf-8")(), 0, 0
     try:
-        data = unit.path.read_bytes()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                if b"\x00" in block:
+                    return "binary file (NUL bytes), not text; skipped"
+                held = len(decoder.getstate()[0])      # bytes of a character the last block cut
+                decoder.decode(block)
+                pos += len(block)
+            held = len(decoder.getstate()[0])
+            decoder.decode(b"", final=True)
+    except OSError as e:
+        return f"cannot read ({e.strerror}); skipped"
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 (byte {pos - held + e.start}); convert it to UTF-8; skipped"
+    return ""
+
+
+def piece_end(block: bytes) -> int:
+    """Where a piece of a .txt file ends, given the TEXT_CHUNK_BYTES + 1 bytes from its start (the last one
+    only looks ahead): after the last paragraph break (blank line) that fits, else the last line end, else
+    the last space or tab, else at TEXT_CHUNK_BYTES backed off to a character boundary (a file without
+    whitespace). It depends on these bytes alone: a resumed run cuts exactly where an uninterrupted one did."""
+    n = len(block) - 1
+    last = None
+    for last in _BLANK_LINE.finditer(block, 0, n):
+        pass
+    if last is not None:
+        return last.end()
+    cut = block.rfind(b"\n", 0, n)
+    if cut < 0:
+        cut = max(block.rfind(b" ", 0, n), block.rfind(b"\t", 0, n))
+    if cut >= 0:
+        return cut + 1
+    while block[n] & 0xC0 == 0x80:                 # the next piece may not start inside a UTF-8 character
+        n -= 1
+    return n
+
+
+def text_chunks(path: Path, start: int):
+    """(end offset, bytes) of each piece of a .txt file from byte `start` (a piece boundary: 0 or an end
+    this function gave), read TEXT_CHUNK_BYTES at a time. An empty file is one empty piece."""
+    limit = max(TEXT_CHUNK_BYTES, 4)               # room for any UTF-8 character
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        pos, buf = start, b""
+        while True:
+            buf += fh.read(limit + 1 - len(buf))
+            if len(buf) <= limit:                  # the rest of the file is the last piece
+                if buf or pos == 0:
+                    yield pos + len(buf), buf
+                return
+            cut = piece_end(buf)
+            yield pos + cut, buf[:cut]
+            pos, buf = pos + cut, buf[cut:]
+
+
+def read_text_unit(unit: Unit, start: int):
+    """The pieces of a .txt file from byte `start` on, as documents; a bad file is one Failure."""
+    why = check_text_file(unit.path)
+    if why:
+        yield Failure(unit, 0, why)
+        return
+    try:
+        for end, data in text_chunks(unit.path, start):
+            yield Doc(unit, 0, data.decode("utf-8"), end=end)
     except OSError as e:
         yield Failure(unit, 0, f"cannot read ({e.strerror}); skipped")
         return
-    if b"\x00" in data:
-        yield Failure(unit, 0, "binary file (NUL bytes), not text; skipped")
+    except UnicodeDecodeError:                     # checked above: the file changed while it was read
+        yield Failure(unit, 0, "changed while it was read (no longer UTF-8); skipped")
         return
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        yield Failure(unit, 0, f"not UTF-8 (byte {e.start}); convert it to UTF-8; skipped")
-        return
-    yield Doc(unit, 0, text)
     yield UnitEnd(unit)
 
 
 def read_jsonl_unit(unit: Unit, text_field: str, start_line: int):
-    """Documents from line start_line+1 on; bad lines become Failures (the rest still runs)."""
+    """Documents from line start_line+1 on; bad lines become Failures, blank ones Blanks (both keep
+    their place in the output with a null output)."""
     try:
         fh = open(unit.path, "rb")
     except OSError as e:
@@ -330,19 +444,19 @@ def _jsonl_line(unit: Unit, n: int, raw: bytes, text_field: str):
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return Failure(unit, n, f"not UTF-8 (byte {e.start} of the line); skipped")
+        return Failure(unit, n, f"not UTF-8 (byte {e.start} of the line); output null")
     if not line.strip():
-        return None                              # blank line: nothing to correct, nothing to write
+        return Blank(unit, n)
     try:
         rec = json.loads(line)
     except ValueError as e:
-        return Failure(unit, n, f"not JSON ({e.msg}); skipped")
+        return Failure(unit, n, f"not JSON ({e.msg}); output null")
     if not isinstance(rec, dict):
-        return Failure(unit, n, "not a JSON object; skipped")
+        return Failure(unit, n, "not a JSON object; output null")
     if text_field not in rec:
-        return Failure(unit, n, f"no field {text_field!r} (set --text-field); skipped")
+        return Failure(unit, n, f"no field {text_field!r} (set --text-field); output null", rec)
     if not isinstance(rec[text_field], str):
-        return Failure(unit, n, f"field {text_field!r} is not a string; skipped")
+        return Failure(unit, n, f"field {text_field!r} is not a string; output null", rec)
     return Doc(unit, n, rec[text_field], rec)
 
 
@@ -398,23 +512,21 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def events(units: list[Unit], ledger: Ledger, text_field: str, resume_line):
-    """Docs, Failures and UnitEnds of every unfinished unit, in order.
+def events(units: list[Unit], ledger: Ledger, text_field: str, resume_at):
+    """Docs, Blanks, Failures and UnitEnds of every unfinished unit, in order.
 
-    resume_line(unit) gives the jsonl line or parquet row to go on from, after checking the partial
-    output really holds what the ledger says (Writer.resume_line)."""
+    resume_at(unit) gives the text byte, jsonl line or parquet row to go on from, after checking the
+    partial output really holds what the ledger says (Writer.resume_at)."""
     for unit in units:
         state = ledger.files.get(unit.rel)
         if state is not None and state.done:
             continue
         if unit.kind == "text":
-            yield from read_text_unit(unit)
+            yield from read_text_unit(unit, resume_at(unit))
         elif unit.kind == "parquet":
-            yield from read_parquet_unit(unit, text_field, resume_line(unit))
+            yield from read_parquet_unit(unit, text_field, resume_at(unit))
         else:
-            for ev in read_jsonl_unit(unit, text_field, resume_line(unit)):
-                if ev is not None:
-                    yield ev
+            yield from read_jsonl_unit(unit, text_field, resume_at(unit))
 
 
 # ---------------------------------------------------------------- correcting
@@ -466,21 +578,36 @@ def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[D
 
 # ---------------------------------------------------------------- writing
 
+@dataclass
+class PendingPart:
+    """A parquet output's rows not yet in a part file (None: a row without a text)."""
+    state: FileState
+    values: list = field(default_factory=list)
+    chars: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+
 class Writer:
     """Turns corrected documents into files and ledger records, in input order."""
 
-    def __init__(self, out: Path, ledger: Ledger, output_field: str):
+    def __init__(self, out: Path, ledger: Ledger, output_field: str, stamps: dict[str, tuple[int, int]]):
         self.out, self.ledger, self.output_field = out, ledger, output_field
-        self.open: dict[str, tuple] = {}          # rel -> (file handle, FileState) for jsonl outputs
-        self.tables: dict[str, tuple] = {}        # rel -> (outputs not yet in a part, FileState) for parquet
+        self.stamps = stamps                      # rel -> the input's (size, mtime_ns) before it was read
+        self.open: dict[str, tuple] = {}          # rel -> (file handle, FileState) for text and jsonl outputs
+        self.tables: dict[str, PendingPart] = {}  # rel -> pending rows of a parquet output
         self.file_failures: list[str] = []        # whole files skipped by this run (jsonl lines, parquet rows: ledger)
 
     def partial_path(self, rel: str) -> Path:
         final = self.out / rel
         return final.with_name(f".{final.name}.partial")
 
-    def _jsonl(self, unit: Unit):
-        """The open partial output of a jsonl unit, cut back to what the ledger recorded."""
+    def put(self, rel: str, state: FileState, done: bool) -> None:
+        """A ledger record of `rel`, stamped with its input's size and modification time."""
+        state.size, state.mtime_ns = self.stamps.get(rel, (-1, -1))
+        self.ledger.put(rel, state, done)
+
+    def _partial(self, unit: Unit):
+        """The open partial output of a text or jsonl unit, cut back to what the ledger recorded."""
         if unit.rel in self.open:
             return self.open[unit.rel]
         state = self.ledger.files.get(unit.rel) or FileState()
@@ -488,7 +615,8 @@ class Writer:
         part.parent.mkdir(parents=True, exist_ok=True)
         if not part.exists() and final.exists() and state.bytes and final.stat().st_size == state.bytes:
             final.rename(part)                     # killed after the final rename, before the ledger line
-        if not part.exists() or part.stat().st_size < state.bytes or not _ends_a_line(part, state.bytes):
+        if (not part.exists() or part.stat().st_size < state.bytes
+                or (unit.kind == "jsonl" and not _ends_a_line(part, state.bytes))):
             state = FileState()                    # the partial output is gone or short: start this file over
         fh = open(part, "r+b" if part.exists() else "w+b")
         fh.truncate(state.bytes)
@@ -496,8 +624,8 @@ class Writer:
         self.open[unit.rel] = (fh, state)
         return fh, state
 
-    def _parquet(self, unit: Unit):
-        """The outputs of a parquet unit not yet in a part file, and its state, the part files checked
+    def _parquet(self, unit: Unit) -> PendingPart:
+        """The rows of a parquet unit not yet in a part file, and its state, the part files checked
         against the ledger."""
         if unit.rel in self.tables:
             return self.tables[unit.rel]
@@ -506,91 +634,114 @@ class Writer:
         if not parts_hold(folder, state.parts, state.lines):
             state = FileState()                    # the part files are gone or short: start this file over
         keep_parts(folder, state.parts)
-        self.tables[unit.rel] = ([], state)
+        self.tables[unit.rel] = PendingPart(state)
         return self.tables[unit.rel]
 
-    def resume_line(self, unit: Unit) -> int:
-        return (self._parquet(unit) if unit.kind == "parquet" else self._jsonl(unit))[1].lines
+    def resume_at(self, unit: Unit) -> int:
+        """Where reading `unit` goes on (text: byte offset; jsonl: lines done; parquet: rows done), said on
+        stderr when it is not the start: the finished part is not read, decoded or written again."""
+        if unit.kind == "parquet":
+            at, what = self._parquet(unit).state.lines, "after row"
+        else:
+            state = self._partial(unit)[1]
+            at, what = (state.offset, "at byte") if unit.kind == "text" else (state.lines, "after line")
+        if at:
+            print(f"nichelm apply: resuming {unit.path} {what} {at}", file=sys.stderr, flush=True)
+        return at
 
     def doc(self, doc: Doc, res: DocResult) -> None:
-        if doc.unit.kind == "text":
-            atomic_write_text(self.out / doc.unit.rel, res.text)
-            self.ledger.put(doc.unit.rel, _add(FileState(), res), done=True)
-            return
         if doc.unit.kind == "parquet":
-            values, state = self._parquet(doc.unit)
-            values.append(res.text)
-            state.lines = doc.line
-            _add(state, res)
+            pending = self._parquet(doc.unit)
+            pending.values.append(res.text)
+            pending.chars += len(res.text)
+            pending.state.lines = doc.line
+            _add(pending.state, res)
             return
-        fh, state = self._jsonl(doc.unit)
-        row = dict(doc.record)
-        row[self.output_field] = res.text
+        fh, state = self._partial(doc.unit)
+        if doc.unit.kind == "text":
+            fh.write(res.text.encode("utf-8"))
+            state.offset = doc.end
+        else:
+            self._write_line(fh, {**doc.record, self.output_field: res.text})
+            state.lines = doc.line
+        _add(state, res)
+
+    @staticmethod
+    def _write_line(fh, row: dict) -> None:
         try:
             line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         except UnicodeEncodeError:     # a lone surrogate the input held as an escape ("\ud800"): escape it back
             line = (json.dumps(row) + "\n").encode("utf-8")
         fh.write(line)
-        state.lines = doc.line
-        _add(state, res)
+
+    def null(self, unit: Unit, line: int, record: dict | None) -> FileState:
+        """A jsonl line or parquet row that keeps its place with a null output (a blank or bad one)."""
+        if unit.kind == "parquet":
+            pending = self._parquet(unit)
+            pending.values.append(None)
+            state = pending.state
+        else:
+            fh, state = self._partial(unit)
+            self._write_line(fh, {**(record or {}), self.output_field: None})
+        state.lines = line
+        return state
 
     def failure(self, f: Failure) -> None:
         print(f"nichelm apply: {f}", file=sys.stderr, flush=True)
         if not f.line:
             self.file_failures.append(str(f))
-            self.tables.pop(f.unit.rel, None)      # a parquet file that broke mid-way: drop its unrecorded rows
+            self.tables.pop(f.unit.rel, None)      # a file that broke mid-way: drop its unrecorded output
+            if f.unit.rel in self.open:
+                self.open.pop(f.unit.rel)[0].close()
+                if f.unit.rel not in self.ledger.files:      # nothing of it recorded: leave no partial file
+                    self.partial_path(f.unit.rel).unlink(missing_ok=True)
             return
-        if f.unit.kind == "parquet":
-            values, state = self._parquet(f.unit)
-            values.append(None)                    # the row stays, with a null output
-        else:
-            _, state = self._jsonl(f.unit)
-        state.lines = f.line
+        state = self.null(f.unit, f.line, f.record)
         state.failed_count += 1
         if len(state.failed) < MAX_LISTED_FAILURES:
             state.failed.append(str(f))
 
     def sync(self) -> None:
-        """Make every jsonl and parquet output's progress durable: data first, then the ledger line that
-        counts it."""
+        """Make every output's progress durable: data first, then the ledger line that counts it. A parquet
+        output's pending rows become a part file once they are big or old enough (PendingPart)."""
         for rel, (fh, state) in self.open.items():
             fh.flush()
             os.fsync(fh.fileno())
             state.bytes = fh.tell()
-            self.ledger.put(rel, state, done=False)
-        for rel in self.tables:
-            self._flush_part(rel)
+            self.put(rel, state, done=False)
+        for rel, pending in self.tables.items():
+            if pending.chars >= PART_BYTES or time.monotonic() - pending.since >= PART_SECONDS:
+                self._flush_part(rel)
 
     def _flush_part(self, rel: str) -> None:
         """A parquet output's pending rows become the next part file; then the ledger counts it."""
-        values, state = self.tables[rel]
-        if values:
-            write_part(self.partial_path(rel), state.parts, values)
-            state.parts += 1
-            values.clear()
-        self.ledger.put(rel, state, done=False)
+        pending = self.tables[rel]
+        if pending.values:
+            write_part(self.partial_path(rel), pending.state.parts, pending.values)
+            pending.state.parts += 1
+            pending.values, pending.chars, pending.since = [], 0, time.monotonic()
+        self.put(rel, pending.state, done=False)
 
     def end(self, unit: Unit) -> None:
         if unit.kind == "parquet":
             self._parquet(unit)                    # opens the outputs of files with no rows
             self._flush_part(unit.rel)
-            _, state = self.tables.pop(unit.rel)
+            state = self.tables.pop(unit.rel).state
             folder = self.partial_path(unit.rel)
             combine_parts(unit.path, folder, state.parts, self.out / unit.rel, self.output_field)
-            self.ledger.put(unit.rel, state, done=True)
+            self.put(unit.rel, state, done=True)
             shutil.rmtree(folder, ignore_errors=True)
             return
-        if unit.kind != "jsonl":
-            return
-        fh, state = self._jsonl(unit)              # opens (empty) outputs of files with no documents
+        fh, state = self._partial(unit)            # opens (empty) outputs of files with no documents
         fh.flush()
         os.fsync(fh.fileno())
         state.bytes = fh.tell()
         fh.close()
         del self.open[unit.rel]
-        self.ledger.put(unit.rel, state, done=False)
+        self.put(unit.rel, state, done=False)
         os.replace(self.partial_path(unit.rel), self.out / unit.rel)
-        self.ledger.put(unit.rel, state, done=True)
+        fsync_dir((self.out / unit.rel).parent)      # the rename is durable before the record says done
+        self.put(unit.rel, state, done=True)
 
     def close(self) -> None:
         for fh, _ in self.open.values():
@@ -653,23 +804,30 @@ def write_part(folder: Path, i: int, values: list) -> None:
 
 def combine_parts(source: Path, folder: Path, n: int, final: Path, output_field: str) -> None:
     """FINAL: the input's columns, rows and row groups as they are, plus output_field (replaced in place
-    when the input has that column) from the n parts; written atomically, one row group in memory."""
+    when the input has that column) from the n parts; written atomically, with one input row group and
+    one part in memory at a time."""
     pa, pq = pyarrow_for(source)
-    column = pa.concat_arrays([pq.read_table(part_path(folder, i)).column(0).combine_chunks() for i in range(n)]
-                              or [pa.array([], pa.string())])
     pf = pq.ParquetFile(source)
-    if len(column) != pf.metadata.num_rows:
-        raise UserError(f"{source}: has {pf.metadata.num_rows} rows but {folder} holds {len(column)} outputs; "
+    held = sum(pq.read_metadata(part_path(folder, i)).num_rows for i in range(n))
+    if held != pf.metadata.num_rows:
+        raise UserError(f"{source}: has {pf.metadata.num_rows} rows but {folder} holds {held} outputs; "
                         "was the input changed during the run? delete that folder and re-run")
     schema, field = pf.schema_arrow, pa.field(output_field, pa.string())
     at = schema.get_field_index(output_field)
     schema = schema.set(at, field) if at >= 0 else schema.append(field)
+    parts = (pq.read_table(part_path(folder, i)).column(0).combine_chunks() for i in range(n))
+    part, used = pa.array([], pa.string()), 0      # the part being read, and how many of its rows are placed
     with atomic_file(final) as fh, pq.ParquetWriter(fh, schema) as writer:
-        pos = 0
         for g in range(pf.num_row_groups):
             group = pf.read_row_group(g)
-            piece = column.slice(pos, group.num_rows)
-            pos += group.num_rows
+            pieces, need = [], group.num_rows
+            while need:
+                if used == len(part):
+                    part, used = next(parts), 0
+                take = min(need, len(part) - used)
+                pieces.append(part.slice(used, take))
+                used, need = used + take, need - take
+            piece = pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
             group = group.set_column(at, field, piece) if at >= 0 else group.append_column(field, piece)
             writer.write_table(group, row_group_size=max(1, group.num_rows))
 
@@ -778,7 +936,7 @@ class Progress:
 @dataclass
 class ApplyReport:
     files: int                      # input files in this shard
-    documents: int                  # corrected documents in OUT (this and earlier runs)
+    documents: int                  # corrected documents in OUT (this and earlier runs; a .txt piece is one)
     windows: int
     kept_too_different: int
     kept_hit_limit: int
@@ -831,13 +989,15 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
         torch.set_num_threads(threads)
     model, out = Path(model), Path(output)
     shard_i, shard_n = parse_shard(shard)
+    refuse_overlap(inputs, out)
     units = [u for u in discover(inputs) if shard_of(u.rel, shard_n) == shard_i]
+    stamps = input_stamps(units)
     parquet = next((u for u in units if u.kind == "parquet"), None)
     if parquet is not None:
         pyarrow_for(parquet.path)                  # a missing pyarrow is named before the model loads
     guard = guard_max_change >= 0
     if compile == "auto":
-        compile = sum(u.path.stat().st_size for u in units) >= COMPILE_MIN_BYTES
+        compile = sum(size for size, _ in stamps.values()) >= COMPILE_MIN_BYTES
     corrector = load_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change,
                                window_overlap=window_overlap, backend=backend,
                                compile=bool(compile) and backend == "torch", dtype=dtype, guard_margin=guard_margin,
@@ -852,20 +1012,36 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
                                "window_chars": corrector.window_chars,
                                **({"window_overlap": window_overlap} if window_overlap else {}),
                                **({"backend": backend} if backend != "torch" else {}),
-                               **({"dtype": dtype} if dtype != "auto" else {})})
+                               **({"dtype": dtype} if dtype != "auto" else {}),
+                               # where .txt files are cut decides their output: a resume must cut alike
+                               **({"text_chunk_bytes": TEXT_CHUNK_BYTES} if TEXT_CHUNK_BYTES != 1 << 16 else {})})
         if resuming:
             remove_stale_temp_files(out, units)
+            forget_changed_inputs(units, ledger, stamps)
         return _run(corrector, units, ledger, out, guard, output_field, text_field,
-                    group_windows or 8 * batch_size)
+                    group_windows or 8 * batch_size, stamps)
     except OSError as e:
         raise write_error(e, out) from None
     finally:
         ledger.close()
 
 
-def _run(corrector, units, ledger, out, guard, output_field, text_field, group_windows) -> ApplyReport:
+def forget_changed_inputs(units: list[Unit], ledger: Ledger, stamps: dict[str, tuple[int, int]]) -> None:
+    """An input whose size or modification time is not what the ledger recorded is corrected again from
+    its start (its old partial output is cut back or replaced; a finished output is overwritten)."""
+    for u in units:
+        state = ledger.files.get(u.rel)
+        if state is None or state.size < 0 or u.rel not in stamps:
+            continue                               # new, recorded before stamps were kept, or unreadable
+        if (state.size, state.mtime_ns) != stamps[u.rel]:
+            print(f"nichelm apply: {u.path} changed since the last run (size or modification time); "
+                  "correcting it again from the start", file=sys.stderr, flush=True)
+            del ledger.files[u.rel]
+
+
+def _run(corrector, units, ledger, out, guard, output_field, text_field, group_windows, stamps) -> ApplyReport:
     from nichelm.inference import cut_windows
-    writer, progress = Writer(out, ledger, output_field), Progress(len(units))
+    writer, progress = Writer(out, ledger, output_field, stamps), Progress(len(units))
     started = time.time()
     done_before = sum(1 for u in units if (s := ledger.files.get(u.rel)) is not None and s.done)
     progress.update(done_before, 0, 0)
@@ -886,6 +1062,8 @@ def _run(corrector, units, ledger, out, guard, output_field, text_field, group_w
             elif isinstance(ev, Failure):
                 writer.failure(ev)
                 n_files += ev.line == 0            # a whole file skipped
+            elif isinstance(ev, Blank):
+                writer.null(ev.unit, ev.line, None)
             else:
                 writer.end(ev.unit)
                 n_files += 1
@@ -898,11 +1076,11 @@ def _run(corrector, units, ledger, out, guard, output_field, text_field, group_w
             warned = True
 
     try:
-        for ev in events(units, ledger, text_field, writer.resume_line):
+        for ev in events(units, ledger, text_field, writer.resume_at):
             group.append(ev)
             if isinstance(ev, Doc):
                 windows += len(cut_windows(ev.text, corrector.window_chars))
-            if windows >= group_windows:
+            if windows >= group_windows or len(group) >= group_windows:    # (blank or bad lines: no windows)
                 flush()
                 windows = 0
         flush()
@@ -957,7 +1135,8 @@ def print_report(report: ApplyReport, file=sys.stderr) -> None:
     if report.domain_warning:
         print(report.domain_warning, file=file)
     if report.failed_count:
-        print(f"nichelm apply: {report.failed_count} inputs could not be read and were skipped:", file=file)
+        print(f"nichelm apply: {report.failed_count} inputs could not be read (files skipped, jsonl lines and "
+              "parquet rows given a null output):", file=file)
         for f in report.failed:
             print(f"  {f}", file=file)
         if report.failed_count > len(report.failed):
