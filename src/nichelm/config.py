@@ -65,9 +65,28 @@ class SplitConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 512
+    vocab_size: int = 512            # with `from`: the reused tokenizer's (leave it out, or give that same size)
     min_frequency: int = 2
     sample_chars: int = 50_000_000   # train the tokenizer on a seeded sample of at most this many train characters
+    # Reuse this tokenizer instead of training one (pre-train, then specialize, with one vocabulary): a
+    # tokenizer.json, a run folder (RUN/tokenizer/tokenizer.json) or an export folder. TOML key `from`.
+    from_: str = field(default="", metadata={"key": "from"})
+    # Not in the TOML: whether the file gave vocab_size (with `from`, a different size is an error).
+    vocab_size_given: bool = field(default=False, metadata={"internal": True})
+
+
+# Model presets: tiny ones for CPU, and llm.c's GPT-2 shapes (d6 ... d48). Here, not in model.py, so that
+# loading a project (prepare and its worker processes) never imports torch.
+PRESETS: dict[str, dict] = {
+    "nano": dict(n_layer=3, n_head=4, n_embd=128),        # ~0.6M + embeddings
+    "tiny": dict(n_layer=4, n_head=4, n_embd=192),        # ~1.8M + embeddings
+    "mini": dict(n_layer=6, n_head=6, n_embd=384),        # ~10M
+    "d6": dict(n_layer=6, n_head=6, n_embd=384),
+    "d12": dict(n_layer=12, n_head=12, n_embd=768),       # GPT-2 small, 124M
+    "d24": dict(n_layer=24, n_head=16, n_embd=1024),      # GPT-2 medium, 350M
+    "d36": dict(n_layer=36, n_head=20, n_embd=1280),      # GPT-2 large
+    "d48": dict(n_layer=48, n_head=25, n_embd=1600),      # GPT-2 XL
+}
 
 
 @dataclass
@@ -84,8 +103,28 @@ class ModelSection:
 
 
 @dataclass
+class PhaseConfig:
+    """One [[train.phases]] entry: a stretch of training with its own data, length and lr schedule.
+    Phases run in order, one optimizer throughout; the lr keys left out are train's."""
+    name: str
+    # Prepared data: "" = this project's own RUN/data; else a run folder (its data/) or a data folder (holding
+    # shards/) of another project prepared with the same tokenizer. A list mixes them, in `weights` shares
+    # of every step's rows; the phase validates on the val split of its first entry.
+    data: str | list[str] = ""
+    weights: list[float] = field(default_factory=list)
+    steps: int = 0                   # the phase's length: set exactly one of steps and tokens
+    tokens: int = 0                  # (tokens: rounded up to whole optimizer steps)
+    lr: float = 0.0                  # 0 = train.lr
+    schedule: str = ""               # "" = train.schedule; cosine | wsd
+    warmup_steps: int = -1           # -1 = train.warmup_steps
+    min_lr_ratio: float = -1.0       # -1 = train.min_lr_ratio
+    decay_fraction: float = 0.0      # 0 = train.decay_fraction
+    patience: int = 0                # >0: end the phase early after this many validations without a new best val loss
+
+
+@dataclass
 class TrainConfig:
-    max_steps: int = 1000
+    max_steps: int = 1000            # with [[train.phases]]: unused (the run is the phases' lengths)
     max_minutes: float = 0.0         # >0: wall-clock budget; the lr schedule then follows elapsed time
     batch_size: int = 32             # rows per micro-batch per process
     grad_accum: int = 1
@@ -111,6 +150,10 @@ class TrainConfig:
     parallel: str = "ddp"            # under torchrun: ddp (a whole model per GPU) | fsdp (FSDP2 fully_shard:
                                      # weights, grads and optimizer state sharded across GPUs)
     tensorboard: bool = False        # also write RUN/tensorboard/ (needs the tensorboard package)
+    # Start from these weights (a run folder: its newest checkpoint; or an hf export folder) with a fresh
+    # optimizer at step 0; the model shape and tokenizer must be the same. A checkpoint of this run wins (resume).
+    init_from: str = ""
+    phases: list[PhaseConfig] = field(default_factory=list)     # [[train.phases]]; none = one phase, as before
 
 
 @dataclass
@@ -192,8 +235,27 @@ class Project:
         for f in dataclasses.fields(self):
             if f.metadata.get("internal"):
                 continue
-            d[f.name] = _to_plain(getattr(self, f.name))
+            d[_toml_key(f)] = _to_plain(getattr(self, f.name))
         return d
+
+
+def tokenizer_from_path(p: Project) -> Path:
+    """The tokenizer.json that `tokenizer.from` names: the file itself, or in a folder its tokenizer.json
+    (an export folder) or tokenizer/tokenizer.json (a run folder, or an export that keeps it there)."""
+    given = p.resolve(p.tokenizer.from_)
+    where = f"{p.source_file}: 'tokenizer.from' = {_short(p.tokenizer.from_)}"
+    try:
+        if given.is_dir():
+            for cand in (given / "tokenizer.json", given / "tokenizer" / "tokenizer.json"):
+                if cand.is_file():
+                    return cand
+            raise UserError(f"{where}: the folder {str(given)!r} holds no tokenizer.json nor tokenizer/tokenizer.json; "
+                            "give a tokenizer.json, a run folder or an export folder")
+        if given.is_file():
+            return given
+    except (OSError, ValueError):                # a name the system refuses (too long, a NUL byte)
+        pass
+    raise UserError(f"{where}: {str(given)!r} does not exist; give a tokenizer.json, a run folder or an export folder")
 
 
 def source_name(src: SourceConfig, index: int) -> str:
@@ -213,9 +275,15 @@ def package_path(spec: str) -> Path:
     return Path(list(found.submodule_search_locations)[0]) / rel
 
 
+def _toml_key(f: dataclasses.Field) -> str:
+    """A field's key in the TOML: its name, or metadata["key"] where the key is a Python keyword ("from")."""
+    return f.metadata.get("key", f.name)
+
+
 def _to_plain(value):
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {_toml_key(f): _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not f.metadata.get("internal")}
     if isinstance(value, list):
         return [_to_plain(v) for v in value]
     return value
@@ -262,24 +330,25 @@ def _build(cls, data: dict, where: str, file: str):
     if not isinstance(data, dict):
         raise UserError(f"{file}: [{where}] must be a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    known = {_toml_key(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, value in data.items():
         dotted = _key(f"{where}.{key}" if where else key)
         if key not in known:
             raise UserError(f"{file}: unknown key '{dotted}'; known keys here: {', '.join(sorted(known))}")
-        tp = hints[key]
+        name = known[key].name
+        tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted, file)
+            kwargs[name] = _build(tp, value, dotted, file)
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             if not isinstance(value, list):
                 raise UserError(f"{file}: '{dotted}' must be a list of tables ([[{dotted}]])")
-            kwargs[key] = [_build(typing.get_args(tp)[0], v, f"{dotted}[{i}]", file) for i, v in enumerate(value)]
+            kwargs[name] = [_build(typing.get_args(tp)[0], v, f"{dotted}[{i}]", file) for i, v in enumerate(value)]
         else:
             if not _type_ok(value, tp):
                 raise UserError(f"{file}: '{dotted}' must be {_type_name(tp)}, got {_short(value)}")
-            kwargs[key] = float(value) if tp is float else value
-    missing = [f.name for f in known.values()
+            kwargs[name] = float(value) if tp is float else value
+    missing = [key for key, f in known.items()
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
     if missing:
         raise UserError(f"{file}: [{where}] is missing required key '{missing[0]}'")
@@ -347,6 +416,7 @@ def load_project(path: str | Path, overrides: list[str] = ()) -> Project:
     project = _build(Project, data, "", str(path))
     project.base_dir = path.resolve().parent
     project.source_file = path.resolve()
+    project.tokenizer.vocab_size_given = "vocab_size" in data.get("tokenizer", {})
     validate(project, str(path))
     return project
 
@@ -361,7 +431,6 @@ def _exists(path: Path) -> bool:
 
 def validate(p: Project, file: str) -> None:
     """Checks that types alone cannot express."""
-    from nichelm.model import PRESETS
     if not p.sources:
         raise UserError(f"{file}: no [[sources]]; add at least one data source")
     p.run_path                                   # a run_dir no stage could use fails here, naming the key
@@ -380,6 +449,8 @@ def validate(p: Project, file: str) -> None:
             raise UserError(f"{file}: '{key}.path' = {s.path!r}: {str(p.resolve(s.path))!r} does not exist")
         if s.format == "icdar-lines" and not (s.gold_path and _exists(p.resolve(s.gold_path))):
             raise UserError(f"{file}: '{key}.gold_path' must name the existing GS file for format icdar-lines")
+    if p.tokenizer.from_:
+        tokenizer_from_path(p)                   # a path that names no tokenizer fails here, naming the key
     from nichelm.data.noise import PROFILE_WEIGHTS
     if p.noise.profile not in PROFILE_WEIGHTS:
         raise UserError(f"{file}: 'noise.profile' is {p.noise.profile!r}; use one of {', '.join(PROFILE_WEIGHTS)}")
@@ -416,6 +487,7 @@ def validate(p: Project, file: str) -> None:
     _check_numbers(p, file)
     _check_task(p, file)
     _check_select(p, file)
+    _check_phases(p, file)
     if p.split.val_fraction + p.split.test_fraction >= 1:
         raise UserError(f"{file}: 'split.val_fraction' + 'split.test_fraction' must be below 1 (the rest trains)")
     # train measures its val loss on the val split: some source must be able to give it examples
@@ -478,6 +550,13 @@ _BOUNDS = {
     "train.keep_checkpoints": (lambda v: v >= 0, "0 (keep all) or more"),
     "train.threads": (lambda v: v >= 0, "0 (torch's default) or more"),
     "train.batch_tokens": (lambda v: v >= 0, "0 (use grad_accum) or more"),
+    "train.phases.steps": (lambda v: v >= 0, "0 (not set) or more"),
+    "train.phases.tokens": (lambda v: v >= 0, "0 (not set) or more"),
+    "train.phases.lr": (lambda v: v >= 0, "0 (train.lr) or above, e.g. 3e-4"),
+    "train.phases.warmup_steps": (lambda v: v >= -1, "-1 (train.warmup_steps), 0 or more"),
+    "train.phases.min_lr_ratio": (lambda v: v == -1 or 0 <= v <= 1, "-1 (train.min_lr_ratio) or from 0 to 1"),
+    "train.phases.decay_fraction": (lambda v: 0 <= v <= 1, "0 (train.decay_fraction) or up to 1"),
+    "train.phases.patience": (lambda v: v >= 0, "0 (no early stopping) or more (validations)"),
     "eval.max_examples": (lambda v: v >= 0, "0 (the whole test split) or more"),
     "eval.batch_size": (lambda v: v >= 1, "at least 1"),
     "eval.max_new_tokens_ratio": (lambda v: v > 0, "above 0, e.g. 1.5 (output tokens per input token)"),
@@ -506,7 +585,6 @@ def _check_numbers(p: Project, file: str) -> None:
         rule = _BOUNDS.get(re.sub(r"\[\d+\]", "", key))          # sources[2].x -> sources.x
         if rule and not rule[0](value):
             raise UserError(f"{file}: '{key}' is {value}; it must be {rule[1]}")
-    from nichelm.model import PRESETS
     shape = {k: getattr(p.model, k) or PRESETS[p.model.preset].get(k, 0) for k in ("n_head", "n_embd")}
     if shape["n_embd"] % shape["n_head"]:
         raise UserError(f"{file}: 'model.n_embd' ({shape['n_embd']}) must be a multiple of 'model.n_head' "
@@ -585,8 +663,49 @@ def _check_select(p: Project, file: str) -> None:
                             "or the folder of a local sentence-transformers model")
 
 
+_PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_phases(p: Project, file: str) -> None:
+    """[[train.phases]]: names, lengths, data mixes and lr keys (the data folders are checked by train)."""
+    import math
+    seen = set()
+    for i, ph in enumerate(p.train.phases):
+        key = f"train.phases[{i}]"
+        if not _PHASE_NAME.fullmatch(ph.name):
+            raise UserError(f"{file}: '{key}.name' is {_short(ph.name)}; use letters, digits, '_', '.' or '-' "
+                            "(up to 64), e.g. \"pretrain\"")
+        if ph.name in seen:
+            raise UserError(f"{file}: '{key}.name' = {ph.name!r} names an earlier phase too; give each phase "
+                            "its own name")
+        seen.add(ph.name)
+        if (ph.steps > 0) == (ph.tokens > 0):
+            raise UserError(f"{file}: '{key}' ({ph.name}) needs exactly one length: set steps or tokens (not both)")
+        mix = ph.data if isinstance(ph.data, list) else [ph.data]
+        if not mix:
+            raise UserError(f"{file}: '{key}.data' is an empty list; give one data folder (\"\" = this project's "
+                            "data) or several with weights")
+        if isinstance(ph.data, list) and len(mix) > 1:
+            if len(ph.weights) != len(mix):
+                raise UserError(f"{file}: '{key}.weights' has {len(ph.weights)} numbers for {len(mix)} data entries; "
+                                "give one share per entry, e.g. weights = [0.8, 0.2]")
+        elif ph.weights and len(ph.weights) != 1:
+            raise UserError(f"{file}: '{key}.weights' is for a list of data entries; remove it (one data entry)")
+        for w in ph.weights:
+            if not (math.isfinite(w) and w > 0):
+                raise UserError(f"{file}: '{key}.weights' holds {w}; each share must be a finite number above 0")
+        if len(set(mix)) != len(mix):
+            raise UserError(f"{file}: '{key}.data' lists a folder twice; list each once and set its share in weights")
+        if ph.schedule not in ("", "cosine", "wsd"):
+            raise UserError(f"{file}: '{key}.schedule' is {_short(ph.schedule)}; use cosine or wsd (or leave it out: "
+                            "train.schedule)")
+        if ph.patience and not p.train.eval_every:
+            raise UserError(f"{file}: '{key}.patience' needs validations: set train.eval_every above 0 (steps "
+                            "between validations)")
+
+
 def model_config(p: Project, vocab_size: int):
-    from nichelm.model import PRESETS, ModelConfig
+    from nichelm.model import ModelConfig
     shape = dict(PRESETS[p.model.preset])
     for key in ("n_layer", "n_head", "n_kv_head", "n_embd"):
         if getattr(p.model, key):

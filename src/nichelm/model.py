@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nichelm.config import PRESETS as PRESETS  # noqa: F401  (re-exported: the table lives in config, torch-free)
+
 
 @dataclass
 class ModelConfig:
@@ -44,19 +46,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# Presets: tiny ones for CPU, and llm.c's GPT-2 shapes (d6 ... d48).
-PRESETS: dict[str, dict] = {
-    "nano": dict(n_layer=3, n_head=4, n_embd=128),        # ~0.6M + embeddings
-    "tiny": dict(n_layer=4, n_head=4, n_embd=192),        # ~1.8M + embeddings
-    "mini": dict(n_layer=6, n_head=6, n_embd=384),        # ~10M
-    "d6": dict(n_layer=6, n_head=6, n_embd=384),
-    "d12": dict(n_layer=12, n_head=12, n_embd=768),       # GPT-2 small, 124M
-    "d24": dict(n_layer=24, n_head=16, n_embd=1024),      # GPT-2 medium, 350M
-    "d36": dict(n_layer=36, n_head=20, n_embd=1280),      # GPT-2 large
-    "d48": dict(n_layer=48, n_head=25, n_embd=1600),      # GPT-2 XL
-}
 
 
 class RMSNorm(nn.Module):

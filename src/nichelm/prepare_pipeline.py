@@ -4,6 +4,7 @@
     examples   N tasks  read, split by document, raw OCR score, windows, noise -> per-piece example
                         parts, digests of train texts, tokenizer sample candidates
     tokenizer  1 task   source records (+ sha256), dedupe digest sets, tokenizer trained on the sample
+                        (or the one tokenizer.from names, copied)
     tokens     N tasks  dedupe val/test, tokenize (marker-safe) -> per-piece token parts
     finish     1 task   llm.c shards, examples.*.jsonl, manifest.json; swap into RUN/data
 
@@ -30,6 +31,7 @@ task logs under RUN/logs/prepare/JOB/logs/. This process shows one progress line
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -79,7 +81,10 @@ def prepare_with_pipeline(project: Project, force: bool = False, options: Prepar
     if opts.executor == "slurm" and not opts.partition:
         raise UserError("--executor slurm needs --partition NAME (the Slurm partition to submit to)")
     run = project.run_path
+    reused = tokenizer_from(project)
     fp = fingerprint(project)
+    if reused:                   # a changed file at the same path is a changed project
+        fp = hashlib.sha256(f"{fp}:{reused['sha256']}".encode()).hexdigest()[:16]
     work = run / ".prepare"
     old = already_prepared(project, fp) if not force else None
     if old:
@@ -91,7 +96,7 @@ def prepare_with_pipeline(project: Project, force: bool = False, options: Prepar
     piece_bytes = max(int(opts.piece_mb * 2**20), 1024) if opts.piece_mb else auto_piece_bytes(project)
     pieces = pl.plan_pieces(project, piece_bytes)
     plan = {"version": PLAN_VERSION, "fingerprint": fp, "piece_bytes": piece_bytes,
-            "shard_tokens": opts.shard_tokens, "pieces": pl.pieces_to_json(pieces)}
+            "shard_tokens": opts.shard_tokens, "tokenizer_from": reused, "pieces": pl.pieces_to_json(pieces)}
     plan_path = work / "plan.json"
     saved = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() and not force else None
     if saved is None or {k: v for k, v in saved.items() if k != "started"} != plan:
@@ -134,6 +139,16 @@ def prepare_with_pipeline(project: Project, force: bool = False, options: Prepar
     return manifest
 
 
+def tokenizer_from(project: Project) -> dict | None:
+    """tokenizer.from, checked against the task (data.tokenizer.reused_tokenizer): its path, sha256 and size."""
+    if not project.tokenizer.from_:
+        return None
+    from nichelm.data.tokenizer import reused_tokenizer
+    from nichelm.prepare import file_sha256
+    tok, path = reused_tokenizer(project)
+    return {"path": str(path), "sha256": file_sha256(path), "vocab_size": tok.get_vocab_size()}
+
+
 def _user_error(e: Exception) -> Exception:
     """A UserError raised in a task process arrives as itself (datatrove re-raises it); keep it."""
     return e
@@ -150,16 +165,17 @@ def build_jobs(project: Project, work: Path, pieces: list[pl.Piece], tasks: int,
         only = [names[name] for name in project.noise.calibrate_on]
         jobs.append(("calibrate", [pl.ReadSources(project, pieces, only_sources=only), pl.SplitDocuments(project),
                                    pl.FitNoise(project, fit_path)], 1))
+    reused = plan.get("tokenizer_from")
+    rate = 0.0 if reused else sample_rate(project, pieces)      # a reused tokenizer needs no sample
     jobs.append(("examples", [pl.ReadSources(project, pieces), pl.SplitDocuments(project), pl.MeasureRawOCR(project),
                               pl.MakeWindows(project.task.window_chars), pl.AddNoise(project, fit_path),
-                              pl.WriteExampleParts(work, project.seed, n, sample_rate(project, pieces))], tasks))
+                              pl.WriteExampleParts(work, project.seed, n, rate)], tasks))
     jobs.append(("tokenizer", [pl.MergeSourceStats(project, work), pl.BuildDedupeSets(work, n, project.source_file),
-                               pl.TrainTokenizer(project, work, n)], 1))
+                               pl.ReuseTokenizer(work, reused) if reused else pl.TrainTokenizer(project, work, n)], 1))
     jobs.append(("tokens", [pl.ReadExampleParts(work, n), pl.DedupeEval(work),
-                            pl.Tokenize(project, work / "tokenizer.json"),
-                            pl.WriteTokenParts(work, n, project.tokenizer.vocab_size)], tasks))
+                            pl.Tokenize(project, work / "tokenizer.json"), pl.WriteTokenParts(work, n)], tasks))
     info = {"started": plan["started"], "pieces": n, "tasks": tasks, "executor": opts.executor,
-            "shard_tokens": opts.shard_tokens}
+            "shard_tokens": opts.shard_tokens, "tokenizer_from": reused}
     names = [name for name, _, _ in jobs] + ["finish"]
     jobs.append(("finish", [pl.ResetStaging(work), pl.WriteShards(project, work, n, opts.shard_tokens),
                             pl.ConcatExamples(work, n), pl.WriteManifest(project, work, names, plan["fingerprint"], info),
@@ -188,7 +204,16 @@ def sample_rate(project: Project, pieces: list[pl.Piece]) -> float:
     return 1.0 if est <= 0 else min(1.0, 1.5 * project.tokenizer.sample_chars / est)
 
 
+# What every task process needs, imported once by the forkserver that local workers fork from (in
+# each worker it would cost 0.5 to 1 s of CPU per process: datatrove pulls in huggingface_hub).
+FORKSERVER_PRELOAD = ["nichelm.data.pipeline", "nichelm.prepare", "nichelm.data.tokenizer", "nichelm.data.noise",
+                      "nichelm.metrics"]
+
+
 def make_executors(jobs, work: Path, opts: PrepareOptions) -> list:
+    if opts.executor == "local":
+        import multiprocess
+        multiprocess.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
     executors, prev = [], None
     for name, pipeline, tasks in jobs:
         logs = str(pl.job_dir(work, name))

@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import reduce
-from itertools import accumulate
+from itertools import accumulate, compress, repeat
 from operator import add, attrgetter, itemgetter
 
 from rapidfuzz.distance import Levenshtein
@@ -298,6 +298,73 @@ class _TypeSites:
     def mean_cost(self) -> float:
         return reduce(add, map(_COST, map(_OPTS, self.sites)), 0.0) / self.cum_weights[-1]
 
+    # what _pick_site asks of a type's sites (the lazy kinds below answer the same, the same way)
+    def draw(self, rng: random.Random) -> _Site:
+        return _choose(rng, self.sites, self.cum_weights)
+
+    def near(self, lo: int, hi: int) -> list[_Site]:
+        """The sites that start in [lo, hi], in text order."""
+        return self.sites[bisect.bisect_left(self.starts, lo): bisect.bisect_right(self.starts, hi)]
+
+    def every(self) -> list[_Site]:
+        return self.sites
+
+
+class _UniformSites:
+    """The sites of a uniform type (OCRNoise._uniform: every site one character, of the same weight
+    and cost), kept as their start offsets only; a site's tuple is made when it is drawn.
+
+    The draws are those of _TypeSites: its running sums of weights are k * w exactly (_exact), so
+    the weighted choice of _choose is the index floor(x / w), computed exactly below."""
+
+    def __init__(self, starts: list[int], w: float, opts_at):
+        self.starts, self.w, self.opts_at = starts, w, opts_at
+
+    def site(self, start: int) -> _Site:
+        return (start, start + 1, self.opts_at(start))
+
+    def draw(self, rng: random.Random) -> _Site:
+        n, w = len(self.starts), self.w
+        x = rng.random() * (n * w + 0.0)
+        k = int(x / w)                             # the number of running sums (j + 1) * w <= x ...
+        while k > 0 and k * w > x:                 # ... made exact where the division rounded
+            k -= 1
+        while (k + 1) * w <= x:
+            k += 1
+        return self.site(self.starts[min(k, n - 1)])   # bisect's hi = n - 1, as in _choose
+
+    def near(self, lo: int, hi: int) -> list[_Site]:
+        return [self.site(s) for s in self.starts[bisect.bisect_left(self.starts, lo):
+                                                  bisect.bisect_right(self.starts, hi)]]
+
+    def every(self) -> list[_Site]:
+        return [self.site(s) for s in self.starts]
+
+
+class _CharTableSites:
+    """The sites of a table keyed by single characters (substitutions), from running sums of the
+    weight at every position (0.0 where the character is not in the table), made in C by
+    accumulate/map: no Python work per character. They are the sums over sites (adding 0.0 changes
+    no float), and the first position whose sum exceeds a draw is the site _choose picks."""
+
+    def __init__(self, text: str, table: dict[str, _Options], weights: dict[str, float]):
+        self.text, self.table = text, table
+        self.cum = list(accumulate(map(weights.get, text, repeat(0.0, len(text)))))
+
+    def draw(self, rng: random.Random) -> _Site:
+        i = bisect.bisect(self.cum, rng.random() * (self.cum[-1] + 0.0))
+        if i >= len(self.cum):                     # a draw of the whole total: the last site
+            i = next(j for j in range(len(self.text) - 1, -1, -1) if self.text[j] in self.table)
+        return (i, i + 1, self.table[self.text[i]])
+
+    def near(self, lo: int, hi: int) -> list[_Site]:
+        text, table = self.text, self.table
+        return [(i, i + 1, table[text[i]]) for i in range(max(lo, 0), min(hi + 1, len(text))) if text[i] in table]
+
+    def every(self) -> list[_Site]:
+        text, table = self.text, self.table
+        return [(i, i + 1, table[c]) for i, c in enumerate(text) if c in table]
+
 
 _SPAN, _START, _OPTS = itemgetter(0, 1), itemgetter(0), itemgetter(2)
 _TOTAL, _COST = attrgetter("total"), attrgetter("cost_sum")
@@ -331,6 +398,37 @@ _LETTER_RUN = re.compile("[asf]+")
 _LONG_S_SITE = re.compile("s(?=[as])")
 _LETTER_PAIR = re.compile("[asf](?=[asf])")
 _LOST_SPACE_SITE = re.compile("(?<=[^ \t]) (?=[^ \t])")
+_HYPHEN_SITE = re.compile("(?<=[asf]{2})[asf](?=[asf]{3})")  # split after it: 3 letters or more either side
+_NON_SPACE = frozenset("asf.")  # the classes of non-space characters
+# the one-character sites of the context-dependent uniform types, found in the class mask
+_UNIFORM_SITE = {"spurious_space": _LETTER_PAIR, "lost_space": _LOST_SPACE_SITE, "long_s": _LONG_S_SITE,
+                 "hyphenation": _HYPHEN_SITE}
+
+
+def _marked(pattern: re.Pattern, mask: str) -> list[int]:
+    """Offsets of pattern's one-character matches in mask, found in C: each match is replaced by a
+    mark, and the marks' offsets picked out (no Python object per match)."""
+    marked = pattern.sub("\x01", mask)
+    return list(compress(range(len(marked)), map("\x01".__eq__, marked)))
+
+
+class _TableFinder:
+    """The sites of a table of sources (OCRNoise._table_sites), in text order. When no source is a
+    prefix of another, at most one starts at each offset, and one regex pass (a lookahead, so
+    overlapping occurrences count) lists them all: faster than a search per source."""
+
+    def __init__(self, table: dict[str, _Options]):
+        self.table = table
+        sources = sorted(table, key=len, reverse=True)
+        prefix_free = all(sources) and not any(a != b and b.startswith(a) for a in sources for b in sources)
+        self.pattern = re.compile("(?=(" + "|".join(map(re.escape, sources)) + "))") \
+            if sources and prefix_free else None
+
+    def __call__(self, text: str) -> list[_Site]:
+        if self.pattern is None:
+            return OCRNoise._table_sites(text, self.table)
+        table = self.table
+        return [(m.start(), m.end(1), table[m[1]]) for m in self.pattern.finditer(text)]
 
 
 def _starts(pattern: re.Pattern, text: str) -> list[int]:
@@ -465,14 +563,14 @@ class OCRNoise:
         self._char_options: dict[tuple[str, str], _Options] = {}
         self._finders = {
             "substitution": self._substitution_sites,
-            "multi": lambda t: self._table_sites(t, self._multi),
+            "multi": _TableFinder(self._multi),
             "deletion": self._deletion_sites,
             "insertion": self._insertion_sites,
             "spurious_space": self._spurious_space_sites,
             "lost_space": self._lost_space_sites,
             "hyphenation": self._hyphenation_sites,
             "long_s": self._long_s_sites,
-            "ligature": lambda t: self._table_sites(t, self._ligatures),
+            "ligature": _TableFinder(self._ligatures),
         }
         # Types whose sites all carry options of the same weight and cost (the character kept by an
         # insertion does not change either): their mean cost needs only the number of sites.
@@ -486,11 +584,15 @@ class OCRNoise:
         if self._deletions is None:
             uniform["deletion"] = self._delete
         self._uniform = {name: o for name, o in uniform.items() if _exact(o.total) and _exact(o.cost_sum)}
+        self._kept_char = {"insertion": (self._inserted, "ins"), "spurious_space": (_SPACE, "space"),
+                           "hyphenation": (_HYPHEN, "hyph")}
         # Types with a table of sources: their sites can be counted per source when the table is exact.
         tables = {"substitution": self._substitutions, "multi": self._multi, "ligature": self._ligatures}
         self._counted_tables = {
             name: [(src, o, _overlaps(src)) for src, o in table.items()] for name, table in tables.items()
             if len(table) <= _COUNTED_TABLE and all(_exact(o.total) and _exact(o.cost_sum) for o in table.values())}
+        self._substitution_weights = {src: o.total for src, o in self._substitutions.items()}
+        self._substitution_costs = {src: o.cost_sum for src, o in self._substitutions.items()}
 
     @classmethod
     def from_fit(cls, fit: dict, seed: int = 0, burstiness: float = 0.25, **overrides) -> OCRNoise:
@@ -551,27 +653,34 @@ class OCRNoise:
         tuple per character and type) is wasted. Types whose options all weigh and cost alike
         (``self._uniform``), and table types whose table is exact (``self._counted_tables``), are
         counted with whole-string operations instead; ``_exact`` makes those counts give the very
-        floating-point sums that ``_TypeSites.build`` gives, so the draws do not change. Other types
-        build their sites now, into ``built``.
+        floating-point sums that ``_TypeSites.build`` gives, so the draws do not change (a uniform
+        type's mean cost is its options' own, so only whether it has a site matters). Substitutions
+        get their running sums over positions now (``_CharTableSites``; drawing uses them). Other
+        types build their sites now, into ``built``.
         """
         counted = len(text) < _COUNTED_CHARS
-        counts = self._site_counts(text) if counted else {}
-        chars = Counter(text) if counted and self._counted_tables else None
+        present = self._sites_present(text) if counted else {}
         costs = {}
         for name in ERROR_TYPES:
             if self.weights[name] <= 0:
                 continue
             opts = self._uniform.get(name)
             if counted and opts is not None:
-                n = counts[name]
-                if n and opts.total > 0:
-                    costs[name] = (n * opts.cost_sum) / (n * opts.total)
+                # n sites: (n * cost_sum) / (n * total), both products exact, is cost_sum / total
+                if present[name] and opts.total > 0:
+                    costs[name] = opts.cost_sum / opts.total
+            elif counted and name == "substitution" and name in self._counted_tables:
+                # the running sums that draws use (built now: substitutions are nearly always drawn);
+                # their last is the total weight, exact as the counts below
+                sites = _CharTableSites(text, self._substitutions, self._substitution_weights)
+                if sites.cum and sites.cum[-1] > 0:
+                    built[name] = sites
+                    costs[name] = sum(map(self._substitution_costs.get, text, repeat(0.0, len(text)))) / sites.cum[-1]
             elif counted and name in self._counted_tables:
                 acc = cost = 0.0
                 for src, o, overlaps in self._counted_tables[name]:
-                    # one character: counted in the one pass over text; longer: str.count unless
-                    # occurrences can overlap, which it would miss
-                    n = chars[src] if len(src) == 1 else len(_find_all(text, src)) if overlaps else text.count(src)
+                    # str.count unless occurrences can overlap, which it would miss
+                    n = len(_find_all(text, src)) if overlaps else text.count(src)
                     if n:
                         acc += n * o.total
                         cost += n * o.cost_sum
@@ -587,19 +696,31 @@ class OCRNoise:
     def _build_sites(self, name: str, text: str) -> _TypeSites | None:
         return _TypeSites.build(self._finders[name](text), ordered=name not in _UNORDERED)
 
+    def _drawing_sites(self, name: str, text: str) -> _TypeSites | _UniformSites | _CharTableSites:
+        """The sites of a type with a site in text, to draw from: for the uniform types and the
+        substitution table, a lazy form that lists no site tuple (building those lists was most of
+        the time of corrupt()); the other types build their sites in full."""
+        opts = self._uniform.get(name)
+        if opts is not None and len(text) < _COUNTED_CHARS:
+            mask = text.translate(_CLASSES)
+            if name in ("deletion", "insertion"):        # every non-space character
+                starts = list(compress(range(len(mask)), map(_NON_SPACE.__contains__, mask)))
+            else:
+                starts = _marked(_UNIFORM_SITE[name], mask)
+            kept = self._kept_char.get(name)              # the types that insert after a kept character
+            at = (lambda i: opts) if kept is None else (lambda i: self._insert_after(text[i], *kept))
+            return _UniformSites(starts, opts.total, at)
+        if name == "substitution":
+            return _CharTableSites(text, self._substitutions, self._substitution_weights)
+        return self._build_sites(name, text)
+
     @staticmethod
-    def _site_counts(text: str) -> dict[str, int]:
-        """Number of sites of each uniform type, as the finders below would list them."""
+    def _sites_present(text: str) -> dict[str, bool]:
+        """Whether text has a site of each uniform type, as the finders below would list them."""
         mask = text.translate(_CLASSES)
-        non_space = len(mask) - mask.count(" ") - mask.count("\t")
-        spurious = hyphen = 0
-        for m in _LETTER_RUN.finditer(mask):
-            run = m.end() - m.start()
-            spurious += run - 1  # letter followed by a letter
-            hyphen += max(0, run - 5)  # >= 3 letters either side of the split
-        return {"deletion": non_space if len(text) >= 2 else 0, "insertion": non_space,
-                "spurious_space": spurious, "hyphenation": hyphen,
-                "lost_space": len(_LOST_SPACE_SITE.findall(mask)), "long_s": len(_LONG_S_SITE.findall(mask))}
+        non_space = len(mask) > mask.count(" ") + mask.count("\t")
+        present = {name: pattern.search(mask) is not None for name, pattern in _UNIFORM_SITE.items()}
+        return {"deletion": non_space and len(text) >= 2, "insertion": non_space, **present}
 
     def _insert_after(self, char: str, inserted: tuple[tuple[str, float], ...], tag: str) -> _Options:
         """Options that keep ``char`` and insert something after it (cached)."""
@@ -695,7 +816,7 @@ class OCRNoise:
                 name = _choose(rng, names, cum)
                 typed = built.get(name)
                 if typed is None:
-                    typed = built[name] = self._build_sites(name, text)
+                    typed = built[name] = self._drawing_sites(name, text)
                 site = self._pick_site(typed, damaged, last, rng)
                 if site is None:
                     del shares[name]  # every site of this type is used up
@@ -712,7 +833,7 @@ class OCRNoise:
 
     def _pick_site(
         self,
-        typed: _TypeSites,
+        typed: _TypeSites | _UniformSites | _CharTableSites,
         damaged: bytearray,
         last: int | None,
         rng: random.Random,
@@ -723,16 +844,14 @@ class OCRNoise:
             return damaged.find(1, site[0], site[1] + 2) < 0
 
         if last is not None and rng.random() < self.burstiness:
-            lo = bisect.bisect_left(typed.starts, last - _BURST_WINDOW)
-            hi = bisect.bisect_right(typed.starts, last + _BURST_WINDOW)
-            near = [s for s in typed.sites[lo:hi] if free(s)]
+            near = [s for s in typed.near(last - _BURST_WINDOW, last + _BURST_WINDOW) if free(s)]
             if near:
                 return _choose(rng, near, list(accumulate(map(_TOTAL, map(_OPTS, near)))))
         for _ in range(8):  # rejection sampling: cheap while most text is clean
-            site = _choose(rng, typed.sites, typed.cum_weights)
+            site = typed.draw(rng)
             if free(site):
                 return site
-        remaining = [s for s in typed.sites if free(s)]
+        remaining = [s for s in typed.every() if free(s)]
         if not remaining:
             return None
         return _choose(rng, remaining, list(accumulate(map(_TOTAL, map(_OPTS, remaining)))))

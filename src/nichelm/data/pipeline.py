@@ -12,10 +12,12 @@ the number of tasks, the workers, the executor or interruptions.
 
 Documents travel between steps as datatrove Documents: a source document carries our
 readers.Document (aligned segments) in metadata["doc"]; after `MakeWindows` each Document is one
-example (text = output, metadata: input, source, doc_id, w, split, piece).
+example (text = output, metadata: input, source, doc_id, w, split, piece). In the tokens job a
+Document is a whole batch of examples (ReadExampleParts), so that job works per batch.
 
 Counts go through datatrove's own per-task stats (stat_update: logging_dir/stats/NNNNN.json, keys
-"SOURCE::what"); `stage_stats` merges them. Time spent per step is datatrove's track_time.
+"SOURCE::what"); `stage_stats` merges them. Time spent per step is datatrove's time stats (track_time,
+or `Clock` for work done per document).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import json
 import random
 import re
 import shutil
+import time
 import zlib
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +54,7 @@ SPLITS = ("train", "val", "test")
 DOC_BYTES = 1 << 20          # a text file longer than this is cut into documents at paragraph boundaries
 PIECE_BYTES = 64 << 20       # default size of a piece of work (files grouped, big files cut into ranges)
 SHUFFLE_EXAMPLES = 50_000    # train examples shuffled together (per piece) before they are written
-TOKENIZE_BATCH = 2048        # examples per encode call
+TOKENIZE_BATCH = 2048        # examples per batch of the tokens job (one encode call each)
 COMPRESSED = (".gz", ".zst")
 SEP = "::"                   # stats keys: "SOURCE::what"
 
@@ -75,6 +79,24 @@ def drain(data) -> None:
     flowing in, must not start before the steps that write those files have finished."""
     for _ in data or ():
         pass
+
+
+class Clock:
+    """A step's time spent per document, summed in a float and handed to datatrove's time stats once
+    (`record`): its track_time() also updates a mean and a variance on every call, which costs more
+    than some steps' own work on one document."""
+
+    def __init__(self):
+        self.total = 0.0
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self.t0
+
+    def record(self, step: PipelineStep) -> None:
+        step.stats.time_stats.update(self.total)
 
 
 def task_pieces(rank: int, world_size: int, n_pieces: int) -> range:
@@ -333,7 +355,7 @@ class ReadSources(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from nichelm.prepare import FILTERS
-        counts = Counter()
+        counts, clock = Counter(), Clock()
         todo = range(len(self.pieces)) if self.only is not None else task_pieces(rank, world_size, len(self.pieces))
         for k in todo:
             piece = self.pieces[k]
@@ -344,7 +366,7 @@ class ReadSources(PipelineStep):
             filters = [FILTERS[f] for f in src.filters]
             kept, docs = 0, self._documents(piece, src, name, counts)
             while True:
-                with self.track_time():            # reading and decoding count here, not in later steps
+                with clock:            # reading and decoding count here, not in later steps
                     doc = next(docs, None)
                     if doc is None:
                         break
@@ -365,6 +387,7 @@ class ReadSources(PipelineStep):
                 if src.max_documents and kept >= src.max_documents:
                     break
             counts[f"{name}{SEP}bytes"] += piece.size
+        clock.record(self)
         for key, value in sorted(counts.items()):
             self.stat_update(key, value=value)
 
@@ -439,16 +462,17 @@ class SplitDocuments(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from nichelm.prepare import split_of
-        cfg, counts = self.project.split, Counter()
+        cfg, counts, clock = self.project.split, Counter(), Clock()
         fixed = {source_name(s, i): s.split for i, s in enumerate(self.project.sources)}
         for d in data:
-            with self.track_time():
+            with clock:
                 name = d.metadata["source"]
                 split = fixed[name] if fixed[name] != "auto" else split_of(
                     self.project.seed, name, d.id, cfg.val_fraction, cfg.test_fraction)
                 d.metadata["split"] = split
                 counts[f"{name}{SEP}documents_{split}"] += 1
             yield d
+        clock.record(self)
         for key, value in sorted(counts.items()):
             self.stat_update(key, value=value)
 
@@ -467,12 +491,14 @@ class MeasureRawOCR(PipelineStep):
         from nichelm.metrics import CorpusScore
         from nichelm.prepare import scoring_units
         scores: dict[str, CorpusScore] = {}
+        clock = Clock()
         for d in data:
-            with self.track_time():
+            with clock:
                 name = d.metadata["source"]
                 for ocr, gold in scoring_units(d.metadata["doc"], self.formats[name]):
                     scores.setdefault(name, CorpusScore()).add(ocr, gold)
             yield d
+        clock.record(self)
         for name, s in sorted(scores.items()):
             for what in ("char_errors", "chars", "word_errors", "words"):
                 self.stat_update(f"{name}{SEP}raw_{what}", value=getattr(s, what))
@@ -489,14 +515,16 @@ class MakeWindows(PipelineStep):
         self.window_chars = window_chars
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        clock = Clock()
         for d in data:
-            with self.track_time():
+            with clock:
                 meta = d.metadata
                 windows = pair_segments_to_windows(meta["doc"], self.window_chars)
             for w, win in enumerate(windows):
                 yield DTDocument(text=win.output, id=d.id, metadata={
                     "piece": meta["piece"], "source": meta["source"], "split": meta["split"], "w": w,
                     "input": win.input})
+        clock.record(self)
 
 
 class AddNoise(PipelineStep):
@@ -519,9 +547,9 @@ class AddNoise(PipelineStep):
         return OCRNoise(target_cer=cfg.target_cer, seed=self.project.seed, profile=cfg.profile)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        noise, counts = None, Counter()
+        noise, counts, clock = None, Counter(), Clock()
         for d in data:
-            with self.track_time():
+            with clock:
                 meta = d.metadata
                 name, split = meta["source"], meta["split"]
                 synthetic = meta["input"] is None
@@ -539,6 +567,7 @@ class AddNoise(PipelineStep):
                         counts[f"{SEP}noise_chars"] += len(d.text)
             if keep:
                 yield d
+        clock.record(self)
         for key, value in sorted(counts.items()):
             self.stat_update(key, value=value)
 
@@ -582,24 +611,25 @@ class WriteExampleParts(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         mine = task_pieces(rank, world_size, self.n_pieces)
-        done, out = set(), None
+        done, out, clock = set(), None, Clock()
         for d in data or ():
             k = d.metadata["piece"]
             if out is None or out.piece != k:
                 if out is not None:
-                    with self.track_time():
+                    with clock:
                         out.close()
                     done.add(out.piece)
                 out = _PieceWriter(self.work, k, self.seed, self.sample_rate)
-            with self.track_time():
+            with clock:
                 out.add(d)
         if out is not None:
-            with self.track_time():
+            with clock:
                 out.close()
             done.add(out.piece)
         for k in mine:                      # pieces without any example still get (empty) parts
             if k not in done:
                 _PieceWriter(self.work, k, self.seed, self.sample_rate).close()
+        clock.record(self)
         yield from ()
 
 
@@ -626,9 +656,10 @@ class _PieceWriter:
         if split == "train":
             self.train_digests.append(digest(m["input"]))
             self.train_digests.append(digest(d.text))
-            u = sample_priority(self.seed, m["source"], d.id, m["w"])
-            if u < self.rate:
-                self.sample.write(json_line([u, m["input"], d.text]))
+            if self.rate > 0:                  # 0: no tokenizer to train (tokenizer.from)
+                u = sample_priority(self.seed, m["source"], d.id, m["w"])
+                if u < self.rate:
+                    self.sample.write(json_line([u, m["input"], d.text]))
             self.buffer.append(line)
             if len(self.buffer) >= SHUFFLE_EXAMPLES:
                 self._flush()
@@ -782,11 +813,38 @@ class TrainTokenizer(PipelineStep):
         yield from ()
 
 
+class ReuseTokenizer(PipelineStep):
+    """tokenizer.from: the checked tokenizer (prepare_pipeline.tokenizer_from) copied in, instead of
+    training one; the same file as when prepare started, else an error."""
+
+    name = "reuse tokenizer"
+    type = "nichelm"
+
+    def __init__(self, work: Path, reused: dict):
+        super().__init__()
+        self.work, self.reused = Path(work), reused
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        drain(data)
+        with self.track_time():
+            raw = Path(self.reused["path"]).read_bytes()
+            if hashlib.sha256(raw).hexdigest() != self.reused["sha256"]:
+                raise UserError(f"{self.reused['path']}: the tokenizer of 'tokenizer.from' changed while prepare ran; "
+                                "run the same command again")
+            with atomic_file(self.work / "tokenizer.json") as f:
+                f.write(raw)
+            atomic_write_json(self.work / "tokenizer_sample.json", {"chars": 0, "candidates": 0})
+        yield from ()
+
+
 # ------------------------------------------------------------------ stage 3: dedupe, tokenize
 
 
 class ReadExampleParts(PipelineStep):
-    """This task's pieces' examples, split by split (train, val, test)."""
+    """This task's pieces' examples, split by split (train, val, test), in batches: from here on a
+    datatrove Document is a batch of up to TOKENIZE_BATCH examples of one piece and split (metadata:
+    piece, split, lines: the jsonl lines as written, inputs, outputs), so that the steps after this
+    one work per batch and not per example."""
 
     name = "read examples"
     type = "nichelm"
@@ -801,12 +859,13 @@ class ReadExampleParts(PipelineStep):
                 with gzip.open(part(self.work, "ex", split, k, "jsonl.gz"), "rb") as f:
                     while True:
                         with self.track_time():
-                            line = f.readline()
-                            if not line:
+                            lines = list(islice(f, TOKENIZE_BATCH))
+                            if not lines:
                                 break
-                            row = json.loads(line)
-                        yield DTDocument(text=row["output"], id=row["doc_id"],
-                                         metadata={"piece": k, "split": split, "input": row["input"], "line": line})
+                            rows = json.loads(b"[" + b",".join(lines) + b"]")     # one parse per batch
+                        yield DTDocument(text="", id=f"{k}/{split}", metadata={
+                            "piece": k, "split": split, "lines": lines,
+                            "inputs": [r["input"] for r in rows], "outputs": [r["output"] for r in rows]})
 
 
 class DedupeEval(PipelineStep):
@@ -822,26 +881,28 @@ class DedupeEval(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         sets, counts = {}, Counter()
         for d in data:
-            split = d.metadata["split"]
-            if split != "train":
+            m = d.metadata
+            if m["split"] != "train":
                 with self.track_time():
-                    key = "train" if split == "val" else "test"
+                    key = "train" if m["split"] == "val" else "test"
                     if key not in sets:
                         sets[key] = np.load(self.work / f"dedupe-{key}.npy", mmap_mode="r")
-                    found = _member(np.array([digest(d.metadata["input"]), digest(d.text)], dtype=np.uint64),
-                                    sets[key])
-                if found.any():
-                    counts[f"{SEP}dedupe_dropped_{split}"] += 1
-                    continue
+                    digests = np.array([(digest(i), digest(o)) for i, o in zip(m["inputs"], m["outputs"])],
+                                       dtype=np.uint64).reshape(-1, 2)
+                    seen = _member(digests.ravel(), sets[key]).reshape(-1, 2).any(axis=1)
+                    if seen.any():
+                        counts[f"{SEP}dedupe_dropped_{m['split']}"] += int(seen.sum())
+                        for name in ("lines", "inputs", "outputs"):
+                            m[name] = [x for x, drop in zip(m[name], seen) if not drop]
             yield d
         for key, value in sorted(counts.items()):
             self.stat_update(key, value=value)
 
 
 class Tokenize(PipelineStep):
-    """prompt + output + end marker per train/val example, with prepare.encode_examples (marker-safe),
-    in batches of one piece and split; the first example of a batch carries the whole batch's tokens
-    (metadata["tokens"]). Test examples pass through untokenized (they only go to examples.test.jsonl)."""
+    """Each train/val batch's tokens (metadata["tokens"]): prompt + output + end marker per example,
+    marker-safe (tokenizer.encode_examples_array). Test examples pass through untokenized (they only
+    go to examples.test.jsonl)."""
 
     name = "tokenize"
     type = "nichelm"
@@ -853,28 +914,16 @@ class Tokenize(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         import os
         os.environ["TOKENIZERS_PARALLELISM"] = "false"     # one core per task: the tasks are the parallelism
-        from nichelm.data.tokenizer import load_tokenizer
+        from nichelm.data.tokenizer import encode_examples_array, load_tokenizer
         tok = load_tokenizer(self.path)
-        batch: list[DTDocument] = []
+        dtype = token_dtype(tok.get_vocab_size())
         for d in data:
-            if batch and (d.metadata["piece"], d.metadata["split"]) != (batch[0].metadata["piece"],
-                                                                       batch[0].metadata["split"]):
-                yield from self._encode(tok, batch)
-                batch = []
-            batch.append(d)
-            if len(batch) >= TOKENIZE_BATCH:
-                yield from self._encode(tok, batch)
-                batch = []
-        yield from self._encode(tok, batch)
-
-    def _encode(self, tok, batch: list[DTDocument]):
-        if batch and batch[0].metadata["split"] != "test":
-            from nichelm.prepare import Example, encode_examples
-            with self.track_time():
-                examples = [Example(d.metadata["input"], d.text, "", d.id, False) for d in batch]
-                ids = encode_examples(tok, examples, self.task.prompt_template, self.task.end_marker)
-                batch[0].metadata["tokens"] = ids          # the batch's tokens travel with its first example
-        yield from batch
+            m = d.metadata
+            if m["split"] != "test":
+                with self.track_time():
+                    m["tokens"] = encode_examples_array(tok, self.task.prompt_template, self.task.end_marker,
+                                                        m["inputs"], m["outputs"], dtype)
+            yield d
 
 
 class WriteTokenParts(PipelineStep):
@@ -883,27 +932,28 @@ class WriteTokenParts(PipelineStep):
     name = "write tokens"
     type = "nichelm"
 
-    def __init__(self, work: Path, n_pieces: int, vocab_size: int):
+    def __init__(self, work: Path, n_pieces: int):
         super().__init__()
-        self.work, self.n, self.dtype = Path(work), n_pieces, token_dtype(vocab_size)
+        self.work, self.n = Path(work), n_pieces
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         counts, stack, files, current = Counter(), ExitStack(), {}, None
         written = set()
         with stack:
             for d in data:
-                key = (d.metadata["piece"], d.metadata["split"])
+                m = d.metadata
+                key = (m["piece"], m["split"])
                 if key != current:
                     stack.close()
                     files = self._open(stack, *key)
                     written.add(key)
                     current = key
                 with self.track_time():
-                    files["jsonl"].write(d.metadata["line"])
-                    counts[f"{SEP}examples_{key[1]}"] += 1
-                    if "tokens" in d.metadata:
-                        files["tokens"].write(d.metadata["tokens"].astype(self.dtype).tobytes())
-                        counts[f"{SEP}tokens_{key[1]}"] += len(d.metadata["tokens"])
+                    files["jsonl"].write(b"".join(m["lines"]))
+                    counts[f"{SEP}examples_{key[1]}"] += len(m["lines"])
+                    if "tokens" in m:
+                        files["tokens"].write(m["tokens"].tobytes())
+                        counts[f"{SEP}tokens_{key[1]}"] += len(m["tokens"])
             stack.close()
             for k in task_pieces(rank, world_size, self.n):     # empty parts for what had no example
                 for split in SPLITS:
@@ -1129,7 +1179,8 @@ class MergeSourceStats(PipelineStep):
 # Where time went: datatrove's per-step time, summed over tasks, by kind of work.
 TIME_KINDS = {"read": ("read sources", "split by document", "raw OCR score", "windows", "read examples",
                        "dedupe val/test", "source records", "dedupe sets"),
-              "noise": ("synthetic noise", "fit noise"), "tokenize": ("tokenize", "train tokenizer"),
+              "noise": ("synthetic noise", "fit noise"),
+              "tokenize": ("tokenize", "train tokenizer", "reuse tokenizer"),
               "write": ("write examples", "write tokens", "write shards", "write examples.jsonl")}
 
 
@@ -1197,7 +1248,11 @@ class WriteManifest(PipelineStep):
             "chars_per_token": _chars_per_token(tok, first),
             "tokenizer": {"vocab_size": tok.get_vocab_size(), "type": "byte-level BPE (HF tokenizers)",
                           "special_tokens": special_tokens(p.task.prompt_template, p.task.end_marker),
-                          "sample_chars": sample["chars"], "sample_chars_limit": p.tokenizer.sample_chars},
+                          "sample_chars": sample["chars"], "sample_chars_limit": p.tokenizer.sample_chars,
+                          # reused (tokenizer.from) rather than trained on this project's sample
+                          **({"from": self.info["tokenizer_from"]["path"],
+                              "from_sha256": self.info["tokenizer_from"]["sha256"]}
+                             if self.info.get("tokenizer_from") else {})},
             "noise": {"target_cer": fit["target_cer"] if fit else p.noise.target_cer, "profile": p.noise.profile,
                       "measured_cer_train": merged["noise_edits"] / merged["noise_chars"]
                       if merged["noise_chars"] else None,
