@@ -132,3 +132,59 @@ def test_screenshot_shows_the_charts(tmp_path):
     red = ((img[..., 0] > 0.65) & (img[..., 1] < 0.4) & (img[..., 2] < 0.4)).sum()     # before bars, val loss
     blue = ((img[..., 2] > 0.65) & (img[..., 0] < 0.45) & (img[..., 1] < 0.6)).sum()   # after bars, histogram
     assert red > 2000 and blue > 2000, (red, blue)
+
+
+# --------------------------------------------------------------------------- the selection section
+
+
+def make_selection(method: str) -> dict:
+    """selection.json of a real selection: 'med' documents chosen from a pool of three domains."""
+    import random
+
+    from nichelm.config import SelectConfig
+    from nichelm.selection import list_corpus, select_corpus, write_selection
+    from tests.test_select import make_doc, make_pool
+    pool = make_pool({"law": 40, "med": 20, "code": 40})
+    pool[0].text = "<script>alert(1)</script> " + pool[0].text           # sample text must come out escaped
+    rng = random.Random(4)
+    target = [make_doc("med", rng) for _ in range(20)]
+    cfg = SelectConfig(method=method, documents=20, k=4, min_tokens=0, fit_chars=10**9)
+    selection = select_corpus(list_corpus(pool), target, cfg, seed=0, log=lambda m: None)
+    report = write_selection(list_corpus(pool), selection, None, cfg)
+    report["target"]["per_domain"] = {"med": {"documents": 20, "share": 1.0}}
+    return report
+
+
+@pytest.mark.parametrize("method", ["clusters", "dsir"])
+def test_selection_page_shows_histograms_kl_shares_and_samples(tmp_path, method):
+    from nichelm.report import write_selection_html
+    sel = make_selection(method)
+    page = write_selection_html(sel, tmp_path / "selection.html").read_text()
+    images = DATA_URI.findall(page)
+    assert len(images) == (2 if method == "clusters" else 1)      # cluster histogram (clusters only), domains
+    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images) and not EXTERNAL.search(page)
+    assert f"<td>{sel['kl']['reduction']:.4f}</td>" in page and sel["kl"]["reduction"] > 0.3
+    # per source: selected documents, share and the chosen documents' licences; per domain: generic vs selected
+    assert "<td>pool</td><td>20</td><td>100.00%</td>" in page and "lic (20)" in page
+    assert "<tr><td>med</td><td>20.00%</td><td>20</td><td>100.00%</td><td>100.00%</td></tr>" in page
+    assert "<tr><td>law</td><td>40.00%</td><td>0</td><td>0.00%</td><td></td></tr>" in page
+    samples = page.split("Samples of the most-weighted")[1]
+    assert samples.count('class="text"') >= 3 and "<script>" not in page
+    if method == "clusters":
+        top = sel["top_clusters"][0]
+        assert f"<b>cluster {top['cluster']}</b>" in samples and top["samples"][0]["text"][:40] in samples
+
+
+def test_run_report_includes_the_selection_and_flags_a_newer_one(tmp_path):
+    run = tmp_path / "run"
+    (run / "select").mkdir(parents=True)
+    (run / "data").mkdir()
+    sel = {**make_selection("clusters"), "output_sha256": "a" * 64}
+    (run / "select" / "selection.json").write_text(json.dumps(sel))
+    (run / "data" / "manifest.json").write_text(json.dumps({"sources": [{"name": "selected", "sha256": "a" * 64}]}))
+    page = render_html(make_report(), run)
+    assert "Selection of generic text" in page and "selected documents (tokens with select.tokens) per cluster" in page
+    assert "not the one" not in page
+    (run / "data" / "manifest.json").write_text(json.dumps({"sources": [{"name": "selected", "sha256": "b" * 64}]}))
+    assert "not the one the run's data was prepared from" in render_html(make_report(), run)
+    assert "Selection of generic text" not in render_html(make_report(), tmp_path / "other-run")

@@ -177,6 +177,24 @@ def test_clusters_match_the_target_histogram_with_replacement():
     assert abs(sum(c["selected_share"] for c in report["clusters"]) - 1) < 1e-9
 
 
+def test_cluster_shares_of_a_token_budget_are_token_shares():
+    """With select.tokens the target's cluster histogram counts tokens, so the selection's does too."""
+    pool = make_pool({"law": 60, "med": 60, "code": 60})
+    rng = random.Random(2)
+    target = [make_doc("med", rng) for _ in range(20)] + [make_doc("law", rng, 400) for _ in range(20)]
+    cfg = SelectConfig(method="clusters", tokens=8000, k=3, min_tokens=0, fit_chars=10**9)
+    selection = select_corpus(list_corpus(pool), target, cfg, seed=0, log=lambda m: None)
+    report = write_selection(list_corpus(pool), selection, None, cfg)
+    tokens = Counter()
+    for rec, pick in iter_picks(list_corpus(pool), selection):
+        tokens[pick.cluster] += pick.copies * pick.n_tokens
+    for row in report["clusters"]:
+        assert row["selected_share"] == pytest.approx(tokens[row["cluster"]] / report["selected"]["tokens"])
+    assert max(abs(r["selected_share"] - r["target_share"]) for r in report["clusters"]) < 0.1
+    domains = report["per_domain"]
+    assert domains["code"]["documents"] == 0 and domains["code"]["generic_share"] == pytest.approx(1 / 3)
+
+
 def test_clusters_with_a_local_sentence_transformers_model(tmp_path, monkeypatch):
     """select.embedding = a model folder: the windows go to SentenceTransformer(folder).encode (a stand-in
     here: no model is downloaded in tests), a document is the mean of its windows."""
@@ -350,6 +368,8 @@ def test_select_command_writes_the_selection_and_reuses_it(tmp_path, capsys):
     assert main(["select", str(proj), "--set", "select.method=clusters", "--set", "select.k=3"]) == 0
     report = json.loads((out / "selection.json").read_text())
     assert report["method"] == "clusters" and len(report["clusters"]) == 3 and report["top_clusters"]
+    page = (out / "selection.html").read_text()                 # the same report, drawn
+    assert "per cluster" in page and "Samples of the most-weighted clusters" in page
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -415,6 +435,25 @@ def test_finds_each_domain_of_the_shared_corpus_small(method, share):
 
 
 # ------------------------------------------------------------------ specialized perplexity
+
+
+@pytest.mark.shared
+def test_select_pays_bench_runs_end_to_end_small(tmp_path):
+    """bench/select_pays.py at a toy size: three training sets of one size through select, prepare and
+    train, scored on the held-out target text (the figures themselves need the full-size run)."""
+    _needs_generic()
+    result = _bench("select_pays").main(
+        ["--domains", "health", "--pool-chars", "60000", "--target-chars", "30000", "--select-tokens", "4000",
+         "--heldout", "3", "--heldout-chars", "500", "--val-fraction", "0.2", "--steps", "2", "--batch", "2",
+         "--block", "64", "--work", str(tmp_path), "--data", str(SHARED_GENERIC)])
+    arms = result["domains"]["health"]["arms"]
+    assert set(arms) == {"clusters", "dsir", "random"}
+    assert arms["dsir"]["domain_share"] > arms["random"]["domain_share"]
+    # random draws as many tokens as dsir chose, give or take a document; clusters fills per-cluster quotas
+    # (at this toy size a few long documents overshoot them; at the bench's size they are within 2%)
+    assert abs(arms["random"]["selected_tokens"] / arms["dsir"]["selected_tokens"] - 1) < 0.2
+    assert min(a["selected_tokens"] for a in arms.values()) >= 4000
+    assert all(a["bits_per_byte"] > 0 and a["heldout_tokens"] > 0 for a in arms.values())
 
 
 @pytest.fixture(scope="module")
@@ -511,3 +550,41 @@ def test_prepare_uses_the_selection_not_the_generic_corpus(tmp_path, capsys):
     assert names == ["pairs", "selected"]               # web and mine (generic, target) are not task data
     selected = next(s for s in manifest["sources"] if s["name"] == "selected")
     assert selected["documents"] == 20
+
+
+def test_selection_provenance_reaches_the_manifest_and_the_model_card(tmp_path, capsys):
+    """Each selected document keeps its source, id, cluster, weight and licence; the manifest records the
+    sha256 of the selected.jsonl prepare read and selection.json names the same file; the model card lists
+    the generic sources with their shares of the selection and the chosen documents' licences."""
+    from nichelm.export import load_run, model_card
+    proj = _project(tmp_path, select='documents = 20\nmethod = "clusters"\nk = 3',
+                    extra_source='[[sources]]\nname = "pairs"\npath = "target.jsonl"\nformat = "jsonl"\n'
+                                 'role = "clean"\noutput_field = "text"')
+    assert main(["select", str(proj)]) == 0
+    sel_dir, run = tmp_path / "run" / "select", tmp_path / "run"
+    rows = [json.loads(line) for line in (sel_dir / "selected.jsonl").read_text().splitlines()]
+    assert rows and all(r["source"] == "web" and r["id"] and isinstance(r["cluster"], int)
+                        and isinstance(r["weight"], float) and r["licence"] == f"lic-{r['domain']}" for r in rows)
+    assert main(["prepare", str(proj)]) == 0
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    used = next(s for s in manifest["sources"] if s["name"] == "selected")
+    report = json.loads((sel_dir / "selection.json").read_text())
+    digest = hashlib.sha256((sel_dir / "selected.jsonl").read_bytes()).hexdigest()
+    assert used["sha256"] == report["output_sha256"] == digest and used["path"] == str(sel_dir / "selected.jsonl")
+    ids = {r["id"] for r in rows}
+    examples = [json.loads(line) for line in (run / "data" / "examples.train.jsonl").read_text().splitlines()]
+    from_selection = [e for e in examples if e["source"] == "selected"]
+    assert from_selection and all(e["doc_id"] in ids for e in from_selection)   # each example traces to a row
+    assert main(["train", str(proj), "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+                 "--set", "model.block_size=64"]) == 0
+    card = model_card(load_run(run))
+    licences = Counter(r["licence"] for r in rows)
+    line = next(x for x in card.splitlines() if x.startswith("| web |"))
+    assert line.startswith(f"| web | 100 | {len(rows)} | 100.0% |")
+    assert all(f"{lic} ({n})" in line for lic, n in licences.items())
+    assert "## Selected generic data" in card and digest in card and "method `clusters`" in card.lower()
+    # a selection made again after prepare is not the one trained on: the card says so, and lists no shares
+    assert main(["select", str(proj), "--set", "select.documents=21", "--set", "select.method=clusters",
+                 "--set", "select.k=3"]) == 0
+    card = model_card(load_run(run))
+    assert "describes another selection" in card and "| web |" not in card

@@ -298,6 +298,7 @@ def model_card(rm: RunModel) -> str:
              "Or with nichelm: `nichelm apply --model PATH --input texts/ --output corrected/`.", ""]
     lines += _metrics_section(rm.run / "eval" / "report.json")
     lines += _data_section(rm.run / "data" / "manifest.json")
+    lines += _selection_section(rm.run)
     return "\n".join(lines) + "\n"
 
 
@@ -336,6 +337,42 @@ def _data_section(path: Path) -> list[str]:
     lines += ["", "The licences of the sources above apply to this model's training data; check them before "
               "redistributing the model.", ""]
     return lines
+
+
+def _selection_section(run: Path) -> list[str]:
+    """The generic sources `nichelm select` chose training text from, with their shares of the selection and
+    the licences of the chosen documents, when the run's data holds a selection (the manifest's "selected"
+    source). RUN/select/selection.json must be the report of the selected.jsonl prepare read (same sha256)."""
+    manifest = _read_json(run / "data" / "manifest.json") or {}
+    used = next((s for s in manifest.get("sources", []) if s.get("name") == "selected"), None)
+    if used is None:
+        return []
+    sel = _read_json(run / "select" / "selection.json")
+    head = ["## Selected generic data", "",
+            f"{used.get('documents', '?')} training documents were chosen from generic sources by `nichelm select`; "
+            f"each keeps its source, id, cluster, weight and licence in `{used.get('path')}` "
+            f"(sha256 `{used.get('sha256', '?')}`, as prepare read it).", ""]
+    if not sel or sel.get("output_sha256") != used.get("sha256"):
+        return head + ["The selection report of that file (select/selection.json) is missing or describes another "
+                       "selection, so the shares per generic source are not listed here; the licences are in the "
+                       "file, one per document.", ""]
+    size = ", ".join(f"{v:,} {k}" for k, v in (sel.get("settings", {}).get("size") or {}).items())
+    kl = sel.get("kl") or {}
+    lines = head + [f"Method `{sel.get('method')}`, size {size}; KL(target ‖ generic) over hashed n-grams "
+                    f"{kl.get('target_vs_generic', 0):.4f}, KL(target ‖ selection) "
+                    f"{kl.get('target_vs_selected') or 0:.4f}.", "",
+                    "| generic source | documents read | selected | share of the selection "
+                    "| licences (selected documents) |",
+                    "|---|---|---|---|---|"]
+    for name, s in (sel.get("per_source") or {}).items():
+        licences = "; ".join(f"{lic} ({n:,})" for lic, n in (s.get("licences") or {}).items()).replace("|", "\\|")
+        lines.append(f"| {name} | {s.get('seen_documents', 0):,} | {s.get('documents', 0):,} | "
+                     f"{100 * s.get('share', 0):.1f}% | {licences} |")
+    domains = [(d, s["share"]) for d, s in (sel.get("per_domain") or {}).items() if s.get("share")]
+    if domains:
+        lines += ["", "Domains of the selection: " + ", ".join(f"{d} {100 * x:.1f}%" for d, x in domains[:10]) + "."]
+    return lines + ["", "Selected documents keep their own licences (above); check them before redistributing "
+                    "the model.", ""]
 
 
 def export_hf(rm: RunModel, out: Path) -> Path:

@@ -9,7 +9,8 @@ charts would be, so an evaluation never fails for want of a plotting library.
 Contents: the headline before/after table, the loss curves of the run (when its
 metrics.jsonl is known), CER before/after per source, the distribution of the
 per-example CER change, the worst and best examples with the model's edits and
-the remaining errors marked, and the per-example table.
+the remaining errors marked, and the per-example table; when the run selected generic text
+(`nichelm select`), the selection section, which select also writes as a page of its own.
 """
 
 from __future__ import annotations
@@ -74,8 +75,19 @@ def render_html(report: dict, run_dir: Path | None = None) -> str:
              "<h2>Per source</h2>", _source_table(report),
              _examples_section(report),
              _per_example_table(report),
+             _run_selection(run_dir),
              "</body></html>\n"]
     return "\n".join(p for p in parts if p)
+
+
+def write_selection_html(selection: dict, path: Path) -> Path:
+    """RUN/select/selection.html: the selection section (selection_section) as a page of its own."""
+    path = Path(path)
+    title = "nichelm selection"
+    atomic_write_text(path, f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+                            f"<style>{CSS}</style></head><body>\n<h1>{title}</h1>\n{selection_section(selection)}\n"
+                            "</body></html>\n")
+    return path
 
 
 # --------------------------------------------------------------------------- tables
@@ -139,6 +151,120 @@ def _per_example_table(report: dict) -> str:
     unit = _e(report.get("unit", "example"))
     return (f"<h2>Per {unit}</h2>{note}<table><tr><th>{unit}</th><th>source</th><th>gold chars</th>"
             f"<th>CER before</th><th>CER after</th><th>change</th></tr>{body}</table>")
+
+
+# --------------------------------------------------------------------------- selection (nichelm select)
+
+
+def _run_selection(run_dir: Path | None) -> str:
+    """The selection section of a run's page, from RUN/select/selection.json, when the run has one.
+    Its selected.jsonl is the one the run's data was prepared from when the manifest's sha256 of it is the
+    report's; otherwise the page says so (the selection was made again after prepare)."""
+    if run_dir is None:
+        return ""
+    selection = _read_json(Path(run_dir) / "select" / "selection.json")
+    if not selection:
+        return ""
+    manifest = _read_json(Path(run_dir) / "data" / "manifest.json") or {}
+    used = [s.get("sha256") for s in manifest.get("sources", []) if s.get("name") == "selected"]
+    note = ""
+    if used and selection.get("output_sha256") and used[0] != selection["output_sha256"]:
+        note = ("<p class=\"note\">this selection is not the one the run's data was prepared from "
+                "(selected.jsonl changed since: run <code>nichelm prepare</code> again)</p>")
+    return selection_section(selection, note)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def selection_section(sel: dict, note: str = "") -> str:
+    """What `nichelm select` chose (its selection.json): sizes and DSIR's KL measure, the cluster histogram
+    of target vs generic vs selected, per-source and per-domain shares with licences, and sample documents
+    of the most-weighted clusters (dsir: the most-weighted documents)."""
+    settings = sel.get("settings") or {}
+    bits = [f"method <b>{_e(sel.get('method'))}</b>"]
+    bits += [f"{_e(k)} {_e(v)}" for k, v in settings.items() if k != "size"]
+    bits += [f"size {_e(k)} {v:,}" for k, v in (settings.get("size") or {}).items()]
+    if "k" in sel:
+        bits.append(f"k {sel['k']} (embedding {_e(sel.get('embedding'))})")
+    gen, chosen, target, kl_ = sel.get("generic", {}), sel.get("selected", {}), sel.get("target", {}), sel.get("kl", {})
+    facts = [("generic documents (eligible)", f"{gen.get('documents', 0):,} ({gen.get('eligible_documents', 0):,})"),
+             ("selected documents (distinct)",
+              f"{chosen.get('documents', 0):,} ({chosen.get('distinct_documents', 0):,})"),
+             ("selected tokens (wordpunct)", f"{chosen.get('tokens', 0):,}"),
+             ("target documents, tokens", f"{target.get('documents', 0):,}, {target.get('tokens', 0):,}"),
+             ("KL(target ‖ generic), hashed n-grams", _num(kl_.get("target_vs_generic"))),
+             ("KL(target ‖ selected)", _num(kl_.get("target_vs_selected"))),
+             ("KL reduction (higher: closer to the target)", _num(kl_.get("reduction")))]
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in facts)
+    return "\n".join(p for p in [
+        "<h2>Selection of generic text (nichelm select)</h2>", note,
+        f"<p class=\"meta\">{' &middot; '.join(bits)}</p>", f"<table>{rows}</table>",
+        _selection_charts(sel), "<h3>Per source</h3>", _selection_sources(sel),
+        _selection_domains(sel), _selection_samples(sel)] if p)
+
+
+def _selection_charts(sel: dict) -> str:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "<p class=\"note\">charts need matplotlib: pip install matplotlib (or nichelm[report])</p>"
+    figures = []
+    if sel.get("clusters"):
+        figures.append(cluster_histogram_png(sel["clusters"]))
+    if sel.get("per_domain"):
+        figures.append((domain_shares_png(sel["per_domain"], (sel.get("target") or {}).get("per_domain", {})),
+                        "documents per domain: generic corpus, selection (and target when its records name one)"))
+    return "<div class=\"charts\">" + "".join(
+        f"<figure><img alt=\"{_e(caption)}\" src=\"{png_data_uri(png)}\"><figcaption>{_e(caption)}</figcaption>"
+        f"</figure>" for png, caption in figures) + "</div>" if figures else ""
+
+
+def _selection_sources(sel: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td><td>{s.get('documents', 0):,}</td><td>{_pct(s.get('share'))}</td>"
+        f"<td>{s.get('distinct_documents', 0):,}</td><td>{s.get('tokens', 0):,}</td>"
+        f"<td>{s.get('seen_documents', 0):,}</td>"
+        f"<td>{'; '.join(f'{_e(lic)} ({n:,})' for lic, n in (s.get('licences') or {}).items())}</td></tr>"
+        for name, s in (sel.get("per_source") or {}).items())
+    return ("<table><tr><th>generic source</th><th>selected</th><th>share</th><th>distinct</th><th>tokens</th>"
+            f"<th>documents read</th><th>licences (selected documents)</th></tr>{rows}</table>")
+
+
+def _selection_domains(sel: dict) -> str:
+    domains = sel.get("per_domain") or {}
+    if not domains:
+        return ""
+    target = (sel.get("target") or {}).get("per_domain", {})
+    rows = "".join(f"<tr><td>{_e(d)}</td><td>{_pct(s.get('generic_share'))}</td><td>{s.get('documents', 0):,}</td>"
+                   f"<td>{_pct(s.get('share'))}</td><td>{_pct(target[d]['share']) if d in target else ''}</td></tr>"
+                   for d, s in domains.items())
+    return ("<h3>Per domain</h3><table><tr><th>domain</th><th>generic share</th><th>selected</th>"
+            f"<th>selected share</th><th>target share</th></tr>{rows}</table>")
+
+
+def _selection_samples(sel: dict) -> str:
+    parts = []
+    for c in sel.get("top_clusters") or []:
+        row = next((r for r in sel.get("clusters") or [] if r.get("cluster") == c["cluster"]), {})
+        head = (f"<b>cluster {c['cluster']}</b> &middot; log weight {_num(c.get('log_weight'))} &middot; target "
+                f"{_pct(row.get('target_share'))}, generic {_pct(row.get('generic_share'))}, selected "
+                f"{_pct(row.get('selected_share'))}")
+        texts = "".join(f"<div class=\"meta\">{_e(d['id'])}</div><div class=\"text\">{_e(d['text'])}</div>"
+                        for d in c.get("samples", []))
+        parts.append(f"<div class=\"example\">{head}{texts}</div>")
+    for d in sel.get("top_documents") or []:
+        parts.append(f"<div class=\"example\"><b>{_e(d['id'])}</b> &middot; log weight {_num(d.get('log_weight'))}"
+                     f"<div class=\"text\">{_e(d['text'])}</div></div>")
+    if not parts:
+        return ""
+    what = "the most-weighted clusters" if sel.get("top_clusters") else "the most-weighted documents"
+    return f"<h3>Samples of {what}</h3>" + "\n".join(parts)
 
 
 # --------------------------------------------------------------------------- examples
@@ -293,6 +419,12 @@ def loss_curve_png(history: list[dict]) -> bytes:
         if pts:
             ax.plot(*zip(*pts), label=key.replace("_", " "), color=color, marker="o" if len(pts) < 30 else None,
                     markersize=3)
+    # [[train.phases]]: a dotted line where each phase begins (after the last step logged before it), named.
+    for prev, r in zip([{}] + history, history):
+        if r.get("phase") is not None and r.get("phase") != prev.get("phase"):
+            ax.axvline(prev.get("step", 0), color="grey", linestyle=":", linewidth=1)
+            ax.text(prev.get("step", 0), 0.98, f" {r['phase']}", transform=ax.get_xaxis_transform(), va="top",
+                    fontsize=7, color="grey")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("loss")
@@ -360,6 +492,56 @@ def change_histogram_png(rows: list[dict], model_ran: bool) -> tuple[bytes, str]
     return _png(fig), caption
 
 
+SHOWN_CLUSTERS = 30      # clusters drawn in the histogram (the target's largest)
+
+
+def cluster_histogram_png(clusters: list[dict]) -> tuple[bytes, str]:
+    """Share of the target, the generic corpus and the selection in each cluster: the target's largest
+    clusters, largest first (with k in the hundreds every bar would be a hair)."""
+    ranked = sorted(clusters, key=lambda r: (-r.get("target_share", 0.0), r["cluster"]))
+    shown = ranked[:SHOWN_CLUSTERS]
+    fig = _figure(width=max(5.2, 0.22 * len(shown) + 1.5))
+    ax = fig.add_subplot()
+    xs = range(len(shown))
+    for i, (key, color, label) in enumerate((("target_share", "#2e7d32", "target"),
+                                             ("generic_share", BEFORE, "generic"),
+                                             ("selected_share", AFTER, "selected"))):
+        ax.bar([x + (i - 1) * 0.27 for x in xs], [100 * r.get(key, 0.0) for r in shown], width=0.27, color=color,
+               label=label)
+    ax.set_xticks(list(xs), [str(r["cluster"]) for r in shown], fontsize=7, rotation=90 if len(shown) > 12 else 0)
+    ax.set_xlabel("cluster (the target's largest first)")
+    ax.set_ylabel("share (%)")
+    ax.set_title("cluster histogram")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    caption = "share of target, generic and selected documents (tokens with select.tokens) per cluster"
+    if len(ranked) > len(shown):
+        rest = sum(r.get("target_share", 0.0) for r in ranked[len(shown):])
+        caption += f"; the other {len(ranked) - len(shown)} clusters hold {100 * rest:.1f}% of the target"
+    return _png(fig), caption
+
+
+def domain_shares_png(per_domain: dict, target: dict) -> bytes:
+    """Per domain: share of the generic corpus and of the selection (and of the target when known)."""
+    names = list(per_domain)[:30]
+    series = [("generic_share", per_domain, BEFORE, "generic"), ("share", per_domain, AFTER, "selected")]
+    if target:
+        series.append(("share", target, "#2e7d32", "target"))
+    height = 0.8 / len(series)
+    fig = _figure(height=max(2.4, 1.2 + 0.3 * len(names) * len(series)))
+    ax = fig.add_subplot()
+    for i, (key, table, color, label) in enumerate(series):
+        ax.barh([y + (i - (len(series) - 1) / 2) * height for y in range(len(names))],
+                [100 * table.get(n, {}).get(key, 0.0) for n in names], height=height, color=color, label=label)
+    ax.set_yticks(list(range(len(names))), [n if len(n) <= 24 else n[:23] + "…" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("share of documents (%)")
+    ax.set_title("domains")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
 # --------------------------------------------------------------------------- formatting
 
 
@@ -369,6 +551,10 @@ def _e(value) -> str:
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _points(delta: float) -> str:

@@ -12,7 +12,8 @@ Early!": k-means clusters, the target's cluster histogram). This module ties the
   cluster, weight = log importance weight, and the record's domain / origin when known; a
   document chosen k times, which only `clusters` does, is written k times, copies 2..k with id
   "ID~COPY") and RUN/select/selection.json (settings, per-source / per-domain / per-cluster shares,
-  DSIR's KL reduction, samples). A re-run with the same settings and sources reuses them.
+  DSIR's KL reduction, samples), drawn as RUN/select/selection.html (nichelm.report; the evaluation
+  report of the run shows the same section). A re-run with the same settings and sources reuses them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = ["Record", "Selection", "list_corpus", "select_corpus", "select_projec
 SAMPLE_CHARS = 300          # characters of each sample document shown in selection.json
 SAMPLES = 3                 # sample documents per top cluster (dsir: top documents)
 TOP = 5                     # top clusters / documents shown
+TOP_GENERIC_DOMAINS = 50    # domains listed that the selection has no document of
 
 
 def _sources(project: Project, role: str) -> list[tuple[int, SourceConfig]]:
@@ -129,6 +131,8 @@ def select_project(project: Project, force: bool = False, log=None) -> dict:
     if not force and done.is_file() and (out / "selected.jsonl").is_file():
         report = json.loads(done.read_text(encoding="utf-8"))
         if report.get("fingerprint") == fp:
+            if not (out / "selection.html").is_file():
+                _write_html(report, out / "selection.html")
             report["reused"] = True
             return report
     corpus = generic_corpus(project)
@@ -139,10 +143,23 @@ def select_project(project: Project, force: bool = False, log=None) -> dict:
     kwargs = {"log": log} if log else {}
     selection = select_corpus(corpus, [r.text for r in target], project.select, _seed(project), **kwargs)
     report = write_selection(corpus, selection, out / "selected.jsonl", project.select)
+    from nichelm.prepare import file_sha256
+    # prepare's manifest records the sha256 of the selected.jsonl it read: this ties that file to this report
+    report["output_sha256"] = file_sha256(out / "selected.jsonl")
     report["fingerprint"] = fp
     report["target_sources"] = sorted({r.source for r in target})
+    domains = Counter(r.domain for r in target if r.domain)
+    if domains:
+        report["target"]["per_domain"] = {d: {"documents": n, "share": n / len(target)}
+                                          for d, n in domains.most_common()}
     atomic_write_json(done, report)
+    _write_html(report, out / "selection.html")
     return report
+
+
+def _write_html(report: dict, path: Path) -> None:
+    from nichelm.report import write_selection_html     # matplotlib is imported only when a page is drawn
+    write_selection_html(report, path)
 
 
 def selected_source(project: Project) -> SourceConfig | None:
@@ -194,7 +211,8 @@ def write_selection(corpus: Corpus, selection: Selection, path: Path | None, cfg
     per_source = defaultdict(Counter)
     licences = defaultdict(Counter)
     per_domain = Counter()
-    per_cluster = Counter()
+    per_cluster = Counter()                  # documents per cluster ...
+    per_cluster_tokens = Counter()           # ... and tokens (the unit of the target's histogram with select.tokens)
     samples = defaultdict(list)              # cluster (or -1) -> [(weight, id, text start)]
     docs = tokens = 0
     batch, weights, batch_chars = [], [], 0
@@ -221,6 +239,7 @@ def write_selection(corpus: Corpus, selection: Selection, path: Path | None, cfg
             if rec.domain:
                 per_domain[rec.domain] += n
             per_cluster[pick.cluster] += n
+            per_cluster_tokens[pick.cluster] += n * pick.n_tokens
             samples[pick.cluster].append((pick.weight, rec.id, rec.text[:SAMPLE_CHARS]))
             if len(samples[pick.cluster]) > 4 * SAMPLES:           # keep the best few only
                 samples[pick.cluster] = sorted(samples[pick.cluster], reverse=True)[:SAMPLES]
@@ -247,12 +266,14 @@ def write_selection(corpus: Corpus, selection: Selection, path: Path | None, cfg
                               "seen_documents": facts["generic_documents_per_source"].get(name, 0),
                               "licences": dict(licences[name])}
                        for name, c in sorted(per_source.items())},
-        "per_domain": {d: {"documents": n, "share": n / docs} for d, n in per_domain.most_common()},
+        "per_domain": _per_domain(per_domain, docs, facts.get("generic_documents_per_domain", {})),
         "seconds": round(facts["seconds"] + time.monotonic() - t0, 3),
         "output": str(path) if path is not None else None,
     }
     if selection.clusters is not None:
-        table = [{**row, "selected_share": per_cluster[row["cluster"]] / docs if docs else 0.0}
+        # shares in the unit the quotas were set in: tokens with select.tokens, else documents
+        units, total = (per_cluster_tokens, tokens) if "tokens" in facts["size"] else (per_cluster, docs)
+        table = [{**row, "selected_share": units[row["cluster"]] / total if total else 0.0}
                  for row in selection.clusters]
         report["k"], report["embedding"] = facts["k"], facts["embedding"]
         report["clusters"] = table
@@ -268,6 +289,18 @@ def write_selection(corpus: Corpus, selection: Selection, path: Path | None, cfg
     return report
 
 
+def _per_domain(selected: Counter, docs: int, generic: dict) -> dict:
+    """Per domain (the records' own field): selected documents and share, beside the generic corpus's
+    documents and share, so the report shows where the selection moved the mix; most selected first."""
+    generic_total = sum(generic.values())
+    # every selected domain, and of the others the generic corpus's largest few (a "domain" field may be a URL's)
+    shown = set(selected) | {d for d, _ in Counter(generic).most_common(TOP_GENERIC_DOMAINS)}
+    names = sorted(shown, key=lambda d: (-selected[d], -generic.get(d, 0), d))
+    return {d: {"documents": selected[d], "share": selected[d] / docs if docs else 0.0,
+                "generic_documents": generic.get(d, 0),
+                "generic_share": generic.get(d, 0) / generic_total if generic_total else 0.0} for d in names}
+
+
 def print_report(report: dict, file=None) -> None:
     file = file or sys.stdout              # looked up now: tests and callers may swap it
     sel, gen = report["selected"], report["generic"]
@@ -280,6 +313,6 @@ def print_report(report: dict, file=None) -> None:
               f"{kl_['target_vs_selected']:.4f}: reduction {kl_['reduction']:.4f}", file=file)
     for name, s in report["per_source"].items():
         print(f"  {name}: {s['documents']:,} documents ({100 * s['share']:.1f}%)", file=file)
-    for domain, s in list(report["per_domain"].items())[:10]:
+    for domain, s in [(d, s) for d, s in report["per_domain"].items() if s["documents"]][:10]:
         print(f"  domain {domain}: {100 * s['share']:.1f}%", file=file)
     print(f"selected: {report['output']}", file=file)

@@ -138,18 +138,21 @@ def chunks(items: Iterable[tuple[int, Record]], batch_chars: int = 0) -> Iterato
 
 def fit_sample(corpus: Corpus, fit_chars: int, seed: int, log=_log) -> tuple[list[tuple[int, Record]], dict]:
     """(ordinal, record) of a seeded sample of about fit_chars characters, in corpus order, and the
-    corpus's counts: documents and characters, per source too."""
+    corpus's counts: documents and characters, per source too, and documents per domain (records that have one)."""
     heap = BudgetHeap(fit_chars)
-    docs, chars = Counter(), Counter()
+    docs, chars, domains = Counter(), Counter(), Counter()
     progress = Progress("reading the generic corpus", log)
     for ordinal, rec in numbered(corpus):
         docs[rec.source] += 1
         chars[rec.source] += len(rec.text)
+        if rec.domain:
+            domains[rec.domain] += 1
         heap.push(-uniform(seed, "fit", rec.source, rec.id), ordinal, len(rec.text), rec)
         progress.add(1, len(rec.text))
     sample = sorted((o, rec) for _, o, _, rec in heap.items())
     facts = {"generic_documents": sum(docs.values()), "generic_chars": sum(chars.values()),
-             "generic_documents_per_source": dict(docs), "fit_sample_documents": len(sample),
+             "generic_documents_per_source": dict(docs), "generic_documents_per_domain": dict(domains),
+             "fit_sample_documents": len(sample),
              "fit_sample_chars": sum(len(r.text) for _, r in sample)}
     return sample, facts
 
