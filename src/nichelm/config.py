@@ -105,7 +105,8 @@ class ModelSection:
 @dataclass
 class PhaseConfig:
     """One [[train.phases]] entry: a stretch of training with its own data, length and lr schedule.
-    Phases run in order, one optimizer throughout; the lr keys left out are train's."""
+    Phases run in order, one optimizer throughout; the lr keys left out are train's. Each phase's lr follows
+    its own steps (train.max_minutes still ends the run, but no longer shapes the schedule)."""
     name: str
     # Prepared data: "" = this project's own RUN/data; else a run folder (its data/) or a data folder (holding
     # shards/) of another project prepared with the same tokenizer. A list mixes them, in `weights` shares

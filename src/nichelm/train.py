@@ -5,10 +5,20 @@ Re-running the same command resumes from the newest complete checkpoint: model,
 optimizer, step, elapsed time and RNG state come back, and the data order is a
 function of the step, so the resumed run continues exactly where it stopped.
 
+Phases ([[train.phases]]): training in stretches, each with its data (this project's, another
+prepared project's, or a mix in fixed shares of every step), length and lr schedule, optionally
+ended early when its val loss stops improving; one optimizer throughout. Where a phase starts is
+a function of the step (and of the early stops, which checkpoints record), and each phase reads
+its data and its schedule by its own step, so a resume is exact across phase boundaries too. A run
+without phases is one unnamed phase of train.max_steps, exactly as before. train.init_from starts
+a new run from another run's (or an hf export's) weights with a fresh optimizer.
+
 `train()` reads top to bottom as its parts, each a function or class below it:
   _set_up          config, devices, torchrun ranks; leftovers of a killed run removed
-  _load_data       tokenizer, model config, shards checked, train/val batches (a function of the step)
-  _build_model     model (seeded), newest checkpoint, optimizer, compile, DDP/FSDP wrapping
+  _load_data       tokenizer, model config, shards checked, the phases (Plan): each its train batches (a
+                   function of the step) and val batches
+  _build_model     model (seeded), newest checkpoint (else train.init_from's weights), optimizer, compile,
+                   DDP/FSDP wrapping
   _train_step      one optimizer step: lr, forward/backward over the micro-batches, clipping, update
   MetricsSink      metrics.jsonl, TensorBoard, progress line: tokens/s (data loading included), ETA
   _evaluate / _save   validation loss and checkpoints, during the loop and at its end
@@ -16,6 +26,7 @@ function of the step, so the resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,9 +40,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nichelm.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from nichelm.checkpoint import (latest_checkpoint, load_checkpoint, load_model_weights, read_trainer_state,
+                                save_checkpoint)
 from nichelm.config import Project, TrainConfig, model_config
-from nichelm.data.loader import TaskBatches
+from nichelm.data.loader import MixedBatches, TaskBatches, mix_counts
 from nichelm.data.shards import load_split
 from nichelm.data.tokenizer import load_tokenizer, template_markers
 from nichelm.errors import UserError
@@ -47,9 +59,10 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
     setup = _set_up(project)
     cfg, ddp = setup.cfg, setup.ddp
     data = _load_data(project, setup)
-    grad_accum = accumulation_steps(cfg, data.seq_len, ddp.world_size)
-    tokens_per_step = cfg.batch_size * grad_accum * data.seq_len * ddp.world_size
+    grad_accum, tokens_per_step = data.grad_accum, data.tokens_per_step
     trainee = _build_model(project, setup, data)
+    plan = data.plan
+    plan.restore(trainee.phase_state)
     clock = Clock(trainee.elapsed_before)
     sink = MetricsSink(setup, trainee, data, tokens_per_step, clock)
     if ddp.main:
@@ -61,29 +74,44 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
     budget_s = cfg.max_minutes * 60
     step, tokens_seen = trainee.start_step, trainee.tokens_seen
     last_loss, val_loss, val_step = float("nan"), None, None       # val_step: the step val_loss is of
-    while step < cfg.max_steps:
+    announced = None
+    while (phase := plan.at(step)) is not None:
         elapsed = clock.elapsed()
         # Ranks must agree on when to stop; asking them is a host sync, so ask every 10 steps.
         if budget_s > 0 and (not ddp.enabled or step % 10 == 0) and ddp.any(elapsed >= budget_s):
             break
-        progress = elapsed / budget_s if budget_s > 0 else step / cfg.max_steps     # through the lr schedule
-        lr = lr_at(progress, step, cfg)
-        loss_sum, n_tokens, grad_norm = _train_step(setup, data, trainee, step, lr, grad_accum)
+        start = plan.start(phase)
+        if plan.named and ddp.main and announced is not phase:
+            log(f"phase {phase.name}: steps {start + 1}..{plan.end(phase)} on {phase.describe}")
+            announced = phase
+        # Through the lr schedule: the phase's steps (a run without phases on a time budget: elapsed time).
+        progress = elapsed / budget_s if (budget_s > 0 and not plan.named) else (step - start) / phase.steps
+        lr = lr_at(progress, step - start, phase.cfg)
+        loss_sum, n_tokens, grad_norm = _train_step(setup, phase, trainee, step - start, lr, grad_accum)
         step += 1
         tokens_seen += tokens_per_step
 
-        is_last = step >= cfg.max_steps
-        if cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
+        phase_done = step >= plan.end(phase)
+        if cfg.eval_every and ((step - start) % cfg.eval_every == 0 or phase_done):
             with sink.paused():
-                val_loss, val_step = _evaluate(setup, data, trainee), step
+                val_loss, val_step = _evaluate(setup, phase, trainee), step
+            # Ranks decide together (their val losses agree; an all-reduce makes sure the plans do too).
+            if phase.patience and ddp.any(plan.patience_used_up(phase, val_loss)) and step < plan.end(phase):
+                plan.ended_early[phase.name] = step
+                if ddp.main:
+                    log(f"phase {phase.name}: no better val loss in {phase.patience} validations; "
+                        f"it ends at step {step}")
+        is_last = step >= plan.total
         if step % cfg.log_every == 0 or is_last:
             last_loss = ddp.sum(loss_sum).item() / n_tokens.item()       # every rank: an all-reduce
-            sink.write({"step": step, "train_loss": last_loss, "tokens": tokens_seen, "lr": lr,
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None},
-                       val_loss if val_step == step else None)
+            record = {"step": step, "train_loss": last_loss, "tokens": tokens_seen, "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None}
+            if plan.named:
+                record["phase"] = phase.name
+            sink.write(record, val_loss if val_step == step else None)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not is_last and (ddp.main or trainee.fsdp):
             with sink.paused():
-                _save(setup, trainee, step, clock.elapsed(), tokens_seen)
+                _save(setup, trainee, step, clock.elapsed(), tokens_seen, plan)
         if stop_after_steps is not None and step - trainee.start_step >= stop_after_steps:
             break
 
@@ -91,9 +119,9 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
     elapsed = clock.elapsed()
     if ddp.main or trainee.fsdp:
         if val_step != step:
-            val_loss = _evaluate(setup, data, trainee)
+            val_loss = _evaluate(setup, plan.current(step), trainee)
         elapsed = clock.elapsed()
-        _save(setup, trainee, step, elapsed, tokens_seen)
+        _save(setup, trainee, step, elapsed, tokens_seen, plan)
     sink.close()
     if ddp.main:
         log(f"trained to step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}, "
@@ -152,34 +180,181 @@ def remove_stale_temp_files(run: Path) -> None:
 @dataclass
 class Data:
     model_config: ModelConfig    # its vocabulary is the tokenizer's, its block_size the row length
-    train: TaskBatches           # this rank's slice of each global batch
-    val: TaskBatches             # fixed batches, the same on every rank
+    vocab: dict[str, int]        # the tokenizer's: other data (phases) and init_from weights must share it
+    grad_accum: int              # micro-batches per optimizer step
+    tokens_per_step: int         # of the global step (all micro-batches, all ranks)
+    plan: Plan                   # the phases: each its train batches (this rank's slice) and val batches
 
     @property
     def seq_len(self) -> int:
         return self.model_config.block_size
 
-    def step_batches(self, step: int, grad_accum: int, batch_size: int, device: torch.device) -> list[tuple]:
-        """This rank's micro-batches (x, y, mask) of optimizer step `step`. The order is a function of the
-        step alone, so a resumed run needs no saved position: it reads what the uninterrupted one would."""
-        batches = [self.train.get(step, micro, grad_accum, batch_size) for micro in range(grad_accum)]
-        if device.type == "cuda":              # pinned pages let the copies to the GPU run asynchronously
-            batches = [tuple(t.pin_memory() for t in b) for b in batches]
-        return batches
+    def pop_load_seconds(self) -> float:
+        return sum(phase.train.pop_load_seconds() for phase in self.plan.phases)
+
+
+def step_batches(batches, step: int, grad_accum: int, batch_size: int, device: torch.device) -> list[tuple]:
+    """This rank's micro-batches (x, y, mask) of optimizer step `step` (of the phase). The order is a function
+    of the step alone, so a resumed run needs no saved position: it reads what the uninterrupted one would."""
+    out = [batches.get(step, micro, grad_accum, batch_size) for micro in range(grad_accum)]
+    if device.type == "cuda":              # pinned pages let the copies to the GPU run asynchronously
+        out = [tuple(t.pin_memory() for t in b) for b in out]
+    return out
 
 
 def _load_data(project: Project, setup: Setup) -> Data:
-    run, ddp = setup.run, setup.ddp
+    run, ddp, cfg = setup.run, setup.ddp, setup.cfg
     tokenizer = load_tokenizer(run / "tokenizer" / "tokenizer.json")
     input_marker, output_marker = template_markers(project.task.prompt_template)
     ids = [tokenizer.token_to_id(t) for t in (input_marker, output_marker, project.task.end_marker)]
     mcfg = model_config(project, tokenizer.get_vocab_size())
-    shards = run / "data" / "shards"
-    check_shards(run / "data")
-    train_data = TaskBatches(load_split(shards, "train"), mcfg.block_size, *ids, seed=project.seed,
-                             rank=ddp.rank, world_size=ddp.world_size)
-    val_data = TaskBatches(load_split(shards, "val"), mcfg.block_size, *ids, seed=project.seed)
-    return Data(model_config=mcfg, train=train_data, val=val_data)
+    grad_accum = accumulation_steps(cfg, mcfg.block_size, ddp.world_size)
+    tokens_per_step = cfg.batch_size * grad_accum * mcfg.block_size * ddp.world_size
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+
+    def split(data_dir: Path, name: str, seed: int, rank: int = 0, world_size: int = 1) -> TaskBatches:
+        return TaskBatches(load_split(data_dir / "shards", name), mcfg.block_size, *ids, seed=seed, rank=rank,
+                           world_size=world_size)
+
+    if not cfg.phases:               # one unnamed phase: the project's own data for train.max_steps
+        check_shards(run / "data")
+        own = Phase(name="", steps=cfg.max_steps, cfg=cfg, describe="this project's data",
+                    train=split(run / "data", "train", project.seed, ddp.rank, ddp.world_size),
+                    val=split(run / "data", "val", project.seed))
+        return Data(mcfg, vocab, grad_accum, tokens_per_step, Plan([own], named=False))
+    phases = []
+    for index, ph in enumerate(cfg.phases):
+        where = f"{project.source_file}: train.phases[{index}] ({ph.name})"
+        entries = ph.data if isinstance(ph.data, list) else [ph.data]
+        dirs = [phase_data_dir(project, entry, where, vocab) for entry in entries]
+        # Phase i shuffles its rows with seed + i: a phase on the same data as an earlier one sees a new order.
+        seed = project.seed + index
+        if len(dirs) == 1:
+            batches = split(dirs[0], "train", seed, ddp.rank, ddp.world_size)
+        else:
+            weights = ph.weights
+            counts = mix_counts(weights, grad_accum * cfg.batch_size * ddp.world_size)
+            if 0 in counts:
+                k = counts.index(0)
+                raise UserError(f"{where}: weights[{k}] = {weights[k]} is less than one of the {sum(counts)} rows of "
+                                "a step; raise that share, or train.batch_size / train.grad_accum")
+            batches = MixedBatches([split(d, "train", seed) for d in dirs], weights, seed, ddp.rank, ddp.world_size)
+        steps = ph.steps or -(-ph.tokens // tokens_per_step)            # tokens: whole steps, rounded up
+        pcfg = dataclasses.replace(
+            cfg, lr=ph.lr or cfg.lr, schedule=ph.schedule or cfg.schedule,
+            warmup_steps=cfg.warmup_steps if ph.warmup_steps < 0 else ph.warmup_steps,
+            min_lr_ratio=cfg.min_lr_ratio if ph.min_lr_ratio < 0 else ph.min_lr_ratio,
+            decay_fraction=ph.decay_fraction or cfg.decay_fraction)
+        describe = " + ".join((entry or "this project's data") + (f" ({counts[k]} rows/step)" if len(dirs) > 1 else "")
+                              for k, entry in enumerate(entries))
+        phases.append(Phase(name=ph.name, steps=steps, cfg=pcfg, train=batches, val=split(dirs[0], "val", seed),
+                            patience=ph.patience, describe=describe))
+    return Data(mcfg, vocab, grad_accum, tokens_per_step, Plan(phases, named=True))
+
+
+def phase_data_dir(project: Project, entry: str, where: str, vocab: dict[str, int]) -> Path:
+    """The prepared data folder a phase's data entry names ("" = the project's own), checked: its shards as
+    prepare wrote them, and prepared with this run's tokenizer (token ids must mean the same)."""
+    if entry == "":
+        folder = project.run_path / "data"
+    else:
+        given = project.resolve(entry)
+        folder = given / "data" if (given / "data" / "shards").is_dir() else given
+        if not (folder / "shards").is_dir():
+            raise UserError(f"{where}: data {entry!r}: {str(given)!r} holds neither data/shards/ (a prepared run) "
+                            "nor shards/ (a data folder); run `nichelm prepare` for that project or fix the path")
+        tokenizer = folder.parent / "tokenizer" / "tokenizer.json"
+        differs = vocab_difference(vocab, load_tokenizer(tokenizer).get_vocab(with_added_tokens=True))
+        if differs:
+            raise UserError(f"{where}: data {entry!r} was prepared with another tokenizer ({tokenizer}: {differs}); "
+                            "prepare one project with tokenizer.from = the other's run folder")
+    check_shards(folder)
+    return folder
+
+
+def vocab_difference(ours: dict[str, int], theirs: dict[str, int]) -> str | None:
+    """None if two vocabularies give every token the same id; else the first difference, in words."""
+    if len(ours) != len(theirs):
+        return f"{len(theirs)} tokens, this run's has {len(ours)}"
+    for token, i in sorted(ours.items(), key=lambda kv: kv[1]):
+        if theirs.get(token) != i:
+            return f"token {token!r} is id {theirs.get(token)}, in this run's id {i}"
+    return None
+
+
+# ---------------------------------------------------------------- phases
+
+@dataclass(eq=False)
+class Phase:
+    """A stretch of training: its batches, its planned length, its lr schedule (train's config with the
+    phase's lr keys). A run without [[train.phases]] is one unnamed phase of train.max_steps."""
+    name: str
+    steps: int                   # planned length in optimizer steps
+    cfg: TrainConfig             # lr, schedule, warmup_steps, min_lr_ratio, decay_fraction of this phase
+    train: TaskBatches | MixedBatches
+    val: TaskBatches             # the val split of the phase's (first) data: validation and early stopping
+    describe: str = ""           # its data, for the log
+    patience: int = 0            # validations without a new best before the phase ends early; 0 = never
+
+
+class Plan:
+    """The phases in order. A phase ends after its steps, or at the step where early stopping ended it
+    (`ended_early`, saved in every checkpoint with the early-stopping counters): so which phase a step
+    belongs to, and the step within it, is a function of the step and that record, and a run resumed
+    anywhere (across a boundary too) goes on exactly as an uninterrupted one."""
+
+    def __init__(self, phases: list[Phase], named: bool):
+        self.phases, self.named = phases, named
+        self.ended_early: dict[str, int] = {}    # phase name -> the step it ended at
+        self.best: dict[str, float] = {}         # phase name -> its best val loss so far
+        self.since_best: dict[str, int] = {}     # phase name -> validations since that best
+
+    def _bounds(self) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for phase in self.phases:
+            end = self.ended_early.get(phase.name, start + phase.steps)
+            out.append((start, end))
+            start = end
+        return out
+
+    def start(self, phase: Phase) -> int:
+        return self._bounds()[self.phases.index(phase)][0]
+
+    def end(self, phase: Phase) -> int:
+        return self._bounds()[self.phases.index(phase)][1]
+
+    @property
+    def total(self) -> int:
+        return self._bounds()[-1][1]
+
+    def at(self, step: int) -> Phase | None:
+        """The phase that optimizer step `step` (0-based: the step about to run) belongs to; None past the end."""
+        for phase, (start, end) in zip(self.phases, self._bounds()):
+            if start <= step < end:
+                return phase
+        return None
+
+    def current(self, step: int) -> Phase:
+        """The phase of step `step`, or the last one when the run is over (its val split is the final figure)."""
+        return self.at(step) or self.phases[-1]
+
+    def patience_used_up(self, phase: Phase, val_loss: float) -> bool:
+        """Count a validation of `phase`; True once `patience` of them in a row brought no new best."""
+        if phase.name not in self.best or val_loss < self.best[phase.name]:
+            self.best[phase.name], self.since_best[phase.name] = val_loss, 0
+            return False
+        self.since_best[phase.name] = self.since_best.get(phase.name, 0) + 1
+        return self.since_best[phase.name] >= phase.patience
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (trainer.json "phases")."""
+        return {"ended_early": self.ended_early, "best_val": self.best, "since_best": self.since_best}
+
+    def restore(self, state: dict | None) -> None:
+        state = state or {}
+        self.ended_early = {k: int(v) for k, v in state.get("ended_early", {}).items()}
+        self.best = {k: float(v) for k, v in state.get("best_val", {}).items()}
+        self.since_best = {k: int(v) for k, v in state.get("since_best", {}).items()}
 
 
 # ---------------------------------------------------------------- model and resume
@@ -194,14 +369,20 @@ class Trainee:
     start_step: int = 0          # from the checkpoint; 0 for a new run
     elapsed_before: float = 0.0  # seconds trained by earlier runs
     tokens_seen: int = 0
+    phase_state: dict | None = None   # the checkpoint's early-stopping record (Plan.state)
 
 
 def _build_model(project: Project, setup: Setup, data: Data) -> Trainee:
-    """A seeded model, then the newest complete checkpoint (weights, optimizer, RNG) if there is one."""
+    """A seeded model, then the newest complete checkpoint (weights, optimizer, RNG) if there is one;
+    else train.init_from's weights if set (with a fresh optimizer)."""
     cfg, ddp, device, mcfg = setup.cfg, setup.ddp, setup.device, data.model_config
     torch.manual_seed(project.seed)
     model = GPT(mcfg).to(device)
     ckpt = latest_checkpoint(setup.run)
+    if ckpt is None and cfg.init_from:
+        source = load_init_weights(project, model, data.vocab)
+        if ddp.main:
+            log(f"starting from the weights of {source} (train.init_from), with a fresh optimizer")
     fsdp = ddp.enabled and cfg.parallel == "fsdp"
     if fsdp:
         if ckpt is not None:           # checkpoints hold whole weights: load them, then shard
@@ -212,7 +393,7 @@ def _build_model(project: Project, setup: Setup, data: Data) -> Trainee:
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, weights=not fsdp)
         trainee.start_step, trainee.elapsed_before = state["step"], state["elapsed_s"]
-        trainee.tokens_seen = state["tokens"]
+        trainee.tokens_seen, trainee.phase_state = state["tokens"], state.get("phases")
         if ddp.main:
             log(f"resuming from {ckpt} (step {trainee.start_step})")
     else:
@@ -231,17 +412,64 @@ def _build_model(project: Project, setup: Setup, data: Data) -> Trainee:
     return trainee
 
 
+def load_init_weights(project: Project, model: GPT, vocab: dict[str, int]) -> Path:
+    """train.init_from's weights into `model`: a run folder's newest complete checkpoint, or an hf export
+    folder's model.safetensors. The source's model shape (dropout aside) and tokenizer must be this run's."""
+    given = project.resolve(project.train.init_from)
+    where = f"{project.source_file}: 'train.init_from' = {str(given)!r}"
+    from nichelm.export import NICHELM_JSON, from_hf, is_export
+    try:
+        if is_export(given):
+            theirs = ModelConfig(**json.loads((given / NICHELM_JSON).read_text(encoding="utf-8"))["model_config"])
+            tokenizer, weights = given / "tokenizer.json", given / "model.safetensors"
+        elif (given / "checkpoints").is_dir():
+            ckpt = latest_checkpoint(given)
+            if ckpt is None:
+                raise UserError(f"{where}: that run has no complete checkpoint yet; train it first")
+            theirs = ModelConfig(**read_trainer_state(ckpt)["model_config"])
+            tokenizer, weights = given / "tokenizer" / "tokenizer.json", ckpt / "model.safetensors"
+        else:
+            raise UserError(f"{where}: neither a run folder (with checkpoints/) nor an hf export (with "
+                            f"{NICHELM_JSON}); give the run folder or a folder made by `nichelm export --format hf`")
+    except (OSError, ValueError, KeyError, TypeError) as e:       # unreadable json, a config of another version
+        raise UserError(f"{where}: its model config is unreadable ({type(e).__name__}: {e}); "
+                        "train or export it again") from None
+    ours = model.cfg
+    differ = [f"{f.name} {getattr(theirs, f.name)!r} there, {getattr(ours, f.name)!r} here"
+              for f in dataclasses.fields(ModelConfig)
+              if f.name != "dropout" and getattr(theirs, f.name) != getattr(ours, f.name)]
+    if differ:
+        raise UserError(f"{where}: its model is not this project's ({'; '.join(differ)}); set model.* (and the "
+                        "tokenizer) as for that model, or leave train.init_from out")
+    differs = vocab_difference(vocab, load_tokenizer(tokenizer).get_vocab(with_added_tokens=True))
+    if differs:
+        raise UserError(f"{where}: its tokenizer is not this run's ({tokenizer}: {differs}); prepare this project with "
+                        f"tokenizer.from = {project.train.init_from!r}")
+    if not is_export(given):
+        load_model_weights(model, weights)
+        return given
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        model.load_state_dict(from_hf(load_file(str(weights)), ours), strict=True)
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        raise UserError(f"{where}: {weights.name} does not hold this model's weights ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); export it again") from None
+    return given
+
+
 # ---------------------------------------------------------------- one step
 
-def _train_step(setup: Setup, data: Data, trainee: Trainee, step: int, lr: float, grad_accum: int):
-    """One optimizer step over grad_accum micro-batches. Returns (summed loss, output-token count of the
-    global step, gradient norm or None), all left on the device: reading them back is the caller's choice."""
+def _train_step(setup: Setup, phase: Phase, trainee: Trainee, step: int, lr: float, grad_accum: int):
+    """One optimizer step (step `step` of the phase) over grad_accum micro-batches. Returns (summed loss,
+    output-token count of the global step, gradient norm or None), all left on the device: reading them back
+    is the caller's choice."""
     cfg, ddp, device, model = setup.cfg, setup.ddp, setup.device, trainee.model
     for group in trainee.optimizer.param_groups:
         group["lr"] = lr
     # Normalise by the output tokens of the whole global step (all micro-batches, all ranks), so
     # N processes x B rows compute exactly the loss and gradient of one process with N*B rows.
-    batches = data.step_batches(step, grad_accum, cfg.batch_size, device)
+    batches = step_batches(phase.train, step, grad_accum, cfg.batch_size, device)
     # The masks are on the host; the global count stays a tensor (on the GPU under NCCL), read
     # back only when logging, so a step never waits for the device.
     n_tokens = ddp.sum(torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))).clamp(min=1.0)
@@ -289,6 +517,7 @@ class MetricsSink:
         self.cfg, self.main, self.clock, self.data = cfg, setup.ddp.main, clock, data
         self.world_size, self.tokens_per_step = setup.ddp.world_size, tokens_per_step
         self.start_step = trainee.start_step
+        self.total_steps = data.plan.total                         # ends earlier if a phase stops early
         self.flops_per_step = trainee.raw_model.flops_per_token(data.seq_len) * tokens_per_step
         self.peak = next((v for k, v in PEAK_FLOPS.items()
                           if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
@@ -297,7 +526,7 @@ class MetricsSink:
             _truncate_metrics(run / "metrics.jsonl", trainee.start_step)    # every step appears once
             self.file = open(run / "metrics.jsonl", "a")
             self.board = _tensorboard(run) if cfg.tensorboard else None
-            self.progress = _progress(cfg.max_steps, trainee.start_step)
+            self.progress = _progress(lambda: self.total_steps, trainee.start_step)
         self.t_last = self.t_start = time.perf_counter()
         self.last_step, self.paused_s = trainee.start_step, 0.0    # since the last logged step
         self.train_s, self.steps_timed = 0.0, 0                    # over this whole run, for the summary
@@ -314,10 +543,11 @@ class MetricsSink:
     def write(self, record: dict, val_loss: float | None) -> None:
         """Complete a logged step's record with timings, and send it everywhere it goes."""
         now, step = time.perf_counter(), record["step"]
+        self.total_steps = self.data.plan.total
         steps = step - self.last_step
         window = now - self.t_last - self.paused_s                    # seconds of training steps
         dt = window / steps
-        data_dt = self.data.train.pop_load_seconds() / steps          # of which reading batches
+        data_dt = self.data.pop_load_seconds() / steps          # of which reading batches
         self.train_s, self.steps_timed = self.train_s + window, self.steps_timed + steps
         self.t_last, self.last_step, self.paused_s = now, step, 0.0
         mfu = self.flops_per_step / dt / self.peak / self.world_size if (self.peak and dt > 0) else None
@@ -342,7 +572,7 @@ class MetricsSink:
         done = step - self.start_step
         if done <= 0:
             return None
-        eta = (self.cfg.max_steps - step) * (now - self.t_start) / done
+        eta = (self.total_steps - step) * (now - self.t_start) / done
         if self.cfg.max_minutes > 0:
             eta = min(eta, max(self.cfg.max_minutes * 60 - self.clock.elapsed(now), 0.0))
         return eta
@@ -362,15 +592,17 @@ class MetricsSink:
 
 # ---------------------------------------------------------------- validation and checkpoints
 
-def _evaluate(setup: Setup, data: Data, trainee: Trainee) -> float:
-    return evaluate_loss(trainee.raw_model, data.val, setup.cfg, setup.device, setup.autocast)
+def _evaluate(setup: Setup, phase: Phase, trainee: Trainee) -> float:
+    return evaluate_loss(trainee.raw_model, phase.val, setup.cfg, setup.device, setup.autocast)
 
 
-def _save(setup: Setup, trainee: Trainee, step: int, elapsed: float, tokens: int) -> None:
+def _save(setup: Setup, trainee: Trainee, step: int, elapsed: float, tokens: int, plan: Plan) -> None:
     """A checkpoint of step `step`. Under FSDP every rank gathers the weights; rank 0 writes."""
     model = trainee.raw_model
-    save_checkpoint(setup.run, step, model, trainee.optimizer,
-                    {"step": step, "elapsed_s": elapsed, "tokens": tokens, "model_config": model.cfg.to_dict()},
+    state = {"step": step, "elapsed_s": elapsed, "tokens": tokens, "model_config": model.cfg.to_dict()}
+    if plan.named:
+        state["phases"] = plan.state()              # early stopping's record: resuming needs it
+    save_checkpoint(setup.run, step, model, trainee.optimizer, state,
                     keep=setup.cfg.keep_checkpoints, write=setup.ddp.main)
 
 
@@ -561,14 +793,15 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _progress(total: int, start: int):
-    """A tqdm bar on a terminal; a plain line every ~10 s otherwise. Its tokens/s include data loading."""
+def _progress(total, start: int):
+    """A tqdm bar on a terminal; a plain line every ~10 s otherwise. Its tokens/s include data loading.
+    total() gives the run's length in steps (early stopping in a phase shortens it)."""
     if sys.stderr.isatty():
         from tqdm import tqdm
-        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total(), initial=start, unit="step", dynamic_ncols=True)
 
         def update(step, rec, eta_s):
-            bar.n = step
+            bar.n, bar.total = step, total()
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s_incl_data=f"{rec['tokens_per_s'] or 0:.0f}",
                             refresh=False)
             bar.refresh()
@@ -576,10 +809,11 @@ def _progress(total: int, start: int):
     last = [0.0]
 
     def update(step, rec, eta_s):
-        if time.perf_counter() - last[0] >= 10 or step == total:
+        if time.perf_counter() - last[0] >= 10 or step == total():
             last[0] = time.perf_counter()
             val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-            eta = f", ETA {eta_s / 60:.1f} min" if eta_s is not None and step < total else ""
-            log(f"step {step}/{total} loss {rec['train_loss']:.4f}{val} lr {rec['lr']:.2e} "
+            eta = f", ETA {eta_s / 60:.1f} min" if eta_s is not None and step < total() else ""
+            phase = f" [{rec['phase']}]" if "phase" in rec else ""
+            log(f"step {step}/{total()}{phase} loss {rec['train_loss']:.4f}{val} lr {rec['lr']:.2e} "
                 f"{rec['tokens_per_s'] or 0:.0f} tok/s incl. data loading, {rec['elapsed_s'] / 60:.1f} min{eta}")
     return update

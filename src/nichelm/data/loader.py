@@ -122,7 +122,10 @@ class TaskBatches:
         return np.stack(rows).astype(np.int64)
 
     def rows(self, first_global_row: int, batch_size: int) -> np.ndarray:
-        return self._rows(self.order(np.arange(first_global_row, first_global_row + batch_size)))
+        return self.rows_at(np.arange(first_global_row, first_global_row + batch_size))
+
+    def rows_at(self, global_rows: np.ndarray) -> np.ndarray:
+        return self._rows(self.order(global_rows))
 
     def get(self, step: int, micro: int, grad_accum: int, batch_size: int):
         """The micro-batch `micro` of optimizer step `step` for this rank: (x, y, mask) CPU tensors."""
@@ -145,3 +148,63 @@ class TaskBatches:
     def _tensors(self, rows: np.ndarray):
         mask = loss_mask(rows[:, :-1], *self.ids)
         return torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:].copy()), torch.from_numpy(mask)
+
+
+def mix_counts(weights: list[float], rows: int) -> list[int]:
+    """Rows of each part in a step of `rows` rows: rows x share, rounded by largest remainder (ties: the
+    earlier part), so they add up to `rows`."""
+    exact = [rows * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda k: (counts[k] - exact[k], k))
+    for k in by_remainder[:rows - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+class MixedBatches:
+    """Training batches drawn from several splits in fixed shares (a training phase's data mix).
+
+    Every optimizer step's R global rows (batch_size x grad_accum x processes) take counts[k] rows from
+    part k (mix_counts: exact shares, the same every step), so the order stays a function of the step
+    alone, as TaskBatches': a resumed run reads what an uninterrupted one would. Which of the step's R
+    positions come from which part is a seeded shuffle of the positions (every micro-batch and rank gets
+    a mix); part k's rows continue from step to step in its own seeded order (step s reads its global
+    rows s x counts[k] ... (s + 1) x counts[k] - 1). The parts are TaskBatches of one process (rank 0 of 1):
+    the rank's slice is taken here."""
+
+    def __init__(self, parts: list[TaskBatches], weights: list[float], seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.parts, self.weights, self.seed = parts, weights, seed
+        self.rank, self.world_size = rank, world_size
+        self._layouts: dict[int, tuple] = {}
+        self.load_seconds = 0.0
+
+    def layout(self, rows: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """(rows per part, the part of each position of a step, its row number within that part's share)."""
+        if rows not in self._layouts:
+            counts = mix_counts(self.weights, rows)
+            part = np.random.default_rng([self.seed, rows]).permutation(np.repeat(np.arange(len(counts)), counts))
+            within = np.empty(rows, dtype=np.int64)
+            for k, count in enumerate(counts):
+                within[part == k] = np.arange(count)
+            self._layouts[rows] = (counts, part, within)
+        return self._layouts[rows]
+
+    def get(self, step: int, micro: int, grad_accum: int, batch_size: int):
+        """The micro-batch `micro` of optimizer step `step` for this rank: (x, y, mask) CPU tensors."""
+        t0 = time.perf_counter()
+        global_batch = batch_size * self.world_size
+        counts, part, within = self.layout(global_batch * grad_accum)
+        positions = np.arange(batch_size) + micro * global_batch + self.rank * batch_size
+        rows = np.empty((batch_size, self.parts[0].seq_len + 1), dtype=np.int64)
+        for k, source in enumerate(self.parts):
+            sel = part[positions] == k
+            if sel.any():
+                rows[sel] = source.rows_at(step * counts[k] + within[positions[sel]])
+        batch = self.parts[0]._tensors(rows)
+        self.load_seconds += time.perf_counter() - t0
+        return batch
+
+    def pop_load_seconds(self) -> float:
+        seconds, self.load_seconds = self.load_seconds, 0.0
+        return seconds
