@@ -9,7 +9,10 @@ A .txt file is read in pieces of at most TEXT_CHUNK_BYTES, cut at a paragraph br
 else at a line end, else at a space, else at a character boundary (text_chunks); each piece is
 corrected as a document of its own, so memory stays bounded whatever the file's size. The cuts depend
 only on the file's bytes, so a run killed mid-file and resumed writes exactly what an uninterrupted
-run writes. A small file is one piece: the whole file is the document.
+run writes. A small file is one piece: the whole file is the document. Work for several tasks
+(plan_tasks: --shard I/N here, or datatrove's executors in nichelm.apply_pipeline) is whole files and
+ranges of whole pieces of big .txt files; a range's output is a part file, and the parts are joined in
+order (join_parts), so any task count writes the bytes of one process.
 
 Documents from many files are corrected together (windows of all of them share batches),
 then written in input order. Crash safety without a database:
@@ -73,10 +76,18 @@ PART_SECONDS = 60.0                 # or what was corrected in this long (so a k
 
 @dataclass(frozen=True)
 class Unit:
-    """One input file and the name its output gets under OUT."""
+    """One input file, or a byte range of a big .txt file split across tasks (plan_tasks), and where its
+    output goes under OUT."""
     path: Path
-    rel: str                        # posix path relative to OUT
+    rel: str                        # posix path relative to OUT that this unit writes (a range: its part file)
     kind: str                       # "text" | "jsonl" | "parquet"
+    start: int = 0                  # a range: input bytes [start, end), both piece boundaries (text_chunks)
+    end: int = -1                   # -1: to the end of the file
+    name: str = ""                  # a range: the output file its part is joined into ("": rel)
+
+    @property
+    def output(self) -> str:
+        return self.name or self.rel
 
 
 def _kind(path: Path) -> str:
@@ -132,7 +143,7 @@ def input_stamps(units: list[Unit]) -> dict[str, tuple[int, int]]:
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
-    """'1/4' -> (1, 4): this process takes shard 1 of 4 (0-based)."""
+    """'1/4' -> (1, 4): this process runs task 1 of 4 (0-based) of plan_tasks(inputs, 4)."""
     if not text:
         return 0, 1
     try:
@@ -145,9 +156,104 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def shard_of(rel: str, n: int) -> int:
-    """A stable hash of the output name: the same file lands in the same shard on every machine,
+    """A stable hash of the output name: the same file lands in the same task on every machine,
     whatever else each machine's input list holds."""
     return int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:8], "big") % n
+
+
+# ---------------------------------------------------------------- the plan: which task does what
+
+RANGE_MAX_BYTES = 16 << 20          # a big .txt file is split for several tasks into ranges of at most this
+
+
+@dataclass
+class Plan:
+    """The work of `tasks` tasks (datatrove's ranks, or --shard I/N run by hand), a function of the inputs
+    and the task count only, so every process that makes it agrees. A whole file goes to task
+    shard_of(name); a .txt file bigger than range_bytes is cut into ranges of whole pieces (the 64 KiB
+    pieces one process corrects, text_chunks), range j going to task shard_of(name) + j: each range's
+    output is a part file, and the parts are joined in order into the output (join_parts), so the bytes
+    are those of one process."""
+    tasks: list[list[Unit]]
+    total_bytes: int                                # of all inputs (compile='auto' decides on it, alike in every task)
+    stamps: dict[str, tuple[int, int]]              # split file's output name -> (size, mtime_ns) its ranges were cut at
+
+    def parts(self, name: str) -> list[Unit]:
+        return sorted((u for units in self.tasks for u in units if u.name == name), key=lambda u: u.start)
+
+
+def range_bytes(total: int, tasks: int) -> int:
+    """About four ranges per task over the whole input, so shard_of's uneven draws even out."""
+    return max(TEXT_CHUNK_BYTES, min(RANGE_MAX_BYTES, total // (4 * tasks)))
+
+
+def plan_tasks(inputs: list[str | Path], tasks: int) -> Plan:
+    units = discover(inputs)
+    stamps = input_stamps(units)
+    total = sum(size for size, _ in stamps.values())
+    plan, limit = Plan([[] for _ in range(tasks)], total, {}), range_bytes(total, tasks)
+    for u in units:
+        first = shard_of(u.rel, tasks)
+        ranges = text_ranges(u.path, limit) if tasks > 1 and u.kind == "text" and u.rel in stamps \
+            and stamps[u.rel][0] > limit else []
+        if len(ranges) < 2:
+            plan.tasks[first].append(u)
+            continue
+        size, mtime = plan.stamps[u.rel] = stamps[u.rel]
+        for j, (start, end) in enumerate(ranges):
+            rel = f"{PARTS_DIR}/{u.rel}/{size}-{mtime}/{start:012d}-{end:012d}.txt"
+            plan.tasks[(first + j) % tasks].append(Unit(u.path, rel, "text", start, end, u.rel))
+    return plan
+
+
+def text_ranges(path: Path, limit: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of about `limit` bytes made of whole pieces of a .txt file (one pass over
+    the file to find the piece ends); [] for a file that is not clean UTF-8 text: one task takes it whole
+    and reports it as one process would."""
+    if check_text_file(path):
+        return []
+    ranges, start = [], 0
+    try:
+        for end, _ in text_chunks(path, 0):
+            if end - start >= limit:
+                ranges.append((start, end))
+                start = end
+    except OSError:
+        return []
+    size = path.stat().st_size
+    if start < size:
+        ranges.append((start, size))
+    return ranges
+
+
+PARTS_DIR = ".nichelm-parts"        # OUT/.nichelm-parts/NAME/SIZE-MTIME/START-END.txt: the parts of a split file
+
+
+def join_parts(out: Path, plan: Plan, names: set[str]) -> None:
+    """Join the parts of each split file in `names` into its output, once every part is finished (each
+    task tries after its own work; under a lock, so the last one to finish does it). The output is
+    written atomically, then the parts folder renamed away and deleted: a kill at any point leaves either
+    the parts or the joined file whole. A part folder of another version of the input (or of another
+    task count) is removed with it."""
+    if not names:
+        return
+    lock_path = out / PARTS_DIR / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in sorted(names):
+            parts = [out / u.rel for u in plan.parts(name)]
+            if not all(p.is_file() for p in parts):
+                continue                           # another task's part is not done yet (or was joined)
+            with atomic_file(out / name) as fh:
+                for p in parts:
+                    with open(p, "rb") as src:
+                        shutil.copyfileobj(src, fh, 1 << 20)
+            folder = out / PARTS_DIR / name
+            gone = folder.with_name(f".{folder.name}.joined")
+            shutil.rmtree(gone, ignore_errors=True)
+            os.replace(folder, gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the ledger
@@ -346,13 +452,15 @@ class UnitEnd:
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 
 
-def check_text_file(path: Path) -> str:
+def check_text_file(path: Path, start: int = 0, end: int = -1) -> str:
     """"" for a readable UTF-8 text file, else why it is skipped. One pass in blocks (memory stays bounded),
-    before anything of the file is corrected, so a bad byte late in a big file writes nothing."""
-    decoder, pos, held = codecs.getincrementaldecoder("utf-8")(), 0, 0
+    before anything of the file is corrected, so a bad byte late in a big file writes nothing. A range
+    [start, end) of the file (cut at piece boundaries, so never inside a character) is checked alone."""
+    decoder, pos, held = codecs.getincrementaldecoder("utf-8")(), start, 0
     try:
         with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
+            fh.seek(start)
+            while block := fh.read(1 << 20 if end < 0 else min(1 << 20, end - pos)):
                 if b"\x00" in block:
                     return "binary file (NUL bytes), not text; skipped"
                 held = len(decoder.getstate()[0])      # bytes of a character the last block cut
@@ -388,14 +496,16 @@ def piece_end(block: bytes) -> int:
     return n
 
 
-def text_chunks(path: Path, start: int):
+def text_chunks(path: Path, start: int, end: int = -1):
     """(end offset, bytes) of each piece of a .txt file from byte `start` (a piece boundary: 0 or an end
-    this function gave), read TEXT_CHUNK_BYTES at a time. An empty file is one empty piece."""
+    this function gave) up to byte `end` (another such end; -1: the end of the file), read TEXT_CHUNK_BYTES
+    at a time. Every cut depends only on the bytes after the one before, so the pieces of a range are
+    exactly the whole file's pieces there. An empty file is one empty piece."""
     limit = max(TEXT_CHUNK_BYTES, 4)               # room for any UTF-8 character
     with open(path, "rb") as fh:
         fh.seek(start)
         pos, buf = start, b""
-        while True:
+        while end < 0 or pos < end:
             buf += fh.read(limit + 1 - len(buf))
             if len(buf) <= limit:                  # the rest of the file is the last piece
                 if buf or pos == 0:
@@ -408,12 +518,12 @@ def text_chunks(path: Path, start: int):
 
 def read_text_unit(unit: Unit, start: int):
     """The pieces of a .txt file from byte `start` on, as documents; a bad file is one Failure."""
-    why = check_text_file(unit.path)
+    why = check_text_file(unit.path, start, unit.end)
     if why:
         yield Failure(unit, 0, why)
         return
     try:
-        for end, data in text_chunks(unit.path, start):
+        for end, data in text_chunks(unit.path, start, unit.end):
             yield Doc(unit, 0, data.decode("utf-8"), end=end)
     except OSError as e:
         yield Failure(unit, 0, f"cannot read ({e.strerror}); skipped")
@@ -644,8 +754,8 @@ class Writer:
             at, what = self._parquet(unit).state.lines, "after row"
         else:
             state = self._partial(unit)[1]
-            at, what = (state.offset, "at byte") if unit.kind == "text" else (state.lines, "after line")
-        if at:
+            at, what = (max(state.offset, unit.start), "at byte") if unit.kind == "text" else (state.lines, "after line")
+        if at > unit.start:
             print(f"nichelm apply: resuming {unit.path} {what} {at}", file=sys.stderr, flush=True)
         return at
 
@@ -754,7 +864,7 @@ _TEMP_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")     # nichelm.io.atomic_fi
 def remove_stale_temp_files(out: Path, units: list[Unit]) -> None:
     """Delete the temporary files (.NAME.XXXXXXXX.tmp beside NAME) that kills left mid-way through atomic
     writes of this shard's outputs: once, when a run resumes. Other shards' are left to their own process."""
-    mine = {out / u.rel for u in units}
+    mine = {out / u.rel for u in units} | {out / u.name for u in units if u.name}     # + joined outputs
     for folder, _, names in os.walk(out):
         for name in names:
             m = _TEMP_NAME.fullmatch(name)
@@ -877,7 +987,12 @@ class GuardFigures:
 
     def to_dict(self) -> dict:
         return {"windows": self.windows, "changed": self.changed, "corrected": self.corrected,
-                "kept_share": self.kept_share, "input_surprisal": self.input_surprisal}
+                "kept_share": self.kept_share, "input_surprisal": self.input_surprisal,
+                "input_tokens": self.input_tokens, "input_mnats": self.input_mnats}     # (the raw sums: mergeable)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GuardFigures":
+        return cls(**{k: d[k] for k in ("windows", "changed", "corrected", "input_tokens", "input_mnats")})
 
     def domain_warning(self, reference: dict) -> str | None:
         """One line when these inputs look unlike the data the guard was calibrated on (its val split:
@@ -952,6 +1067,7 @@ class ApplyReport:
     guard: dict = field(default_factory=dict)   # GuardFigures of all files: kept_share, input_surprisal, ...
     per_file: dict = field(default_factory=dict)    # output name -> its GuardFigures
     domain_warning: str | None = None           # GuardFigures.domain_warning of all files
+    guard_reference: dict | None = None         # the model's own figures on its val split (the warning's yardstick)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -969,40 +1085,63 @@ def model_identity(model: Path) -> str:
 
 
 def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard: str | None = None,
-          batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str = "corrected",
-          guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0,
-          window_overlap: int = 0, backend: str = "torch", compile: str | bool = "auto",
-          draft_tokens: int | None = None, dtype: str = "auto", guard_margin: float | None = None) -> ApplyReport:
-    """Correct every input of this shard into OUTPUT; re-running resumes where the last run stopped.
+          **settings) -> ApplyReport:
+    """Correct every input into OUTPUT in this process; re-running resumes where the last run stopped.
+    shard "I/N": only task I of N of the plan (plan_tasks), as one datatrove task of `nichelm apply
+    --tasks N` would (nichelm.apply_pipeline runs all of them on an executor). Settings: run_task's."""
+    shard_i, shard_n = parse_shard(shard)
+    refuse_overlap(inputs, output)
+    return run_task(model, output, plan_tasks(inputs, shard_n), shard_i, **settings)
+
+
+_LOADED: dict = {}                  # the corrector this process loaded: a worker running several tasks loads once
+
+
+def cached_corrector(model: Path, **kwargs):
+    from nichelm.export import load_corrector
+    key = (str(model), json.dumps(kwargs, sort_keys=True, default=str))
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = load_corrector(model, **kwargs)
+    return _LOADED[key]
+
+
+def run_task(model: str | Path, output: str | Path, plan: Plan, rank: int,
+             batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str = "corrected",
+             guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0,
+             window_overlap: int = 0, backend: str = "torch", compile: str | bool = "auto",
+             draft_tokens: int | None = None, dtype: str = "auto", guard_margin: float | None = None) -> ApplyReport:
+    """Correct task `rank`'s units of the plan into OUTPUT (its own ledger), then join the split files whose
+    parts are all done; re-running resumes where the last run stopped.
 
     backend: the decoding engine, "torch" (nichelm's own), "ct2" or "vllm" (nichelm.backends).
-    compile: torch.compile the torch engine; "auto" = when this shard holds at least
+    compile: torch.compile the torch engine; "auto" = when all the inputs (every task's) hold at least
     COMPILE_MIN_BYTES of input (compiling costs ~15 s on a 2-core CPU and then decodes faster).
     draft_tokens: copy drafts per greedy step of the torch engine (nichelm.generate; same output);
     None: the engine's default. dtype: the torch engine's weights ("auto": bf16 on CUDA, fp32 on CPU).
     guard_margin: the guard's margin in nats/token (nichelm.inference); None: the one `nichelm evaluate`
     chose for this model, if any."""
     import torch
-
-    from nichelm.export import load_corrector
     if threads:
         torch.set_num_threads(threads)
     model, out = Path(model), Path(output)
-    shard_i, shard_n = parse_shard(shard)
-    refuse_overlap(inputs, out)
-    units = [u for u in discover(inputs) if shard_of(u.rel, shard_n) == shard_i]
+    units = plan.tasks[rank]
     stamps = input_stamps(units)
+    for u in units:
+        if u.name and u.rel in stamps and stamps[u.rel] != plan.stamps[u.name]:
+            raise UserError(f"{u.path}: changed since the work was planned (size or modification time); "
+                            "re-run the same command to plan it again")
     parquet = next((u for u in units if u.kind == "parquet"), None)
     if parquet is not None:
         pyarrow_for(parquet.path)                  # a missing pyarrow is named before the model loads
     guard = guard_max_change >= 0
     if compile == "auto":
-        compile = sum(size for size, _ in stamps.values()) >= COMPILE_MIN_BYTES
-    corrector = load_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change,
+        compile = plan.total_bytes >= COMPILE_MIN_BYTES
+    corrector = cached_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change,
                                window_overlap=window_overlap, backend=backend,
                                compile=bool(compile) and backend == "torch", dtype=dtype, guard_margin=guard_margin,
                                **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
-    ledger = Ledger(out, (shard_i, shard_n))
+    ledger = Ledger(out, (rank, len(plan.tasks)))
     resuming = ledger.settings is not None
     try:
         margin = corrector.guard_margin
@@ -1018,8 +1157,10 @@ def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard
         if resuming:
             remove_stale_temp_files(out, units)
             forget_changed_inputs(units, ledger, stamps)
-        return _run(corrector, units, ledger, out, guard, output_field, text_field,
-                    group_windows or 8 * batch_size, stamps)
+        report = _run(corrector, units, ledger, out, guard, output_field, text_field,
+                      group_windows or 8 * batch_size, stamps)
+        join_parts(out, plan, {u.name for u in units if u.name})
+        return report
     except OSError as e:
         raise write_error(e, out) from None
     finally:
@@ -1096,13 +1237,11 @@ def _report(units, ledger, writer, progress, seconds, corrector=None) -> ApplyRe
     per_file, total = {}, GuardFigures()
     for u in units:
         if u.rel in ledger.files:
-            figures = GuardFigures()
-            figures.add(ledger.files[u.rel])
-            per_file[u.rel] = figures.to_dict()
+            per_file.setdefault(u.output, GuardFigures()).add(ledger.files[u.rel])    # a split file: its ranges
             total.add(ledger.files[u.rel])
     margin = getattr(corrector, "guard_margin", float("-inf"))
     reference = getattr(corrector, "guard", {}).get("val")
-    return ApplyReport(files=len(units), documents=sum(s.docs for s in states),
+    return ApplyReport(files=len({u.output for u in units}), documents=sum(s.docs for s in states),
                        windows=sum(s.windows for s in states),
                        kept_too_different=sum(s.kept_too_different for s in states),
                        kept_hit_limit=sum(s.kept_hit_limit for s in states),
@@ -1112,7 +1251,28 @@ def _report(units, ledger, writer, progress, seconds, corrector=None) -> ApplyRe
                        kept_low_margin=sum(s.kept_low_margin for s in states),
                        documents_out_of_domain=sum(s.docs_out_of_domain for s in states),
                        guard_margin=None if margin == float("-inf") else margin, guard=total.to_dict(),
-                       per_file=per_file, domain_warning=total.domain_warning(reference))
+                       per_file={k: v.to_dict() for k, v in per_file.items()},
+                       domain_warning=total.domain_warning(reference), guard_reference=reference)
+
+
+def merge_reports(reports: list[dict], files: int) -> ApplyReport:
+    """One report of the tasks' reports (ApplyReport.to_dict() each; a split file's figures are in several)."""
+    sums = ("documents", "windows", "kept_too_different", "kept_hit_limit", "tokens", "documents_this_run",
+            "tokens_this_run", "failed_count", "kept_low_margin", "documents_out_of_domain")
+    merged = ApplyReport(files=files, seconds=max((r["seconds"] for r in reports), default=0.0), failed=[],
+                         **{k: sum(r[k] for r in reports) for k in sums})
+    per_file, total = {}, GuardFigures()
+    for r in reports:
+        merged.failed += r["failed"]
+        merged.guard_margin = r["guard_margin"] if merged.guard_margin is None else merged.guard_margin
+        merged.guard_reference = merged.guard_reference or r.get("guard_reference")
+        for name, figures in r["per_file"].items():
+            per_file.setdefault(name, GuardFigures()).add(GuardFigures.from_dict(figures))
+            total.add(GuardFigures.from_dict(figures))
+    merged.per_file = {k: per_file[k].to_dict() for k in sorted(per_file)}
+    merged.guard = total.to_dict()
+    merged.domain_warning = total.domain_warning(merged.guard_reference)
+    return merged
 
 
 def print_report(report: ApplyReport, file=sys.stderr) -> None:

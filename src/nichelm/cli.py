@@ -23,11 +23,8 @@ def _project(args):
 def cmd_prepare(args):
     from nichelm.prepare import prepare
     from nichelm.prepare_pipeline import PrepareOptions
-    options = PrepareOptions(
-        executor=args.executor, workers=args.workers, tasks=args.tasks, piece_mb=args.piece_mb,
-        shard_tokens=args.shard_tokens, partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
-        mem_per_cpu_gb=args.mem_per_cpu_gb, env_command=args.env_command, dry_run=args.dry_run,
-        address=args.address, debug=args.debug)
+    options = _executor_options(args, PrepareOptions)
+    options.piece_mb, options.shard_tokens = args.piece_mb, args.shard_tokens
     prepare(_project(args), force=args.force, options=options)
 
 
@@ -103,13 +100,30 @@ def cmd_export(args):
     print(export(args.project, args.format, args.out, args.set or []))
 
 
+def _executor_options(args, cls=None):
+    from nichelm.prepare_pipeline import ExecutorOptions
+    return (cls or ExecutorOptions)(
+        executor=args.executor or "local", workers=args.workers, tasks=args.tasks, partition=args.partition,
+        time=args.time, cpus_per_task=args.cpus_per_task, mem_per_cpu_gb=args.mem_per_cpu_gb,
+        env_command=args.env_command, dry_run=args.dry_run, address=args.address, debug=args.debug)
+
+
 def cmd_apply(args):
     from nichelm.apply import apply, print_report
-    report = apply(args.model, args.input, args.output, shard=args.shard, batch_size=args.batch_size,
-                   threads=args.threads, text_field=args.text_field, output_field=args.output_field,
-                   guard_max_change=args.guard, device=args.device, window_overlap=_overlap(args),
-                   backend=args.backend, compile={"on": True, "off": False}.get(args.compile, "auto"),
-                   draft_tokens=args.draft_tokens, dtype=args.dtype)
+    settings = dict(batch_size=args.batch_size, threads=args.threads, text_field=args.text_field,
+                    output_field=args.output_field, guard_max_change=args.guard, device=args.device,
+                    window_overlap=_overlap(args), backend=args.backend,
+                    compile={"on": True, "off": False}.get(args.compile, "auto"), draft_tokens=args.draft_tokens,
+                    dtype=args.dtype)
+    if args.executor or args.workers or args.tasks:
+        if args.shard:
+            raise UserError("--shard I/N runs one task by hand; give it without --executor, --workers or --tasks")
+        from nichelm.apply_pipeline import apply_with_executor
+        report = apply_with_executor(args.model, args.input, args.output, _executor_options(args), **settings)
+        if isinstance(report, dict):         # slurm: submitted (or a dry run), nothing corrected here yet
+            return
+    else:
+        report = apply(args.model, args.input, args.output, shard=args.shard, **settings)
     print_report(report)
     if report.failed_count:
         raise SystemExit(1)      # some inputs were skipped; everything else was written
@@ -144,6 +158,27 @@ def cmd_bench_train(args):
     print(json.dumps(bench_train(preset=args.preset, arch=args.arch, device=args.device, steps=args.steps,
                                  warmup=args.warmup, batch=args.batch, seq=args.seq, vocab=args.vocab,
                                  threads=args.threads, compile=args.compile, peak_tflops=args.peak_tflops)))
+
+
+def add_executor(p: argparse.ArgumentParser, tasks_help: str, scripts: str, default: str | None = "local") -> None:
+    """The datatrove executor options, alike for prepare and apply (prepare_pipeline.make_executor)."""
+    p.add_argument("--executor", default=default, choices=["local", "slurm", "ray"],
+                   help="where the tasks run: this machine (default), a Slurm cluster, or a Ray cluster")
+    p.add_argument("--workers", type=_count, default=0, metavar="N",
+                   help="local: tasks run at once (default 0: all cores); slurm/ray: at most N at once (0: no limit)")
+    p.add_argument("--tasks", type=_count, default=0, metavar="N", help=tasks_help)
+    slurm = p.add_argument_group("slurm (--executor slurm)")
+    slurm.add_argument("--partition", default="", help="Slurm partition (required)")
+    slurm.add_argument("--time", default="04:00:00", help="time limit of each task (default 04:00:00)")
+    slurm.add_argument("--cpus-per-task", type=_count, default=1, help="also for ray (default 1)")
+    slurm.add_argument("--mem-per-cpu-gb", type=float, default=2.0, help="also for ray (default 2)")
+    slurm.add_argument("--env-command", default="",
+                       help="shell line that activates this Python environment in a job (default: source this venv)")
+    slurm.add_argument("--dry-run", action="store_true", help=f"write the sbatch scripts under {scripts}, "
+                                                             "submit nothing")
+    p.add_argument("--address", default="", help="ray: the cluster to join, HEAD:6379 (the address `ray start "
+                                                 "--head` prints) or auto (the cluster this machine has joined); "
+                                                 "default: that one, else a Ray started for this run")
 
 
 def add_guard(p: argparse.ArgumentParser) -> None:
@@ -187,29 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_project(sub.add_parser("prepare", help="read sources, build examples, tokenizer and token shards"))
     p.add_argument("--force", action="store_true", help="rebuild even if the data is already prepared")
-    p.add_argument("--executor", default="local", choices=["local", "slurm", "ray"],
-                   help="where the tasks run: this machine (default), a Slurm cluster, or a Ray cluster")
-    p.add_argument("--workers", type=_count, default=0, metavar="N",
-                   help="local: tasks run at once (default 0: all cores); slurm/ray: at most N at once (0: no limit)")
-    p.add_argument("--tasks", type=_count, default=0, metavar="N",
-                   help="tasks of the parallel jobs (default 0: one per piece); the output does not depend on it")
+    add_executor(p, "tasks of the parallel jobs (default 0: one per piece); the output does not depend on it",
+                 "RUN/logs/prepare/slurm")
     p.add_argument("--piece-mb", type=float, default=0, metavar="MB",
                    help="size of a piece of work: files are grouped, big .jsonl/.txt files cut into pieces "
                         "(default 0: the sources' size / 32, from 1 to 64)")
     p.add_argument("--shard-tokens", type=_count, default=100_000_000, metavar="N",
                    help="tokens per shard at most (default 100M); shards are cut between examples")
-    slurm = p.add_argument_group("slurm (--executor slurm)")
-    slurm.add_argument("--partition", default="", help="Slurm partition (required)")
-    slurm.add_argument("--time", default="04:00:00", help="time limit of each task (default 04:00:00)")
-    slurm.add_argument("--cpus-per-task", type=_count, default=1, help="also for ray (default 1)")
-    slurm.add_argument("--mem-per-cpu-gb", type=float, default=2.0, help="also for ray (default 2)")
-    slurm.add_argument("--env-command", default="",
-                       help="shell line that activates this Python environment in a job (default: source this venv)")
-    slurm.add_argument("--dry-run", action="store_true", help="write the sbatch scripts under RUN/logs/prepare/slurm, "
-                                                             "submit nothing")
-    p.add_argument("--address", default="", help="ray: the cluster to join, HEAD:6379 (the address `ray start "
-                                                 "--head` prints) or auto (the cluster this machine has joined); "
-                                                 "default: that one, else a Ray started for this run")
     p.set_defaults(func=cmd_prepare)
     p = with_project(sub.add_parser("select", help="resample the generic sources to look like the target "
                                                    "(DSIR or clusters) -> RUN/select/selected.jsonl"))
@@ -252,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(or, with --backend ct2, a ct2 export folder)")
     p.add_argument("--input", required=True, nargs="+", help=".txt, .jsonl or .parquet files, or folders of them")
     p.add_argument("--output", required=True, help="output folder; outputs mirror the input names")
-    p.add_argument("--shard", help="I/N: take only shard I of N (0-based), e.g. 0/4")
+    add_executor(p, "tasks the work is planned for (default: --workers; local: all cores; slurm/ray: one per "
+                    "64 MB of input); the output does not depend on it", "OUTPUT/.nichelm-apply/slurm", default=None)
+    p.add_argument("--shard", help="I/N: run only task I of --tasks N (0-based) in this process, e.g. 0/4 "
+                                   "(what each datatrove task runs); the last task to finish joins split files")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--text-field", default="text", help="jsonl/parquet: the field (column) holding the text")

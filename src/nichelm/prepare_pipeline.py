@@ -48,16 +48,15 @@ from nichelm.errors import UserError
 from nichelm.io import atomic_write_json
 
 JOBS = ("calibrate", "examples", "tokenizer", "tokens", "finish")
-PLAN_VERSION = 1
+PLAN_VERSION = 2                 # 2: example parts are .jsonl.zst (were .jsonl.gz): an older build starts over
 
 
 @dataclass
-class PrepareOptions:
+class ExecutorOptions:
+    """Where datatrove tasks run (make_executor); `nichelm apply` takes the same options."""
     executor: str = "local"          # local | slurm | ray
     workers: int = 0                 # local: processes at once (0: all cores); slurm/ray: tasks at once (0: no limit)
-    tasks: int = 0                   # tasks of the examples and tokens jobs (0: one per piece)
-    piece_mb: float = 0              # size of a piece of work (0: the sources' size / 32, from 1 to 64 MiB)
-    shard_tokens: int = 100_000_000
+    tasks: int = 0                   # tasks of the parallel jobs (prepare: 0 = one per piece)
     partition: str = ""              # slurm
     time: str = "04:00:00"           # slurm: time limit of each task
     cpus_per_task: int = 1           # slurm / ray
@@ -66,6 +65,12 @@ class PrepareOptions:
     dry_run: bool = False            # slurm: write and return the sbatch scripts, submit nothing
     address: str = ""                # ray: the cluster to join ("HEAD:6379", "auto"; "": ray.init's default)
     debug: bool = False
+
+
+@dataclass
+class PrepareOptions(ExecutorOptions):
+    piece_mb: float = 0              # size of a piece of work (0: the sources' size / 32, from 1 to 64 MiB)
+    shard_tokens: int = 100_000_000
 
 
 def log(msg: str) -> None:
@@ -216,24 +221,30 @@ def make_executors(jobs, work: Path, opts: PrepareOptions) -> list:
         multiprocess.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
     executors, prev = [], None
     for name, pipeline, tasks in jobs:
-        logs = str(pl.job_dir(work, name))
-        if opts.executor == "local":
-            from datatrove.executor import LocalPipelineExecutor
-            workers = min(opts.workers or os.cpu_count() or 1, tasks)
-            ex = LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logs, depends=prev)
-        elif opts.executor == "slurm":
-            from datatrove.executor import SlurmPipelineExecutor
-            ex = SlurmPipelineExecutor(
-                pipeline, tasks=tasks, time=opts.time, partition=opts.partition, cpus_per_task=opts.cpus_per_task,
-                mem_per_cpu_gb=opts.mem_per_cpu_gb, workers=opts.workers or -1, job_name=f"nichelm-{name}",
-                qos="", env_command=opts.env_command or f"source {Path(sys.prefix) / 'bin' / 'activate'}",
-                logging_dir=logs, slurm_logs_folder=str(pl.job_dir(work, "slurm") / name), depends=prev)
-        else:                          # no depends: run_ray runs the jobs in order and stops at a failed one
-            ex = ray_executor(pipeline, tasks=tasks, workers=opts.workers or -1, logging_dir=logs,
-                              cpus_per_task=opts.cpus_per_task, mem_per_cpu_gb=opts.mem_per_cpu_gb)
-        executors.append(ex)
-        prev = ex
+        prev = make_executor(pipeline, tasks, pl.job_dir(work, name), pl.job_dir(work, "slurm") / name,
+                             f"nichelm-{name}", opts, depends=prev)
+        executors.append(prev)
     return executors
+
+
+def make_executor(pipeline: list, tasks: int, logs: Path, slurm_logs: Path, job_name: str, opts: ExecutorOptions,
+                  depends=None):
+    """The datatrove executor of one job (prepare's and apply's): local processes, a Slurm array or Ray
+    tasks; logs is its logging_dir (task logs, stats, completion markers)."""
+    if opts.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+        workers = min(opts.workers or os.cpu_count() or 1, tasks)
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logs), depends=depends)
+    if opts.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+        return SlurmPipelineExecutor(
+            pipeline, tasks=tasks, time=opts.time, partition=opts.partition, cpus_per_task=opts.cpus_per_task,
+            mem_per_cpu_gb=opts.mem_per_cpu_gb, workers=opts.workers or -1, job_name=job_name,
+            qos="", env_command=opts.env_command or f"source {Path(sys.prefix) / 'bin' / 'activate'}",
+            logging_dir=str(logs), slurm_logs_folder=str(slurm_logs), depends=depends)
+    # no depends: run_ray runs the jobs in order and stops at a failed one
+    return ray_executor(pipeline, tasks=tasks, workers=opts.workers or -1, logging_dir=str(logs),
+                        cpus_per_task=opts.cpus_per_task, mem_per_cpu_gb=opts.mem_per_cpu_gb)
 
 
 def sbatch_scripts(executors, jobs) -> dict[str, str]:
@@ -266,7 +277,7 @@ def submit_slurm(executors, jobs, work: Path, opts: PrepareOptions) -> dict:
     return {"submitted": True, "job_ids": ids}
 
 
-def start_ray(opts: PrepareOptions) -> None:
+def start_ray(opts: ExecutorOptions) -> None:
     """Join the Ray cluster at --address ("auto": the one started on this machine by `ray start`), or start
     a Ray for this run when there is none. Its workers import nichelm: every node needs this environment."""
     # Ray >= 2.52 turns token auth on for a cluster started where a token exists (~/.ray/auth_token), but a
@@ -338,8 +349,9 @@ def run_ray(executors, jobs, work: Path, debug: bool = False) -> None:
     """Run the jobs in order on the Ray cluster; stop at the first with an unfinished task. (datatrove's
     `depends` would wait forever for a failed dependency, in 2-minute sleeps.)"""
     for ex, (name, _, _) in zip(executors, jobs):
+        logs = Path(ex.logging_dir.path)               # the job's logging_dir (pl.job_dir for prepare's jobs)
         for rank in ex.get_incomplete_ranks():
-            (pl.job_dir(work, name) / "errors" / f"{rank:05d}.json").unlink(missing_ok=True)
+            (logs / "errors" / f"{rank:05d}.json").unlink(missing_ok=True)
         with quiet_ray_executor(debug):
             ex.run()
         failed = ex.get_incomplete_ranks()
@@ -347,14 +359,14 @@ def run_ray(executors, jobs, work: Path, debug: bool = False) -> None:
             continue
         rank = failed[0]
         try:
-            info = json.loads((pl.job_dir(work, name) / "errors" / f"{rank:05d}.json").read_text(encoding="utf-8"))
+            info = json.loads((logs / "errors" / f"{rank:05d}.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             info = None                # none written: the worker died (out of memory, node lost, ...)
         if info and info["user_error"]:
             raise UserError(info["message"])
         cause = f"{info['type']}: {info['message']}" if info else "its worker died"
         raise UserError(f"ray: {len(failed)} {name} task(s) failed, first task {rank} ({cause}); its log: "
-                        f"{pl.job_dir(work, name) / 'logs' / f'task_{rank:05d}.log'}; re-run the same command "
+                        f"{logs / 'logs' / f'task_{rank:05d}.log'}; re-run the same command "
                         "to resume")
 
 
