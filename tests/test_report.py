@@ -188,3 +188,33 @@ def test_run_report_includes_the_selection_and_flags_a_newer_one(tmp_path):
     (run / "data" / "manifest.json").write_text(json.dumps({"sources": [{"name": "selected", "sha256": "b" * 64}]}))
     assert "not the one the run's data was prepared from" in render_html(make_report(), run)
     assert "Selection of generic text" not in render_html(make_report(), tmp_path / "other-run")
+
+
+def _perplexity(groups: dict[str, float]) -> dict:
+    """A "perplexity" key shaped like nichelm.perplexity.perplexity_report's, mean NLL per group given."""
+    import math
+    per = {name: {"documents": 2, "tokens": 100, "bytes": 400, "nll": nll, "perplexity": math.exp(nll),
+                  "bits_per_byte": nll * 100 / math.log(2) / 400} for name, nll in groups.items()}
+    mean = sum(groups.values()) / len(groups)
+    return {"groups": per, "documents": 2 * len(per), "tokens": 100 * len(per), "macro_perplexity": math.exp(mean),
+            "micro_perplexity": math.exp(mean), "bits_per_byte": 1.0, "context": "sliding windows",
+            "data": "held/out.jsonl", "model": "runs/x"}
+
+
+def test_perplexity_section_shows_each_group_and_the_macro_average():
+    report = make_report()
+    assert "Specialized perplexity" not in render_html(report)        # no --perplexity run: no section
+    report["perplexity"] = _perplexity({"law <court>": 2.0, "health": 3.0})
+    page = render_html(report)
+    section = page[page.index("<h2>Specialized perplexity</h2>"):]
+    assert "law &lt;court&gt;" in section and "<court>" not in section    # group names escaped
+    assert "7.389" in section and "20.086" in section                  # exp(2), exp(3) per group
+    assert re.search(r"macro</b>[^<]*</td><td>4</td><td>200</td><td>12\.182</td>", section)   # exp(2.5)
+    assert "held/out.jsonl" in section and "CER (corpus)" in page
+
+
+def test_perplexity_only_report_renders_its_section_alone(tmp_path):
+    """evaluate --perplexity before any evaluation: report.json holds the perplexity only."""
+    path = write_report_html({"perplexity": _perplexity({"news": 1.0})}, tmp_path / "report.html")
+    page = path.read_text(encoding="utf-8")
+    assert "Specialized perplexity" in page and "2.718" in page and "CER (corpus)" not in page

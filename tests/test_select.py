@@ -456,6 +456,28 @@ def test_select_pays_bench_runs_end_to_end_small(tmp_path):
     assert all(a["bits_per_byte"] > 0 and a["heldout_tokens"] > 0 for a in arms.values())
 
 
+def test_select_scale_bench_runs_end_to_end_small(tmp_path):
+    """bench/select_scale.py at toy sizes on a small synthetic corpus: repeated, shuffled passes with unique
+    ids, select run as a command with its memory and CPU measured (the figures need the 0.1 / 1 GB run)."""
+    bench = _bench("select_scale")
+    assert "skipped" in bench.main(["--data", str(tmp_path / "absent")])
+    data = tmp_path / "data"
+    data.mkdir()
+    for domain in ("law", "med", "code"):
+        with gzip.open(data / f"{domain}.jsonl.gz", "wt") as f:
+            for r in make_pool({domain: 100}):
+                f.write(json.dumps({"id": r.id, "text": r.text, "domain": r.domain, "licence": "lic"}) + "\n")
+    result = bench.main(["--sizes", "0.001,0.003", "--methods", "dsir", "--target", "med", "--out",
+                         str(tmp_path / "out"), "--data", str(data)])
+    small, big = result["runs"]["dsir"]
+    assert 0.5e6 < small["generic_mb"] * 1e6 <= 1e6 and big["generic_documents"] > 2 * small["generic_documents"]
+    corpus = result["corpora"]["0.003"]
+    ids = [json.loads(line)["id"] for line in (tmp_path / "out" / "generic_0.003gb.jsonl").open()]
+    assert corpus["passes"] > 2 and len(ids) == len(set(ids)) == corpus["documents"] == big["generic_documents"]
+    assert small["peak_rss_mb"] > 50 and big["cpu_s"] > 0 and big["kl_reduction"] > 0
+    assert result["acceptance"]["dsir"]["big_peak_mb"] == big["peak_rss_mb"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     import torch
@@ -510,6 +532,9 @@ def test_evaluate_perplexity_cli_adds_to_report_json(tiny_run, tmp_path, capsys)
     report = json.loads((out / "report.json").read_text())
     assert report["cer_after"] == 0.1 and set(report["perplexity"]["groups"]) == {"court", "town"}
     assert "macro (exp mean NLL)" in capsys.readouterr().out
+    page = (out / "report.html").read_text(encoding="utf-8")        # the HTML report shows the figures too
+    section = page[page.index("<h2>Specialized perplexity</h2>"):]
+    assert "<td>court</td>" in section and f"{report['perplexity']['macro_perplexity']:,.3f}" in section
     assert main(["evaluate", "--perplexity", "--data", str(tmp_path / "nothing.jsonl"), "--model", str(tiny_run)]) == 2
     # a project without --data: the test split of its target (here the gold side of its clean and pairs sources)
     assert main(["evaluate", str(tiny_run.parent / "project.toml"), "--perplexity"]) == 0

@@ -665,6 +665,7 @@ def evaluate_perplexity(project: Project | None, data: Path | None = None, model
             raise UserError(f"{path}: not a readable report; move it away or give --out another folder") from None
     existing["perplexity"] = report
     atomic_write_json(path, existing)
+    _write_html(existing, out / "report.html", model_run_dir(Path(model)))
     return report, path
 
 

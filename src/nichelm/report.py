@@ -9,8 +9,10 @@ charts would be, so an evaluation never fails for want of a plotting library.
 Contents: the headline before/after table, the loss curves of the run (when its
 metrics.jsonl is known), CER before/after per source, the distribution of the
 per-example CER change, the worst and best examples with the model's edits and
-the remaining errors marked, and the per-example table; when the run selected generic text
-(`nichelm select`), the selection section, which select also writes as a page of its own.
+the remaining errors marked, and the per-example table; the specialized perplexity when
+`evaluate --perplexity` has run (that section alone when nothing else was evaluated); when the
+run selected generic text (`nichelm select`), the selection section, which select also writes as
+a page of its own.
 """
 
 from __future__ import annotations
@@ -69,14 +71,18 @@ def render_html(report: dict, run_dir: Path | None = None) -> str:
     title = f"nichelm evaluation: {data.get('name') or ((Path(run_dir).name + ', ') if run_dir else '') + 'test split'}"
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
              f"<style>{CSS}</style></head><body>",
-             f"<h1>{_e(title)}</h1>", _meta_line(report, run_dir),
-             "<h2>Corpus scores</h2>", _headline_table(report),
-             "<h2>Charts</h2>", _charts(report, run_dir),
-             "<h2>Per source</h2>", _source_table(report),
-             _examples_section(report),
-             _per_example_table(report),
-             _run_selection(run_dir),
-             "</body></html>\n"]
+             f"<h1>{_e(title)}</h1>", _meta_line(report, run_dir)]
+    if "cer_before" in report:
+        parts += ["<h2>Corpus scores</h2>", _headline_table(report),
+                  "<h2>Charts</h2>", _charts(report, run_dir),
+                  "<h2>Per source</h2>", _source_table(report),
+                  perplexity_section(report.get("perplexity")),
+                  _examples_section(report),
+                  _per_example_table(report),
+                  _run_selection(run_dir)]
+    else:                                   # only `evaluate --perplexity` has run so far: its section alone
+        parts.append(perplexity_section(report.get("perplexity")))
+    parts.append("</body></html>\n")
     return "\n".join(p for p in parts if p)
 
 
@@ -151,6 +157,28 @@ def _per_example_table(report: dict) -> str:
     unit = _e(report.get("unit", "example"))
     return (f"<h2>Per {unit}</h2>{note}<table><tr><th>{unit}</th><th>source</th><th>gold chars</th>"
             f"<th>CER before</th><th>CER after</th><th>change</th></tr>{body}</table>")
+
+
+# --------------------------------------------------------------------------- perplexity (evaluate --perplexity)
+
+
+def perplexity_section(ppl: dict | None) -> str:
+    """The "perplexity" key of report.json (nichelm.perplexity.perplexity_report): per domain or source,
+    then the macro average (exp of the mean of the groups' mean NLLs: the paper's metric) and the micro one."""
+    if not ppl or not ppl.get("groups"):
+        return ""
+
+    def row(name: str, g: dict, value: float) -> str:
+        return (f"<tr><td>{name}</td><td>{g['documents']:,}</td><td>{g['tokens']:,}</td>"
+                f"<td>{value:,.3f}</td><td>{g['bits_per_byte']:.4f}</td></tr>")
+    body = "".join(row(_e(name), g, g["perplexity"]) for name, g in ppl["groups"].items())
+    body += row("<b>macro</b> (exp of the mean of the groups' NLLs)", ppl, ppl["macro_perplexity"])
+    body += row("micro (all tokens pooled)", ppl, ppl["micro_perplexity"])
+    meta = " &middot; ".join(f"{k} <code>{_e(ppl[k])}</code>" for k in ("data", "model") if ppl.get(k))
+    note = f"<p class=\"note\">{_e(ppl['context'])}</p>" if ppl.get("context") else ""
+    return ("<h2>Specialized perplexity</h2>" + (f"<p class=\"meta\">{meta}</p>" if meta else "") +
+            "<table><tr><th>domain / source</th><th>documents</th><th>tokens</th><th>perplexity</th>"
+            f"<th>bits/byte</th></tr>{body}</table>{note}")
 
 
 # --------------------------------------------------------------------------- selection (nichelm select)
