@@ -659,16 +659,15 @@ class DocResult:
 def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[DocResult]:
     """Corrector.correct, plus per-document guard counts: windows of all texts share batches."""
     from nichelm.data.tokenizer import encode_texts
-    from nichelm.inference import cut_windows
+    from nichelm.inference import by_document, cut_windows, stitch
     cut = [cut_windows(t, corrector.window_chars) for t in texts]
     fixed = corrector.correct_pieces(cut)
     tokens = [len(ids) for ids in encode_texts(corrector.tokenizer, [c.raw for c in fixed])]
+    margin = corrector.guard_margin if guard else None
     results, k = [], 0
-    for pieces in cut:
-        r, parts = DocResult(""), []
-        for _, sep in pieces:
-            c = fixed[k]
-            parts.append((c.text if guard else c.raw) + sep)
+    for pieces in by_document(cut, fixed):
+        r = DocResult(stitch(pieces, margin, corrector.passed_share))
+        for c, _ in pieces:
             r.windows += 1
             r.kept_too_different += c.kept_input == "too_different"
             r.kept_hit_limit += c.kept_input == "hit_limit"
@@ -681,7 +680,6 @@ def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[D
                 r.input_tokens += c.tokens
                 r.input_mnats += round(1000 * c.surprisal * c.tokens)
             k += 1
-        r.text = "".join(parts)
         results.append(r)
     return results
 
@@ -1075,13 +1073,8 @@ class ApplyReport:
 
 def model_identity(model: Path) -> str:
     """Names the weights, so a resume with another model or a newer checkpoint is refused."""
-    from nichelm.checkpoint import latest_checkpoint
-    from nichelm.export import NICHELM_JSON, is_export, run_dir
-    if is_export(model):
-        meta = json.loads((model / NICHELM_JSON).read_text())
-        return f"export of {meta.get('run')} {meta.get('checkpoint')}"
-    ckpt = latest_checkpoint(run_dir(model))
-    return str(ckpt.resolve()) if ckpt else str(model)
+    from nichelm.artifacts import model_identity
+    return model_identity(model)
 
 
 def apply(model: str | Path, inputs: list[str | Path], output: str | Path, shard: str | None = None,
@@ -1098,7 +1091,7 @@ _LOADED: dict = {}                  # the corrector this process loaded: a worke
 
 
 def cached_corrector(model: Path, **kwargs):
-    from nichelm.export import load_corrector
+    from nichelm.inference import load_corrector
     key = (str(model), json.dumps(kwargs, sort_keys=True, default=str))
     if key not in _LOADED:
         _LOADED.clear()

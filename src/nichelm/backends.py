@@ -206,39 +206,47 @@ def _require(module: str, message: str):
         raise UserError(message) from None
 
 
-def open_backend(name: str, model: Path, corrector, device: str = "cpu"):
-    """The engine `name` for the model at `model` (a run, project file, hf export, or for ct2 a ct2 export).
+def open_backend(name: str, model, corrector, device: str = "cpu"):
+    """The engine `name` for a model (an artifacts.Source, or the path of a run, project file, hf export
+    or, for ct2, a ct2 export).
 
-    ct2 and vllm load their own copy of the weights: from the folder itself when it is an export they
-    read, else from an hf export (and, for ct2, its conversion) made in a temporary folder, removed
-    once CTranslate2 has loaded it, or with the vLLM backend."""
-    from nichelm.export import is_ct2_export, is_export
+    torch decodes the Corrector's own model. ct2 and vllm load their own copy of the weights: from the
+    folder itself when it is an export they read, else from an hf export (and, for ct2, its conversion)
+    made in a temporary folder, removed once CTranslate2 has loaded it, or with the vLLM backend."""
     if name not in BACKENDS:
         raise UserError(f"--backend {name!r}: use one of {', '.join(BACKENDS)}")
     if name == "torch":
         return TorchBackend(corrector)
-    model = Path(model)
     if name == "ct2":
         _require("ctranslate2", NEEDS_CT2)
-        if is_ct2_export(model):
-            return CT2Backend(model, corrector.tokenizer, corrector.end_id, device, corrector.batch_size,
+        source = _source(model)
+        if source.kind == "ct2":
+            return CT2Backend(source.path, corrector.tokenizer, corrector.end_id, device, corrector.batch_size,
                               corrector.beams)
         _require("transformers", NEEDS_TRANSFORMERS)          # CTranslate2's converter reads the hf export
+        from nichelm.export import hf_to_ct2
         with tempfile.TemporaryDirectory(prefix="nichelm-ct2-") as tmp:
-            from nichelm.export import hf_to_ct2
-            ct2_dir = hf_to_ct2(model if is_export(model) else _hf_export(model, Path(tmp) / "hf"), Path(tmp) / "ct2")
+            ct2_dir = hf_to_ct2(_hf_folder(source, Path(tmp) / "hf"), Path(tmp) / "ct2")
             return CT2Backend(ct2_dir, corrector.tokenizer, corrector.end_id, device, corrector.batch_size,
                               corrector.beams)
     _require("vllm", NEEDS_VLLM)
     _greedy_only(corrector.beams)                            # before any export work
-    if is_export(model):
-        return VLLMBackend(model, corrector.end_id, corrector.beams)
+    source = _source(model)
+    if source.kind == "hf":
+        return VLLMBackend(source.path, corrector.end_id, corrector.beams)
     tmp = tempfile.TemporaryDirectory(prefix="nichelm-vllm-")
-    return VLLMBackend(_hf_export(model, Path(tmp.name) / "hf"), corrector.end_id, corrector.beams, keep=tmp)
+    return VLLMBackend(_hf_folder(source, Path(tmp.name) / "hf"), corrector.end_id, corrector.beams, keep=tmp)
 
 
-def _hf_export(model: Path, out: Path) -> Path:
-    """A fresh hf export of a run (or project file)'s newest checkpoint, for an engine to load."""
-    from nichelm.export import export_hf, load_run, run_dir
+def _source(model):
+    from nichelm.artifacts import Source, open_model
+    return model if isinstance(model, Source) else open_model(model)
+
+
+def _hf_folder(source, out: Path) -> Path:
+    """The hf export an engine loads: the folder itself, or a fresh export of the run's newest checkpoint."""
+    if source.kind == "hf":
+        return source.path
+    from nichelm.export import export_hf
     _require("transformers", NEEDS_TRANSFORMERS)
-    return export_hf(load_run(run_dir(model)), out)
+    return export_hf(source.run_model(), out)

@@ -31,8 +31,9 @@ from pathlib import Path
 
 from nichelm.config import Project
 from nichelm.errors import UserError
-from nichelm.inference import (GUARD_FILE, HARD_LIMITS, NO_MARGIN, Correction, Corrector, cut_windows,
-                               document_unfamiliar)
+from nichelm.artifacts import GUARD_FILE
+from nichelm.inference import (HARD_LIMITS, NO_MARGIN, Correction, Corrector, by_document, cut_windows,
+                               document_unfamiliar, stitch)
 from nichelm.io import atomic_write_json
 from nichelm.metrics import CorpusScore, char_distance, mark_changes
 
@@ -125,19 +126,7 @@ def sample_documents(docs: list[dict], max_windows: int, seed: int, window_chars
 def correct_pieces_of(corrector, texts: list[str]) -> list[list[tuple[Correction, str]]]:
     """Per document, (Correction, separator) for each window, from one decoding pass (as apply cuts)."""
     cut = [cut_windows(t, corrector.window_chars) for t in texts]
-    fixed = iter(corrector.correct_pieces(cut))
-    return [[(next(fixed), sep) for _, sep in pieces] for pieces in cut]
-
-
-def stitch(pieces: list[tuple[Correction, str]], margin: float | None, passed_share: float | None = None) -> str:
-    """A document's text with its windows at the guard of `margin` and the document test of
-    passed_share (inference.document_unfamiliar), as Corrector.correct_pieces applies them.
-    margin None: the model's raw outputs."""
-    if margin is None:
-        return "".join(c.raw + sep for c, sep in pieces)
-    if document_unfamiliar([c for c, _ in pieces], margin, passed_share):
-        return "".join(c.source + sep for c, sep in pieces)
-    return "".join(c.text_at(margin) + sep for c, sep in pieces)
+    return by_document(cut, corrector.correct_pieces(cut))
 
 
 def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
@@ -203,7 +192,7 @@ def calibrate_margin(docs: list[dict], fixed: list[list[tuple[Correction, str]]]
             let_through[d][w] = True
             touched.add(d)
             k += 1
-        for d in touched:
+        for d in touched:         # the document with exactly the corrections let through so far
             text = "".join((c.raw if let_through[d][w] else c.text_at(math.inf)) + sep
                            for w, (c, sep) in enumerate(fixed[d]))
             new = char_distance(text, refs[d])
@@ -460,21 +449,13 @@ def read_external_examples(data: Path, fmt: str, gold: Path | None = None, max_d
 
 def load_corrector(model: Path, device: str = "cpu", guard_max_change: float = 0.15, batch_size: int = 64,
                    window_overlap: int = 0):
-    """A corrector for --model: `nichelm.load` when this nichelm has it (run, project file or export),
-    else `Corrector.from_run` for a run directory."""
-    import nichelm
+    """A corrector for --model (run, project file or export): inference.load_corrector."""
+    from nichelm.inference import load_corrector
     model = Path(model)
     if not model.exists():
         raise UserError(f"{model}: no such model; give --model a run directory or an export directory")
-    load = getattr(nichelm, "load", None)
-    if load is not None:
-        return load(model, device=device, guard_max_change=guard_max_change, batch_size=batch_size,
-                    window_overlap=window_overlap)
-    if not (model / "checkpoints").is_dir():
-        raise UserError(f"{model}: not a run directory (no checkpoints/); give --model a directory made by "
-                        "`nichelm train`")
-    return Corrector.from_run(model, device=device, guard_max_change=guard_max_change, batch_size=batch_size,
-                              window_overlap=window_overlap)
+    return load_corrector(model, device=device, guard_max_change=guard_max_change, batch_size=batch_size,
+                          window_overlap=window_overlap)
 
 
 def model_run_dir(model: Path | None) -> Path | None:
@@ -553,14 +534,9 @@ def correct_documents(corrector, texts: list[str]) -> tuple[list[str], list[str]
     if not hasattr(corrector, "correct_windows"):
         outputs = corrector.correct(texts)
         return outputs, outputs
-    cut = [cut_windows(t, corrector.window_chars) for t in texts]
-    fixed = iter(corrector.correct_pieces(cut))
-    guarded, unguarded = [], []
-    for pieces in cut:
-        done = [(next(fixed), sep) for _, sep in pieces]
-        guarded.append("".join(c.text + sep for c, sep in done))
-        unguarded.append("".join(c.raw + sep for c, sep in done))
-    return guarded, unguarded
+    fixed = correct_pieces_of(corrector, texts)
+    return ([stitch(p, corrector.guard_margin, corrector.passed_share) for p in fixed],
+            [stitch(p, None) for p in fixed])
 
 
 def _run_facts(data, fmt, gold, model, corrector, examples, seconds) -> dict:

@@ -1,6 +1,9 @@
-"""Load a trained run and correct text with it: windowing, batched decoding, do-no-harm guard.
+"""Correct text with a trained model: windowing, batched decoding, do-no-harm guard, stitching back.
 
-Used by `nichelm evaluate`, `nichelm correct` and `nichelm.load(...)`.
+load_corrector (`nichelm.load`) builds a Corrector on any model nichelm.artifacts reads (run, project
+file, hf or ct2 export), decoding with the engine of nichelm.backends. Used by `nichelm evaluate`,
+`nichelm apply`, `nichelm correct` and `nichelm.load(...)`. Windows become documents again in one place:
+by_document + stitch.
 
 The guard keeps a window's input unless its correction passes three tests: the model ended it (end
 marker within the budget), it changes at most guard_max_change of the window (a hard cap), and the
@@ -11,31 +14,28 @@ training data a small model is as sure of its wrong edits as of its right ones a
 fewer of its changes pass the margin; so a whole document keeps its input when so few of its changed
 windows passed that a document like the validation split's would hardly ever show it (document_unfamiliar).
 `nichelm evaluate` chooses the margin on the validation split and stores it, with that share, in
-RUN/guard.json; every way of loading a model reads it (run_task), so all engines apply one rule.
+RUN/guard.json; every way of loading a model reads it (artifacts.run_task), so all engines apply one rule.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import math
 import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rapidfuzz.distance import Indel
 
-from nichelm.checkpoint import latest_checkpoint, load_model_weights
-from nichelm.data.tokenizer import encode_text, encode_texts, load_tokenizer, prompt_ids, prompt_ids_batch, \
-    scrub_surrogates
+from nichelm.artifacts import GUARD_FILE, Source, is_ct2_export, open_model, open_run, run_task  # noqa: F401
+from nichelm.backends import BACKENDS, TorchBackend, open_backend
+from nichelm.data.tokenizer import encode_text, encode_texts, prompt_ids, prompt_ids_batch, scrub_surrogates
 from nichelm.errors import UserError
-from nichelm.backends import TorchBackend
 from nichelm.generate import DRAFT_TOKENS, compile_for_decoding
 from nichelm.metrics import char_distance
-from nichelm.model import GPT, ModelConfig
+from nichelm.model import GPT
 
 
 @dataclass
@@ -59,7 +59,6 @@ class GuardStats:
 
 # Reasons a window keeps its input whatever the margin: the length cap and an unfinished output.
 HARD_LIMITS = ("too_different", "hit_limit")
-GUARD_FILE = "guard.json"          # RUN/guard.json: the margin `nichelm evaluate` chose (calibrate_margin)
 # A document like the val split's is left whole by chance at most this often. 0.05 (the usual level), not 0.01:
 # on design data (a seeded BLN600 train sample disjoint from bench/do_no_harm.py's, ICDAR 2017 English) the
 # out-of-domain documents that kept wrong corrections at 0.01 had p = 0.016-0.03.
@@ -227,27 +226,6 @@ DTYPES = ("auto", "float32", "bfloat16")
 NO_MARGIN = float("-inf")         # an uncalibrated model: the margin test lets every correction through
 
 
-def run_task(run: Path, checkpoint: Path | None = None) -> dict:
-    """RUN/task.json plus the guard `nichelm evaluate` calibrated for the run's newest checkpoint
-    (RUN/guard.json, under "guard"), as exports store it in their task.json. A calibration made for an
-    older checkpoint is left out, with a note: its margin says nothing about the new weights."""
-    run = Path(run)
-    task = json.loads((run / "task.json").read_text())
-    path = run / GUARD_FILE
-    if path.is_file():
-        try:
-            guard = json.loads(path.read_text())
-        except ValueError:
-            raise UserError(f"{path}: not valid JSON; delete it and re-run `nichelm evaluate`") from None
-        checkpoint = checkpoint or latest_checkpoint(run)
-        if checkpoint is not None and guard.get("checkpoint") not in (None, checkpoint.name):
-            print(f"nichelm: {path} was calibrated for {guard.get('checkpoint')}, the newest checkpoint is "
-                  f"{checkpoint.name}: guard margin not used; re-run `nichelm evaluate`", file=sys.stderr)
-        else:
-            task["guard"] = guard
-    return task
-
-
 class Corrector:
     def __init__(self, model: GPT, tokenizer, task: dict, device: torch.device | str = "cpu",
                  batch_size: int = 64, guard_max_change: float = 0.15, max_new_tokens_ratio: float = 1.5,
@@ -290,15 +268,23 @@ class Corrector:
 
     @classmethod
     def from_run(cls, run: Path, device: str = "cpu", **kwargs) -> "Corrector":
-        run = Path(run)
-        ckpt = latest_checkpoint(run)
-        if ckpt is None:
-            raise UserError(f"{run}: no complete checkpoint; run `nichelm train` first")
-        trainer = json.loads((ckpt / "trainer.json").read_text())
-        model = GPT(ModelConfig(**trainer["model_config"]))
-        load_model_weights(model, ckpt / "model.safetensors")
-        tokenizer = load_tokenizer(run / "tokenizer" / "tokenizer.json")
-        return cls(model.to(device), tokenizer, run_task(run, ckpt), device=device, **kwargs)
+        """A Corrector on a run directory's newest complete checkpoint (nichelm's own engine)."""
+        return cls.from_source(open_run(run), device=device, **kwargs)
+
+    @classmethod
+    def from_source(cls, source: Source, device: str = "cpu", backend: str = "torch", **kwargs) -> "Corrector":
+        """A Corrector on a model read by nichelm.artifacts, decoding with `backend` (nichelm.backends).
+        For ct2 and vllm the engine loads its own copy of the weights, and the Corrector's model only
+        gives the shape (on the meta device: no weights read)."""
+        if backend == "torch":
+            model = source.load_model(device)
+        else:
+            with torch.device("meta"):
+                model = GPT(source.cfg)
+        corrector = cls(model, source.load_tokenizer(), source.task, device=device, **kwargs)
+        if backend != "torch":
+            corrector.backend = open_backend(backend, source, corrector, device)
+        return corrector
 
     def token_chars(self) -> list[int]:
         """Characters of each token id (copy drafts re-align by them), computed once."""
@@ -493,13 +479,41 @@ class Corrector:
     def correct(self, texts: list[str], guard: bool = True) -> list[str]:
         """Correct texts of any length: cut into windows, correct, stitch back in order."""
         cut = [cut_windows(t, self.window_chars) for t in texts]
-        fixed = self.correct_pieces(cut)
-        out, k = [], 0
-        for pieces in cut:
-            parts = []
-            for chunk, sep in pieces:
-                c = fixed[k]
-                parts.append((c.text if guard else c.raw) + sep)
-                k += 1
-            out.append("".join(parts))
-        return out
+        margin = self.guard_margin if guard else None
+        return [stitch(pieces, margin, self.passed_share) for pieces in by_document(cut, self.correct_pieces(cut))]
+
+
+def load_corrector(path: str | Path, device: str = "cpu", backend: str = "torch", **kwargs) -> Corrector:
+    """A Corrector for a run directory, a project file, or an export folder (nichelm.load).
+
+    backend (nichelm.backends): "torch" decodes with nichelm's own engine; "ct2" and "vllm" run the
+    same weights in CTranslate2 or vLLM. "ct2" also takes a folder made by `nichelm export --format ct2`."""
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if is_ct2_export(path) and backend != "ct2":
+        raise UserError(f"{path}: a CTranslate2 export runs only with --backend ct2; give the run or its hf "
+                        f"export for --backend {backend}")
+    return Corrector.from_source(open_model(path), device=device, backend=backend, **kwargs)
+
+
+# ---------------------------------------------------------------- stitching windows back
+
+def by_document(cut: list[list[tuple[str, str]]], fixed: list[Correction]) -> list[list[tuple[Correction, str]]]:
+    """correct_pieces' corrections (all documents, in order) regrouped per document: (Correction, the
+    separator cut_windows kept after that window) for each window."""
+    it = iter(fixed)
+    return [[(next(it), sep) for _, sep in pieces] for pieces in cut]
+
+
+def stitch(pieces: list[tuple[Correction, str]], margin: float | None, passed_share: float | None = None) -> str:
+    """A document's text from its windows: each window's output at the guard of `margin` (Correction.text_at)
+    and the document test of passed_share (document_unfamiliar), each followed by its separator from the
+    input. margin None: the model's raw outputs. The one way windows become a document again: with the
+    Corrector's own margin and passed_share this is the text correct_pieces decided; evaluate replays the
+    same rule at other margins without decoding again."""
+    if margin is None:
+        return "".join(c.raw + sep for c, sep in pieces)
+    if document_unfamiliar([c for c, _ in pieces], margin, passed_share):
+        return "".join(c.source + sep for c, sep in pieces)
+    return "".join(c.text_at(margin) + sep for c, sep in pieces)
