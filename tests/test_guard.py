@@ -292,6 +292,10 @@ def test_the_corrector_applies_the_document_test(monkeypatch):
     corrector.passed_share = 0.25                            # as on val: familiar
     quarter = corrector.correct([text])[0]
     assert quarter not in (text, fixed) and corrector.stats.documents_out_of_domain == 0
+    # stitching (inference.stitch replays the rule) agrees with each window's own final text, joined by hand
+    cut = cut_windows(text, corrector.window_chars)
+    windows = corrector.correct_pieces([cut])
+    assert quarter == "".join(c.text + sep for c, (_, sep) in zip(windows, cut))
     corrector.passed_share = 0.95                            # on val nearly all passed: unfamiliar, kept whole
     corrector.stats = type(corrector.stats)()
     assert corrector.correct([text])[0] == text

@@ -11,5 +11,5 @@ def load(path, device: str = "cpu", **kwargs):
 
     Imported lazily so `import nichelm` stays cheap (no torch).
     """
-    from nichelm.export import load_corrector
+    from nichelm.inference import load_corrector
     return load_corrector(path, device=device, **kwargs)

@@ -114,6 +114,6 @@ def group_texts(records: Iterable, max_docs: int = 0) -> dict[str, list[str]]:
 
 def load_model(path: Path, device: str = "cpu"):
     """(model, tokenizer, end marker id) of a run directory, project file or hf export."""
-    from nichelm.export import load_corrector
+    from nichelm.inference import load_corrector
     corrector = load_corrector(Path(path), device=device)
     return corrector.model, corrector.tokenizer, corrector.end_id

@@ -417,7 +417,8 @@ def load_init_weights(project: Project, model: GPT, vocab: dict[str, int]) -> Pa
     folder's model.safetensors. The source's model shape (dropout aside) and tokenizer must be this run's."""
     given = project.resolve(project.train.init_from)
     where = f"{project.source_file}: 'train.init_from' = {str(given)!r}"
-    from nichelm.export import NICHELM_JSON, from_hf, is_export
+    from nichelm.artifacts import NICHELM_JSON, is_export
+    from nichelm.convert import from_hf
     try:
         if is_export(given):
             theirs = ModelConfig(**json.loads((given / NICHELM_JSON).read_text(encoding="utf-8"))["model_config"])
