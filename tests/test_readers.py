@@ -359,3 +359,16 @@ def test_icdar2017_training_pairs(ocr_dir, inp, gs, n_docs, cer):
     # Summed over word segments (fast; a little above whole-document Levenshtein).
     measured, _ = corpus_cer((s.input, s.output) for d in docs for s in d.segments)
     assert measured == pytest.approx(cer, abs=0.3)
+
+
+def test_one_segment_document_is_one_stripped_window():
+    """The shortcut for one-segment documents (a jsonl/csv row) gives what the general loop gives."""
+    row = Segment("  Tbe cat sat. \n", "\tThe cat sat.\n\n")
+    assert pair_segments_to_windows(Document("d", [row]), 20) == [Segment("Tbe cat sat.", "The cat sat.")]
+    assert pair_segments_to_windows(Document("d", [Segment(None, " Clean text. ")]), 20) == [Segment(None, "Clean text.")]
+    assert pair_segments_to_windows(Document("d", [Segment("ocr only", "  \n")]), 20) == []     # no gold: dropped
+    # too long on either side: cut at word boundaries as before, not one window
+    long_gold = Document("d", [Segment("one two three four five six", "one two three four five six")])
+    assert [w.output for w in pair_segments_to_windows(long_gold, 14)] == ["one two three", "four five six"]
+    long_ocr = Document("d", [Segment("x" * 8 + " " + "y" * 8 + " " + "z" * 8, "short gold text")])
+    assert len(pair_segments_to_windows(long_ocr, 15)) > 1

@@ -244,6 +244,8 @@ def _field_names(obj: dict) -> str:
 def _text_or_error(value: str, key: str, path: Path, lineno: int) -> str:
     """The value, unless it holds a lone surrogate (JSON's "\\ud800" escape): that is no text and
     cannot be written as UTF-8 by any later stage, so we stop here, naming the line."""
+    if value.isascii():          # no surrogate possible: skip the copy encode() makes (prepare's hot path)
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -567,6 +569,11 @@ def pair_segments_to_windows(doc: Document, max_chars: int) -> list[Segment]:
     if max_chars < 1:
         raise ValueError("max_chars must be positive")
     max_in = int(max_chars * 1.5)
+    if len(doc.segments) == 1:   # one segment that fits (a jsonl/csv row): the loop below would give just this
+        seg = doc.segments[0]
+        output = seg.output.strip()
+        if len(output) <= max_chars and (seg.input is None or len(seg.input.strip()) <= max_in):
+            return [Segment(None if seg.input is None else seg.input.strip(), output)] if output else []
     windows: list[Segment] = []
     cur: list[Segment] = []
     out_len = in_len = 0  # raw lengths of `cur`
