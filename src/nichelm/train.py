@@ -721,7 +721,11 @@ class Distributed:
         return bool(value.item())
 
     def close(self):
+        """At the normal end of training (every rank gets here): wait for every rank, then tear down. Without
+        the barrier a rank could tear down while rank 0 still writes the checkpoint (seen once under gloo:
+        'terminate called without an active exception' on rank 1)."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

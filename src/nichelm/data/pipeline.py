@@ -1382,7 +1382,9 @@ def quiet_task_logger(logging_dir, rank: int, local_rank: int = 0, node_rank: in
     logger.remove()
     logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
     _console(None if local_rank == 0 else "ERROR")
-    logger.add(logfile, level="DEBUG", format=_LOG_FORMAT)
+    # catch=False: a log write that fails (disk full) raises in the task and reaches the command's one-line
+    # error, instead of loguru printing its own traceback to stderr and going on
+    logger.add(logfile, level="DEBUG", format=_LOG_FORMAT, catch=False)
     logger.info(f"Launching pipeline for {rank=}")
     return logfile
 
