@@ -502,3 +502,21 @@ def test_parquet_part_files_roll_by_size_or_age(run, tmp_path, monkeypatch):
         outputs.append(tree(out))
     assert parts[0] == 1 and 1 < parts[1] < parts[2]
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.parametrize("env, first, spin", [({}, "", "1000"),                       # apply's short spin
+                                              ({"OMP_WAIT_POLICY": "ACTIVE"}, "", None),  # the user's choice
+                                              ({"GOMP_SPINCOUNT": "5"}, "", "5"),
+                                              ({}, "import torch", None)])             # too late: not set
+def test_apply_makes_openmp_threads_sleep_soon_before_torch_loads(tmp_path, env, first, spin):
+    """libgomp reads GOMP_SPINCOUNT when torch loads it: apply sets it before its first `import torch`
+    (a busy machine otherwise costs 2 threads ~8x the CPU time of 1), never over the user's setting."""
+    import os
+    corpus = make_corpus(tmp_path / "in", 1)
+    code = (f"{first}\nimport os, sys\nfrom nichelm.apply import apply\nfrom nichelm.errors import UserError\n"
+            f"try:\n    apply({str(tmp_path / 'no-model')!r}, [{str(corpus)!r}], {str(tmp_path / 'out')!r})\n"
+            "except UserError:\n    pass\nprint(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(spin), "True"]       # torch loaded: the model load was reached
