@@ -151,8 +151,12 @@ def command(engine: str, folders: dict, inp: Path, out: Path, args) -> list[str]
 
 def run_process(cmd: list[str], threads: int, cpus: list[int] | None) -> dict:
     """Wall clock, CPU seconds and peak RSS of one process (its own rusage, from wait4)."""
+    # every engine gets the OpenMP spin `nichelm apply` sets for itself (apply.short_openmp_spin), so
+    # the rows compare engines, not how each one's threads cope with a busy machine
+    from nichelm.apply import OPENMP_SPIN_COUNT
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true")
+    env.setdefault("GOMP_SPINCOUNT", str(OPENMP_SPIN_COUNT))
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
