@@ -535,6 +535,12 @@ def test_evaluate_perplexity_cli_adds_to_report_json(tiny_run, tmp_path, capsys)
     page = (out / "report.html").read_text(encoding="utf-8")        # the HTML report shows the figures too
     section = page[page.index("<h2>Specialized perplexity</h2>"):]
     assert "<td>court</td>" in section and f"{report['perplexity']['macro_perplexity']:,.3f}" in section
+    # a CER evaluation written into the same folder later keeps the perplexity it finds there
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"input": "Tbe prisoner was brougbt up.", "output": "The prisoner was brought up."}) + "\n")
+    assert main(["evaluate", "--data", str(pairs), "--format", "jsonl", "--model", str(tiny_run), "--out", str(out)]) == 0
+    kept = json.loads((out / "report.json").read_text())
+    assert "cer_before" in kept and kept["perplexity"] == report["perplexity"]
     assert main(["evaluate", "--perplexity", "--data", str(tmp_path / "nothing.jsonl"), "--model", str(tiny_run)]) == 2
     # a project without --data: the test split of its target (here the gold side of its clean and pairs sources)
     assert main(["evaluate", str(tiny_run.parent / "project.toml"), "--perplexity"]) == 0

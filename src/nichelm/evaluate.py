@@ -304,9 +304,21 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
                      for d, out, p in zip(docs[:50], outputs[:50], fixed[:50])],
     })
     report["per_example"] = per_example_scores(docs, outputs)
-    atomic_write_json(run / "eval" / "report.json", report)
-    _write_html(report, run / "eval" / "report.html", run)
+    write_report(report, run / "eval" / "report.json", run)
     return report
+
+
+def write_report(report: dict, path: Path, run: Path | None) -> None:
+    """report.json (and report.html beside it), keeping the "perplexity" key an earlier
+    `evaluate --perplexity` stored there: the two commands share the file."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        earlier = {}
+    if isinstance(earlier, dict) and "perplexity" in earlier and "perplexity" not in report:
+        report["perplexity"] = earlier["perplexity"]
+    atomic_write_json(path, report)
+    _write_html(report, path.with_name("report.html"), run)
 
 
 GUARD_REPORT_KEYS = ("kept_low_margin", "changed", "passed_margin", "documents_out_of_domain", "kept_out_of_domain",
@@ -519,8 +531,7 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
     report["examples"] = _worst_and_best(examples, outputs, report["per_example"])
     run = model_run_dir(model)
     out = Path(out) if out is not None else default_out_dir(run, data)
-    atomic_write_json(out / "report.json", report)
-    _write_html(report, out / "report.html", run)
+    write_report(report, out / "report.json", run)
     return report, out
 
 
