@@ -99,6 +99,29 @@ def test_two_phases_resumed_inside_phase_two_are_bit_identical(base, tmp_path):
         assert (ca / name).read_bytes() == (cb / name).read_bytes(), name
 
 
+def test_phase_end_checkpoint_survives_pruning_and_resume_is_exact(base, tmp_path):
+    """With keep_checkpoints = 1 the checkpoint at the end of phase 1 (step 5, not a multiple of checkpoint_every)
+    is written and kept, marked in its trainer.json, beside the newest; a run stopped at steps 3 and 5 (the phase
+    end, saved there by the stop) and resumed writes the same files as one uninterrupted run."""
+    torch.set_num_threads(1)
+    sets = ["train.checkpoint_every=2", "train.keep_checkpoints=1", "train.eval_every=0", "train.log_every=1"]
+    straight = project(base, tmp_path / "a", TWO_PHASES, sets)
+    train(straight)
+    resumed = project(base, tmp_path / "b", TWO_PHASES, sets)
+    for stop in (3, 2, None):
+        train(resumed, stop_after_steps=stop)
+    for run in (straight.run_path, resumed.run_path):
+        kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+        assert kept == ["step_0000005", "step_0000009"], run
+        states = [json.loads((run / "checkpoints" / name / "trainer.json").read_text()) for name in kept]
+        assert [s.get("phase_end") for s in states] == ["general", None]
+    assert [r["train_loss"] for r in metrics(straight.run_path)] == [r["train_loss"] for r in metrics(resumed.run_path)]
+    for name in ("step_0000005", "step_0000009"):
+        for file in ("model.safetensors", "optimizer.safetensors"):
+            a = straight.run_path / "checkpoints" / name / file
+            assert a.read_bytes() == (resumed.run_path / "checkpoints" / name / file).read_bytes(), (name, file)
+
+
 def test_phases_read_their_own_data(base, tmp_path):
     """Phase 1's rows come from OTHER's train split, phase 2's from the mix in its shares: 6 + 2 of 8 rows."""
     from nichelm.train import _load_data, _set_up, step_batches

@@ -10,7 +10,8 @@ A checkpoint is written whole into a hidden staging folder (.step_NNNNNNN.tmp-PI
 fsync'd, then the COMPLETE marker, then renamed into place: a step_NNNNNNN folder is complete or
 absent. A complete checkpoint is never deleted before its replacement is complete: one for the
 same step is moved aside (.step_NNNNNNN.old-PID) only once the new one is whole, and older ones
-are pruned (train.keep_checkpoints) only after that. Leftovers of an interrupted save are
+are pruned (train.keep_checkpoints) only after that, except those train marked as a phase's end
+(trainer.json "phase_end"), which are never pruned. Leftovers of an interrupted save are
 cleaned up (or, for a moved-aside checkpoint with no replacement, put back) by the next save.
 """
 
@@ -206,10 +207,20 @@ def save_checkpoint(run: Path, step: int, model, optimizer, trainer_state: dict,
         raise
     replace_dir(staging, out)      # one already there for this step (a finished run re-run) goes only now
     for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:    # only once the new one is whole
-        if old != out:
+        if old != out and not is_phase_end(old):
             shutil.rmtree(old, ignore_errors=True)
     fsync_dir(root)
     return out
+
+
+def is_phase_end(ckpt: Path) -> bool:
+    """Whether train saved this checkpoint at the end of a phase (trainer.json "phase_end"): the weights a
+    user specialises from, which pruning keeps. An unreadable trainer.json counts as not (pruned as before)."""
+    try:
+        state = json.loads((ckpt / "trainer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "phase_end" in state
 
 
 def _clean_leftovers(root: Path) -> None:

@@ -21,7 +21,8 @@ a new run from another run's (or an hf export's) weights with a fresh optimizer.
                    DDP/FSDP wrapping
   _train_step      one optimizer step: lr, forward/backward over the micro-batches, clipping, update
   MetricsSink      metrics.jsonl, TensorBoard, progress line: tokens/s (data loading included), ETA
-  _evaluate / _save   validation loss and checkpoints, during the loop and at its end
+  _evaluate / _save   validation loss and checkpoints, during the loop, at each phase's end (kept whatever
+                   train.keep_checkpoints says) and at the run's end
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
             if plan.named:
                 record["phase"] = phase.name
             sink.write(record, val_loss if val_step == step else None)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not is_last and (ddp.main or trainee.fsdp):
+        # A phase's end is always saved (and kept by pruning): the weights a user specialises from.
+        due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (plan.named and step == plan.end(phase))
+        if due and not is_last and (ddp.main or trainee.fsdp):
             with sink.paused():
                 _save(setup, trainee, step, clock.elapsed(), tokens_seen, plan)
         if stop_after_steps is not None and step - trainee.start_step >= stop_after_steps:
@@ -603,6 +606,9 @@ def _save(setup: Setup, trainee: Trainee, step: int, elapsed: float, tokens: int
     state = {"step": step, "elapsed_s": elapsed, "tokens": tokens, "model_config": model.cfg.to_dict()}
     if plan.named:
         state["phases"] = plan.state()              # early stopping's record: resuming needs it
+        ended = next((p.name for p in plan.phases[:-1] if plan.end(p) == step), None)
+        if ended is not None:
+            state["phase_end"] = ended              # checkpoint pruning never deletes this one
     save_checkpoint(setup.run, step, model, trainee.optimizer, state,
                     keep=setup.cfg.keep_checkpoints, write=setup.ddp.main)
 
