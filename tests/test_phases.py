@@ -225,7 +225,7 @@ def test_init_from_a_run_and_from_its_export(base, tmp_path, capsys):
     weights = load_file(str(last_checkpoint(source) / "model.safetensors"))
     hf = export(source, "hf")
     vocab = json.loads((source / "model_config.json").read_text())["vocab_size"]
-    for name, given in (("run", source), ("export", hf)):
+    for name, given in (("run", source), ("export", hf), ("checkpoint", last_checkpoint(source))):
         p = project(base, tmp_path / name, sets=[f"train.init_from={given}", "train.max_steps=1", "train.lr=1e-30",
                                                  "train.warmup_steps=0", "train.eval_every=0"])
         capsys.readouterr()

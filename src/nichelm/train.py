@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nichelm.checkpoint import (latest_checkpoint, load_checkpoint, load_model_weights, read_trainer_state,
-                                save_checkpoint)
+from nichelm.checkpoint import (MARKER, check_checkpoint, latest_checkpoint, load_checkpoint, load_model_weights,
+                                read_trainer_state, save_checkpoint)
 from nichelm.config import Project, TrainConfig, model_config
 from nichelm.data.loader import MixedBatches, TaskBatches, mix_counts
 from nichelm.data.shards import load_split
@@ -426,15 +426,20 @@ def load_init_weights(project: Project, model: GPT, vocab: dict[str, int]) -> Pa
         if is_export(given):
             theirs = ModelConfig(**json.loads((given / NICHELM_JSON).read_text(encoding="utf-8"))["model_config"])
             tokenizer, weights = given / "tokenizer.json", given / "model.safetensors"
-        elif (given / "checkpoints").is_dir():
-            ckpt = latest_checkpoint(given)
+        elif (given / "checkpoints").is_dir() or (given / MARKER).is_file():
+            # a run folder (its newest checkpoint), or one checkpoint of a run (e.g. a phase end): RUN/checkpoints/step_N
+            one = not (given / "checkpoints").is_dir()
+            ckpt = given if one else latest_checkpoint(given)
             if ckpt is None:
                 raise UserError(f"{where}: that run has no complete checkpoint yet; train it first")
+            if one:
+                check_checkpoint(ckpt)                      # latest_checkpoint checks the ones it returns
+            run = given.parent.parent if one else given
             theirs = ModelConfig(**read_trainer_state(ckpt)["model_config"])
-            tokenizer, weights = given / "tokenizer" / "tokenizer.json", ckpt / "model.safetensors"
+            tokenizer, weights = run / "tokenizer" / "tokenizer.json", ckpt / "model.safetensors"
         else:
-            raise UserError(f"{where}: neither a run folder (with checkpoints/) nor an hf export (with "
-                            f"{NICHELM_JSON}); give the run folder or a folder made by `nichelm export --format hf`")
+            raise UserError(f"{where}: neither a run folder (with checkpoints/), a complete checkpoint folder, nor an "
+                            f"hf export (with {NICHELM_JSON}); give one of those (`nichelm export --format hf` makes one)")
     except (OSError, ValueError, KeyError, TypeError) as e:       # unreadable json, a config of another version
         raise UserError(f"{where}: its model config is unreadable ({type(e).__name__}: {e}); "
                         "train or export it again") from None
