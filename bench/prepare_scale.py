@@ -107,8 +107,10 @@ def tree_rss_kb(root: int, cpu_ticks: dict[int, int] | None = None) -> int:
     return total
 
 
-def run_prepare(proj: Path, workers: int, extra: list[str] = ()) -> dict:
-    cmd = [sys.executable, "-m", "nichelm", "prepare", str(proj), "--force", "--workers", str(workers), *extra]
+def run_measured(cmd: list[str], what: str) -> tuple[float, float, int]:
+    """Run cmd; (wall seconds, CPU seconds of it and all its children, peak summed RSS in KB), polled
+    every 0.1 s. CPU is as last polled (each process's final < 0.1 s is missed): unlike wall time it does
+    not grow when other work shares the cores. A failed command ends the bench with its stderr."""
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak, stop, ticks = [0], threading.Event(), {}
@@ -122,15 +124,18 @@ def run_prepare(proj: Path, workers: int, extra: list[str] = ()) -> dict:
     _, err = proc.communicate()
     stop.set()
     t.join()
-    # CPU of all the run's processes as last polled (each one's final < 0.1 s is missed): unlike
-    # wall_s it does not grow when other work shares the cores
-    wall, cpu = time.time() - t0, sum(ticks.values()) / os.sysconf("SC_CLK_TCK")
     if proc.returncode:
-        raise SystemExit(f"prepare failed ({proc.returncode}):\n{err[-3000:]}")
+        raise SystemExit(f"{what} failed ({proc.returncode}):\n{err[-3000:]}")
+    return time.time() - t0, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"), peak[0]
+
+
+def run_prepare(proj: Path, workers: int, extra: list[str] = ()) -> dict:
+    cmd = [sys.executable, "-m", "nichelm", "prepare", str(proj), "--force", "--workers", str(workers), *extra]
+    wall, cpu, peak_kb = run_measured(cmd, "prepare")
     manifest = json.loads((proj.parent / "run" / "data" / "manifest.json").read_text())
     tokens = manifest["tokens"]["train"] + manifest["tokens"]["val"]
     return {"workers": workers, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-            "peak_rss_mb": round(peak[0] / 1024, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall),
+            "peak_rss_mb": round(peak_kb / 1024, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall),
             "tokens_per_cpu_s": round(tokens / max(cpu, 0.01)),
             "documents": sum(s["documents"] for s in manifest["sources"]), "pieces": manifest["prepare"]["pieces"],
             "task_s": manifest["timing"]["task_s"], "wall_by_job_s": manifest["timing"]["wall_s"]}

@@ -21,15 +21,12 @@ import gzip
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_scale import tree_rss_kb  # noqa: E402
+from prepare_scale import run_measured  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "generic"
 TARGET_BYTES = 2_000_000
@@ -78,25 +75,10 @@ def write_project(folder: Path, method: str, generic: Path, target: Path) -> Pat
 
 def run_select(proj: Path) -> dict:
     cmd = [sys.executable, "-m", "nichelm", "select", str(proj), "--force"]
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, stop, ticks = [0], threading.Event(), {}
-
-    def poll():
-        while not stop.wait(0.1):
-            peak[0] = max(peak[0], tree_rss_kb(proc.pid, ticks))
-
-    t = threading.Thread(target=poll, daemon=True)
-    t.start()
-    _, err = proc.communicate()
-    stop.set()
-    t.join()
-    wall, cpu = time.time() - t0, sum(ticks.values()) / os.sysconf("SC_CLK_TCK")
-    if proc.returncode:
-        raise SystemExit(f"select failed ({proc.returncode}):\n{err[-3000:]}")
+    wall, cpu, peak_kb = run_measured(cmd, "select")
     report = json.loads((proj.parent / "run" / "select" / "selection.json").read_text())
     gen = report["generic"]
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(peak[0] / 1024, 1),
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
             "generic_documents": gen["documents"], "generic_mb": round(gen["chars"] / 1e6, 1),
             "fit_sample_documents": gen["fit_sample_documents"],
             "selected_documents": report["selected"]["documents"],
