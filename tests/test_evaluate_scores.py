@@ -24,7 +24,7 @@ def scripted_backend(answers: dict[str, tuple[str, bool]]):
         def __init__(self, corrector):
             self.corrector = corrector
 
-        def generate(self, prompts, max_new, sources=None):
+        def generate(self, prompts, max_new, sources=None, score=False):
             tok = self.corrector.tokenizer
             out = []
             for source in sources:

@@ -75,6 +75,85 @@ def test_torch_score_is_the_models_log_probability(arch):
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5
 
 
+def ends_often(model, end: int, weight: float = 0.2):
+    """The model, made to predict the end marker at some positions (random weights rarely do): for a
+    good share of the rows of some_rows() with these tiny models (0.2 for llama, 1.0 for gpt2)."""
+    with torch.no_grad():
+        model.lm_head.weight[end] = 0
+        model.lm_head.weight[end, 0] = weight
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decoding_scores_are_the_models_log_probability(arch):
+    """generate(score=True): each output's summed log-prob (its tokens, then the end marker when it came) and its
+    source's (copied after the prompt, then the end marker; None where that passes the context) are the model's,
+    as a direct forward gives them; the tokens are generate()'s without scores, with and without copy drafts,
+    in batches that refill."""
+    from nichelm.generate import generate
+    torch.set_num_threads(1)
+    block, end = 48, tokenizer().token_to_id(END)
+    model = ends_often(tiny(arch, block=block), end, {"llama": 0.2, "gpt2": 1.0}[arch])
+    prompts, conts = some_rows(40)
+    keep = [i for i, p in enumerate(prompts) if len(p) < block - 2]
+    prompts, sources = [prompts[i] for i in keep], [conts[i][:-1] for i in keep]
+    budgets = [min(len(s) + 8, block - len(p)) for p, s in zip(prompts, sources)]
+    for draft, batch in ((0, 4), (3, 4), (3, 64)):
+        plain = generate(model, prompts, budgets, end, "cpu", batch, draft_tokens=draft, sources=sources)
+        scored = generate(model, prompts, budgets, end, "cpu", batch, draft_tokens=draft, sources=sources, score=True)
+        assert [(g.tokens, g.hit_limit) for g in scored] == [(g.tokens, g.hit_limit) for g in plain]
+        assert {g.hit_limit for g in scored} == {True, False}                  # both kinds of rows are checked
+        for p, s, g in zip(prompts, sources, scored):
+            out = g.tokens + ([] if g.hit_limit else [end])
+            assert g.logprob == pytest.approx(direct_logprob(model, p, out) * len(out), abs=1e-4)
+            if len(p) + len(s) + 1 > block:
+                assert g.source_logprob is None
+            else:
+                assert g.source_logprob == pytest.approx(direct_logprob(model, p, s + [end]) * (len(s) + 1), abs=1e-4)
+        assert sum(g.source_logprob is None for g in scored) not in (0, len(scored))   # both kinds here too
+        assert all(g.logprob is None and g.source_logprob is None for g in plain)
+
+
+def test_the_guard_takes_the_decodings_scores_and_scores_only_the_rest(monkeypatch):
+    """The guard's gains and surprisals are the same (1e-5) whether the decoding scored the windows or a
+    teacher-forced pass did, and the decoding leaves that pass only what it could not score."""
+    torch.set_num_threads(1)
+    tok = tokenizer()
+    rng = random.Random(5)
+    windows = [random_text(rng, rng.randint(2, 12)) for _ in range(30)]
+    runs = {}
+    for decoded_scores in (True, False):
+        corrector = Corrector(ends_often(tiny(block=96), tok.token_to_id(END)), tok,
+                              {"prompt_template": PROMPT, "end_marker": END, "window_chars": 60},
+                              guard_max_change=-1, guard_margin=0.0)
+        generate, score, rows = corrector.backend.generate, corrector.backend.score, []
+        if not decoded_scores:
+            monkeypatch.setattr(corrector.backend, "generate", lambda p, m, s=None, score=False: generate(p, m, s))
+        monkeypatch.setattr(corrector.backend, "score", lambda p, c: rows.extend(c) or score(p, c))
+        runs[decoded_scores] = corrector.correct_windows(windows), rows
+    (fast, fast_rows), (slow, slow_rows) = runs[True], runs[False]
+    assert [c.text for c in fast] == [c.text for c in slow]
+    for a, b in zip(fast, slow):
+        assert (a.gain is None) == (b.gain is None) and (a.surprisal is None) == (b.surprisal is None)
+        if a.gain is not None:
+            assert a.gain == pytest.approx(b.gain, abs=1e-5)
+        if a.surprisal is not None:
+            assert a.surprisal == pytest.approx(b.surprisal, abs=1e-5)
+    # the decoding scored every input copy (all fit the context here); what is left to the teacher-forced pass
+    # is corrections whose text does not encode back to the decoded tokens (common with random weights)
+    copies = [encode_text(tok, w) + [tok.token_to_id(END)] for w in windows]
+    assert sum(c.gain is not None for c in fast) > 5
+    assert not any(row in copies for row in fast_rows) and all(c in slow_rows for c in copies)
+    assert len(fast_rows) <= len(slow_rows) - len(copies) and fast_rows
+    # a correction whose text encodes back to its decoded tokens takes the decoding's figures, unscored again
+    rows.clear()
+    raw = [w.replace("e", "c") + " x" for w in windows[:3]]
+    decoded = [(r, False) for r in raw]
+    gens = [Generation(encode_text(tok, r), False, logprob=-3.0 * (len(encode_text(tok, r)) + 1),
+                       source_logprob=-1.0 * (len(encode_text(tok, w)) + 1)) for w, r in zip(windows, raw)]
+    assert [sc[0] for sc in corrector._scores(windows[:3], decoded, gens)] == [-2.0] * 3 and rows == []
+
+
 class FakeVLLMScoring:
     """Stands in for vLLM's prompt_logprobs: the log-prob of each prompt token under `model` (entry 0 is
     None, as in vLLM), in a dict keyed by token id, with the Logprob objects' .logprob."""
@@ -127,7 +206,7 @@ class Scripted(TorchBackend):
     """Decodes by a function of the window text (so changes are known); scores with the real model."""
     fn = staticmethod(by_word(fix_word))
 
-    def generate(self, prompts, max_new, sources=None):
+    def generate(self, prompts, max_new, sources=None, score=False):
         tok = self.corrector.tokenizer
         return [Generation(tokens=encode_text(tok, self.fn(tok.decode(s))), hit_limit=False) for s in sources]
 
@@ -312,7 +391,7 @@ class ScriptedRun(TorchBackend):
     real model: a margin chosen on val then separates something."""
     seen: list[str] = []
 
-    def generate(self, prompts, max_new, sources=None):
+    def generate(self, prompts, max_new, sources=None, score=False):
         tok = self.corrector.tokenizer
         texts = [tok.decode(s) for s in sources]
         ScriptedRun.seen += texts

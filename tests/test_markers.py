@@ -136,7 +136,7 @@ class Echo:
     def __init__(self, end_id: int):
         self.end_id, self.prompts = end_id, []
 
-    def generate(self, prompts, max_new, sources=None):
+    def generate(self, prompts, max_new, sources=None, score=False):
         self.prompts += prompts
         return [finish(list(s) + [self.end_id], b, self.end_id) for s, b in zip(sources, max_new)]
 

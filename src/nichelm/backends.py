@@ -1,12 +1,14 @@
 """Decoding engines behind a Corrector, all with one interface:
 
-    backend.generate(prompts: list[list[int]], max_new: list[int], sources=None) -> list[Generation]
+    backend.generate(prompts: list[list[int]], max_new: list[int], sources=None, score=False) -> list[Generation]
 
 Prompts are token ids of the model's own tokenizer; max_new[i] bounds row i's output in tokens,
 end marker included (as in nichelm.generate); sources[i], when given, are the tokens row i's output
 mostly copies (the input window), which the torch engine drafts from and the others ignore. A
 Generation's tokens stop before the end marker; hit_limit is True when no end marker came within
-the row's budget.
+the row's budget. With score=True an engine may also fill each Generation's logprob and
+source_logprob (the torch engine does, from the decoding itself: nichelm.generate); the guard
+scores by backend.score whatever an engine leaves None.
 
   torch  nichelm's own engine (nichelm.generate): batched greedy decoding, beam search when beams > 1
   ct2    CTranslate2's Generator (CPU, or CUDA with device cuda) on a conversion of the hf export,
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from nichelm.errors import UserError
-from nichelm.generate import Generation, beam_search, generate
+from nichelm.generate import SCORE_LOGITS, Generation, beam_search, generate
 
 BACKENDS = ("torch", "ct2", "vllm")
 NEEDS_CT2 = "--backend ct2 needs CTranslate2: pip install ctranslate2 (or 'nichelm[export]')"
@@ -55,7 +57,6 @@ def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]
     return [order[i:i + batch_size] for i in range(0, len(order), max(1, batch_size))]
 
 
-SCORE_LOGITS = 1 << 25       # logits one scoring forward may hold (rows x positions x vocabulary): 128 MB fp32
 
 
 @torch.no_grad()
@@ -99,7 +100,8 @@ class TorchBackend:
     def __init__(self, corrector):
         self.corrector = corrector
 
-    def generate(self, prompts: list[list[int]], max_new: list[int], sources=None) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], max_new: list[int], sources=None,
+                 score: bool = False) -> list[Generation]:
         c = self.corrector
         if not prompts:
             return []
@@ -107,7 +109,7 @@ class TorchBackend:
             return [beam_search(c.model, p, b, c.end_id, c.device, beams=c.beams) for p, b in zip(prompts, max_new)]
         return generate(c.model, prompts, max_new, c.end_id, c.device, c.batch_size, step=c.step,
                         draft_tokens=c.draft_tokens, sources=sources,
-                        token_chars=c.token_chars() if c.draft_tokens else None)
+                        token_chars=c.token_chars() if c.draft_tokens else None, score=score)
 
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
         c = self.corrector
@@ -130,7 +132,8 @@ class CT2Backend:
         self.vocab = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
         self.end_id, self.batch_size, self.beams = end_id, batch_size, beams
 
-    def generate(self, prompts: list[list[int]], max_new: list[int], sources=None) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], max_new: list[int], sources=None,
+                 score: bool = False) -> list[Generation]:
         results: list[Generation | None] = [None] * len(prompts)
         for idx in length_batches(prompts, self.batch_size):
             out = self.generator.generate_batch(
@@ -163,7 +166,8 @@ class VLLMBackend:
         self.end_id = end_id
         self.keep = keep                  # a TemporaryDirectory holding hf_dir: removed with the backend
 
-    def generate(self, prompts: list[list[int]], max_new: list[int], sources=None) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], max_new: list[int], sources=None,
+                 score: bool = False) -> list[Generation]:
         if not prompts:
             return []
         params = [self.sampling_params(temperature=0.0, max_tokens=b, stop_token_ids=[self.end_id]) for b in max_new]

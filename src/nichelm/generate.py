@@ -11,6 +11,13 @@ the output so far is aligned to it, and one forward pass checks them all: the gu
 model agrees with are kept, plus the model's own next token. This is speculative decoding with
 the source as the draft model ("prompt lookup"): the output is the greedy output, in fewer
 forward passes.
+
+Scores (score=True, for the guard of nichelm.inference): each output's log-probability comes
+from the decoding itself (the greedy token's log-softmax at every step), and the log-probability
+of the row's source copied unchanged from the prompt's own forward (the source and the end marker
+follow the prompt in the prefill; their cache slots are overwritten by the output before any
+query sees them, as padding is). The guard then needs no second, teacher-forced pass for most
+windows: on the quickstart model that pass cost as much CPU as decoding (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ from nichelm.model import GPT, KVCache, SlotCache
 class Generation:
     tokens: list[int]
     hit_limit: bool          # stopped by the length bound, not by the end marker
+    # with generate(score=True), summed log-probs (nats): of `tokens` and the end marker when reached,
+    # and of the source then the end marker after the prompt (None: not asked, or past the context)
+    logprob: float | None = None
+    source_logprob: float | None = None
 
 
 DRAFT_TOKENS = 3           # copy-draft length for correction (BENCHMARKS.md); 0: one token a step
@@ -35,6 +46,7 @@ DRAFT_TOKENS = 3           # copy-draft length for correction (BENCHMARKS.md); 0
 # spurious matches: chosen on the quickstart's validation windows, BENCHMARKS.md).
 ALIGN_BEFORE, ALIGN_AFTER = 4, 4
 REPLACES_AT_MOST = 4       # source tokens one output token may stand for, when re-aligning by characters
+SCORE_LOGITS = 1 << 25     # logits one scoring forward may hold (rows x positions x vocabulary): 128 MB fp32
 
 
 @dataclass
@@ -54,6 +66,7 @@ class Rows:
     prev: torch.Tensor       # (B,) the token before `last` (prompt's last token at first)
     expect: torch.Tensor     # (B,) where in src `last` is expected
     token_chars: torch.Tensor | None = None    # (vocab,) characters of each token, for re-aligning
+    logp: torch.Tensor | None = None           # (B,) summed log-probs of the output so far (score=True)
 
 
 def align_to_source(src, src_ok, last, prev, expect, token_chars=None):
@@ -83,16 +96,23 @@ def align_to_source(src, src_ok, last, prev, expect, token_chars=None):
     return torch.where(hit.any(dim=1), best, replaced)
 
 
-def prefill_step(model: GPT, cache: SlotCache, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
-    """Run prompts `tokens` (R, L, right-padded; lengths (R,)) into cache rows `rows`: returns each
-    prompt's first output token. Padding writes slots past a prompt's end, which its own output
-    tokens overwrite before any query could see them (attention is causal)."""
+def prefill_step(model: GPT, cache: SlotCache, rows: torch.Tensor, tokens: torch.Tensor, at: torch.Tensor,
+                 scored: torch.Tensor):
+    """Run prompts `tokens` (R, L, right-padded) into cache rows `rows`: returns each prompt's first
+    output token (the argmax at at[:, 0], the prompt's last token), its log-prob, and the summed
+    log-probs of the `scored` (R,) tokens after the prompt (at (R, K): the positions that predict
+    them, from the prompt's last token on; 0: none). Padding and scored tokens write slots past a
+    prompt's end, which its own output tokens overwrite before any query could see them (causal)."""
     R, L = tokens.shape
     positions = torch.arange(L, device=tokens.device)[None].expand(R, L)
     cache.rows, cache.slots, cache.prefill = rows[:, None], positions, True
-    logits, _ = model(tokens, positions=positions, cache=cache, logits_at=lengths - 1)
+    logits, _ = model(tokens, positions=positions, cache=cache, logits_at=at)       # (R, K, V)
     cache.rows, cache.prefill = cache.all_rows, False
-    return logits[:, 0].argmax(dim=-1)
+    targets = tokens.gather(1, (at + 1).clamp(max=L - 1))
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+    counted = torch.arange(at.shape[1], device=at.device)[None] < scored[:, None]
+    first = logits[:, 0]
+    return first.argmax(dim=-1), first.max(dim=-1).values - first.logsumexp(dim=-1), (logp * counted).sum(dim=1)
 
 
 def decode_step(model: GPT, cache: SlotCache, rows: Rows, keys: int, end_id: int, draft_len: int):
@@ -126,6 +146,9 @@ def decode_step(model: GPT, cache: SlotCache, rows: Rows, keys: int, end_id: int
     running = ~rows.done
     emit = torch.minimum(torch.minimum(accepted + 1, until_end), rows.limits - rows.n_out).masked_fill(~running, 0)
     rows.out.scatter_(1, (rows.n_out[:, None] + j).clamp(max=rows.out.shape[1] - 1), pred)
+    if rows.logp is not None:        # the greedy token's log-prob at each fed position: max - logsumexp
+        top = logits.max(dim=-1).values - logits.logsumexp(dim=-1)
+        rows.logp += (top * (j[None] < emit[:, None])).sum(dim=1)
     rows.done |= (until_end <= emit) | (rows.n_out + emit >= rows.limits)
     rows.n_out += emit
     rows.pos += emit
@@ -159,7 +182,8 @@ REFILL_SHARE = 8      # refill finished rows once 1/REFILL_SHARE of the batch (o
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: int, device: torch.device,
              batch_size: int = 64, step: Steps | None = None, draft_tokens: int = 0,
-             sources: list[list[int]] | None = None, token_chars: list[int] | None = None) -> list[Generation]:
+             sources: list[list[int]] | None = None, token_chars: list[int] | None = None,
+             score: bool = False) -> list[Generation]:
     """Greedy continuations of many prompts; row i stops at the end marker or after max_new[i] tokens.
 
     step: the step functions (default eager; compile_for_decoding() to compile).
@@ -167,7 +191,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
     same output, in fewer passes where the output copies its source (DRAFT_TOKENS suits correction).
     sources: what each output copies (for correction, the input's tokens); default: the prompt.
     token_chars: characters of each token id; drafts then re-align after corrections that change
-    the number of tokens (fewer steps, same output)."""
+    the number of tokens (fewer steps, same output).
+    score: fill each Generation's logprob and source_logprob (see the module's docstring)."""
     steps = Steps() if step is None else step
     if not prompts:
         return []
@@ -175,8 +200,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths prefill together
     B, k = min(batch_size, len(prompts)), max(0, draft_tokens)
     capacity = max(len(p) + m for p, m in zip(prompts, max_new)) + k + 1  # drafts may run k past a budget
+    if score:                                       # a prompt's prefill may hold its source and end marker
+        capacity = max(capacity, min(model.cfg.block_size, max(len(p) + len(s) + 1 for p, s in zip(prompts, sources))))
     cache = SlotCache(model.cfg, B, capacity, device, next(model.parameters()).dtype)
     rows = _empty_rows(B, max(max_new) + k + 1, max(map(len, sources)) + k + 1, device)
+    source_logp: list[float | None] | None = [None] * len(prompts) if score else None
+    if score:
+        rows.logp = torch.zeros(B, device=device)
     if token_chars is not None and k:
         rows.token_chars = torch.tensor(token_chars, device=device)
     holds: list[int | None] = [None] * B           # the prompt each row decodes
@@ -188,7 +218,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
         if waiting and (len(free) * REFILL_SHARE >= B or len(free) == B):
             take = [(r, next(queue)) for r in free[:waiting]]
             waiting -= len(take)
-            _admit(steps.prefill, model, cache, rows, take, prompts, max_new, sources, end_id)
+            _admit(steps.prefill, model, cache, rows, take, prompts, max_new, sources, end_id, source_logp)
             for r, i in take:
                 holds[r], done[r], pos[r] = i, False, len(prompts[i])
         running = [r for r in range(B) if holds[r] is not None and not done[r]]
@@ -200,10 +230,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
         finished = [r for r in range(B) if holds[r] is not None and done[r]]
         if finished:
             counts = rows.n_out.tolist()
+            logps = rows.logp.tolist() if score else None
             for r in finished:
-                seq = rows.out[r, :counts[r]].tolist()
+                seq, i = rows.out[r, :counts[r]].tolist(), holds[r]
                 ended = bool(seq) and seq[-1] == end_id
-                results[holds[r]] = Generation(tokens=seq[:-1] if ended else seq, hit_limit=not ended)
+                results[i] = Generation(tokens=seq[:-1] if ended else seq, hit_limit=not ended)
+                if score:
+                    results[i].logprob, results[i].source_logprob = logps[r], source_logp[i]
                 holds[r] = None
     return results
 
@@ -216,28 +249,43 @@ def _empty_rows(B: int, out_len: int, src_len: int, device) -> Rows:
                 src_ok=zeros(B, src_len, dtype=torch.bool), prev=zeros(B), expect=zeros(B))
 
 
-def _admit(prefill, model, cache, rows: Rows, take, prompts, max_new, sources, end_id: int) -> None:
-    """Prefill the prompts of `take` ((row, prompt index) pairs) into their rows and reset those rows."""
-    device = rows.out.device
-    lengths = [len(prompts[i]) for _, i in take]
-    width, src_width = max(lengths), rows.src.shape[1]
-    # built on the host, then one copy each to the device
-    tokens = torch.tensor([prompts[i] + [0] * (width - len(prompts[i])) for _, i in take]).to(device)
-    src = torch.tensor([sources[i] + [end_id] * (src_width - len(sources[i])) for _, i in take]).to(device)
-    src_ok = (torch.arange(src_width)[None] < torch.tensor([[len(sources[i])] for _, i in take])).to(device)
-    idx = torch.tensor([r for r, _ in take], device=device)
-    length = torch.tensor(lengths, device=device)
-    limits = torch.tensor([max_new[i] for _, i in take], device=device)
-    first = prefill(model, cache, idx, tokens, length)
-    rows.out[idx, 0] = first
-    rows.n_out[idx] = 1
-    rows.limits[idx] = limits
-    rows.done[idx] = (first == end_id) | (limits <= 1)
-    rows.last[idx] = first
-    rows.pos[idx] = length
-    rows.src[idx], rows.src_ok[idx] = src, src_ok
-    rows.prev[idx] = tokens[torch.arange(len(take), device=device), length - 1]
-    rows.expect[idx] = 0
+def _admit(prefill, model, cache, rows: Rows, take, prompts, max_new, sources, end_id: int,
+           source_logp: list | None = None) -> None:
+    """Prefill the prompts of `take` ((row, prompt index) pairs) into their rows and reset those rows.
+    With source_logp (score=True), each prompt's source then the end marker follow it in the same
+    forward where they fit the context, and their summed log-prob goes to source_logp[prompt]."""
+    device, block, vocab = rows.out.device, model.cfg.block_size, model.cfg.vocab_size
+    scored = [len(sources[i]) + 1 if source_logp is not None and len(prompts[i]) + len(sources[i]) < block
+              else 0 for _, i in take]
+    per_row = (max(scored) + 1) * vocab                     # logits one row of this prefill holds
+    group = max(1, SCORE_LOGITS // per_row) if max(scored) else len(take)
+    for g in range(0, len(take), group):
+        part, n = take[g:g + group], scored[g:g + group]
+        seqs = [prompts[i] + (sources[i] + [end_id] if k else []) for (_, i), k in zip(part, n)]
+        lengths = [len(prompts[i]) for _, i in part]
+        width, src_width, K = max(map(len, seqs)), rows.src.shape[1], max(n) + 1 if max(n) else 1
+        # built on the host, then one copy each to the device
+        tokens = torch.tensor([s + [0] * (width - len(s)) for s in seqs]).to(device)
+        src = torch.tensor([sources[i] + [end_id] * (src_width - len(sources[i])) for _, i in part]).to(device)
+        src_ok = (torch.arange(src_width)[None] < torch.tensor([[len(sources[i])] for _, i in part])).to(device)
+        idx = torch.tensor([r for r, _ in part], device=device)
+        length = torch.tensor(lengths, device=device)
+        at = (length[:, None] - 1 + torch.arange(K, device=device)).clamp(max=width - 1)
+        limits = torch.tensor([max_new[i] for _, i in part], device=device)
+        first, first_logp, scores = prefill(model, cache, idx, tokens, at, torch.tensor(n, device=device))
+        rows.out[idx, 0] = first
+        rows.n_out[idx] = 1
+        rows.limits[idx] = limits
+        rows.done[idx] = (first == end_id) | (limits <= 1)
+        rows.last[idx] = first
+        rows.pos[idx] = length
+        rows.src[idx], rows.src_ok[idx] = src, src_ok
+        rows.prev[idx] = tokens[torch.arange(len(part), device=device), length - 1]
+        rows.expect[idx] = 0
+        if source_logp is not None:
+            rows.logp[idx] = first_logp
+            for (_, i), k, v in zip(part, n, scores.tolist()):
+                source_logp[i] = v if k else None
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from nichelm.artifacts import GUARD_FILE, Source, is_ct2_export, open_model, ope
 from nichelm.backends import BACKENDS, TorchBackend, open_backend
 from nichelm.data.tokenizer import encode_text, encode_texts, prompt_ids, prompt_ids_batch, scrub_surrogates
 from nichelm.errors import UserError
-from nichelm.generate import DRAFT_TOKENS, compile_for_decoding
+from nichelm.generate import DRAFT_TOKENS, Generation, compile_for_decoding
 from nichelm.metrics import char_distance
 from nichelm.model import GPT
 
@@ -321,57 +321,73 @@ class Corrector:
             prompts.append(ids)
             budgets.append(budget)
             sources.append(source)             # what the output mostly copies: drafts come from it
-        gens = self.backend.generate(prompts, budgets, sources) if todo else []
+        gens = self.backend.generate(prompts, budgets, sources, score=self._scoring) if todo else []
+        generations: list[Generation | None] = [None] * len(windows)
         for i, g in zip(todo, gens):
             decoded[i] = (self.tokenizer.decode(g.tokens).strip(), g.hit_limit)
+            generations[i] = g
         self.stats.windows += len(windows)
-        return self._guard_all(windows, decoded)
+        return self._guard_all(windows, decoded, generations)
 
-    def _guard_all(self, windows: list[str], decoded: list[tuple[str, bool] | None]) -> list[Correction]:
+    def _guard_all(self, windows: list[str], decoded: list[tuple[str, bool] | None],
+                   generations: list[Generation | None] | None = None) -> list[Correction]:
         """The guard over many windows: (model output, hit the limit) per window, None for a blank one.
-        One scoring pass (backend.score) gives each changed window's gain and every window's surprisal."""
-        scores = self._scores(windows, decoded) if self._scoring else [(None, None, 0)] * len(windows)
+        One scoring pass (backend.score) gives each changed window's gain and every window's surprisal,
+        except what the decoding already scored (`generations`, from backend.generate(score=True))."""
+        scores = self._scores(windows, decoded, generations) if self._scoring else [(None, None, 0)] * len(windows)
         return [Correction(w, w, source=w) if d is None else self._guard(w, d[0], d[1], *sc)
                 for w, d, sc in zip(windows, decoded, scores)]
 
     def _too_different(self, source: str, raw: str) -> bool:
         return self.guard_max_change >= 0 and char_distance(raw, source) > self.guard_max_change * max(len(source), 1)
 
-    def _scores(self, windows: list[str], decoded) -> list[tuple[float | None, float | None, int]]:
-        """(gain, surprisal, input tokens) per window from one teacher-forced pass.
+    def _scores(self, windows: list[str], decoded, generations=None) -> list[tuple[float | None, float | None, int]]:
+        """(gain, surprisal, input tokens) per window.
 
         Each window's prompt is followed once by its input copied unchanged and, where the model changed
         it (and no hard limit already keeps the input), once by its correction; both end with the end
         marker. gain = mean log-prob per token of the correction minus that of the copy; surprisal =
-        minus the copy's. A sequence longer than the context cannot be scored: a correction then gets
-        gain -inf (kept only with no margin at all), an input no surprisal."""
+        minus the copy's. Where the decoding scored them (generations: the copy in the prompt's own
+        forward, the correction as it was decoded, when its text encodes back to the same tokens),
+        those figures are used; the rest come from one teacher-forced pass (backend.score). A sequence
+        longer than the context cannot be scored: a correction then gets gain -inf (kept only with no
+        margin at all), an input no surprisal."""
         out: list[tuple[float | None, float | None, int]] = [(None, None, 0)] * len(windows)
         if not hasattr(self.backend, "score"):
             return out
-        rows, todo = [], []                  # todo: (window, copy row, correction row or None, copy tokens)
+        # a score is a float when the decoding gave it, else an int: its row in the teacher-forced pass
+        rows, todo = [], []                  # todo: (window, copy score, correction score or None, copy tokens)
         block = self.model.cfg.block_size
+
+        def scored(known: float | None, tokens: int, prompt: list[int], continuation: list[int]) -> float | int:
+            if known is not None:
+                return known / tokens
+            rows.append((prompt, continuation))
+            return len(rows) - 1
+
         busy = [i for i, d in enumerate(decoded) if d is not None]
         texts = [windows[i] for i in busy]
         for i, prompt, copy in zip(busy, prompt_ids_batch(self.tokenizer, self.prompt_template, texts),
                                    encode_texts(self.tokenizer, texts)):
             raw, hit_limit = decoded[i]
+            g = generations[i] if generations is not None else None
             copy = copy + [self.end_id]
             c = None
             if len(prompt) + len(copy) <= block:
-                c = len(rows)
-                rows.append((prompt, copy))
+                c = scored(g.source_logprob if g is not None else None, len(copy), prompt, copy)
             f = None
             if raw != windows[i] and not hit_limit and not self._too_different(windows[i], raw):
                 fix = encode_text(self.tokenizer, raw) + [self.end_id]
-                f = -1
+                f = float("-inf")
                 if c is not None and len(prompt) + len(fix) <= block:
-                    f = len(rows)
-                    rows.append((prompt, fix))
+                    as_decoded = g is not None and g.logprob is not None and fix == g.tokens + [self.end_id]
+                    f = scored(g.logprob if as_decoded else None, len(fix), prompt, fix)
             todo.append((i, c, f, len(copy)))
         logp = self.backend.score([p for p, _ in rows], [x for _, x in rows]) if rows else []
         for i, c, f, n in todo:
-            copy_lp = logp[c] if c is not None else None
-            gain = None if f is None else (float("-inf") if f < 0 else logp[f] - copy_lp)
+            copy_lp = logp[c] if isinstance(c, int) else c
+            fix_lp = logp[f] if isinstance(f, int) else f
+            gain = None if f is None else (float("-inf") if fix_lp == float("-inf") else fix_lp - copy_lp)
             out[i] = (gain, None if copy_lp is None else -copy_lp, n if copy_lp is not None else 0)
         return out
 

@@ -265,8 +265,8 @@ class GPT(nn.Module):
         """idx (B, T) token ids. targets/loss_mask (B, T): loss only where loss_mask is true.
 
         positions (B, T) gives per-row positions (generation: each row at its own place); cache and
-        mask are used by generate.py. Returns (logits, loss); logits_at (B,) asks for one position per
-        row (logits (B, 1, V): a prompt's last token), else logits cover every position.
+        mask are used by generate.py. Returns (logits, loss); logits_at (B,) or (B, K) asks for those
+        positions of each row only (logits (B, 1, V) or (B, K, V)), else logits cover every position.
         """
         B, T = idx.shape
         offset = cache.length if isinstance(cache, KVCache) and positions is None else 0
@@ -280,7 +280,8 @@ class GPT(nn.Module):
         x = self.norm_f(x)
         if targets is None:
             if logits_at is not None:
-                x = x.gather(1, logits_at[:, None, None].expand(B, 1, x.shape[-1]))
+                at = logits_at if logits_at.dim() == 2 else logits_at[:, None]
+                x = x.gather(1, at[:, :, None].expand(B, at.shape[1], x.shape[-1]))
             return self.lm_head(x)[..., : self.cfg.vocab_size].float(), None
         # the padded rows (vocabulary rounded up to 128 for speed) are no tokens: keep them out of the softmax
         logits = self.lm_head(x)[..., : self.cfg.vocab_size].float()
