@@ -153,6 +153,23 @@ def cmd_quickstart(args):
     print(f"\nreport: {project.run_path / 'eval' / 'report.json'}")
 
 
+def cmd_plan(args):
+    from nichelm.plan import Scenario, format_plan, parse_number, recommend
+    shape = {}
+    if args.project is not None:             # the model family and shape settings of the user's project
+        project = _project(args)
+        shape = dict(arch=project.model.arch, vocab_size=project.tokenizer.vocab_size,
+                     block_size=project.model.block_size)
+    plan = recommend(Scenario(
+        specialist_tokens=parse_number("specialist-tokens", args.specialist_tokens, integer=True),
+        specializations=parse_number("specializations", args.specializations, integer=True),
+        pretrain_gpu_hours=parse_number("pretrain-gpu-hours", args.pretrain_gpu_hours),
+        specialize_gpu_hours=parse_number("specialize-gpu-hours", args.specialize_gpu_hours),
+        inference_tokens_per_s=parse_number("inference-tokens-per-s", args.inference_tokens_per_s),
+        hardware=args.hardware, **shape))
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+
+
 def cmd_bench_train(args):
     from nichelm.bench import bench_train
     print(json.dumps(bench_train(preset=args.preset, arch=args.arch, device=args.device, steps=args.steps,
@@ -293,6 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch engine: tokens copied from the input and checked per decoding step (same output, "
                         "fewer steps; default 3); 0: one token a step")
     p.set_defaults(func=cmd_apply)
+    p = sub.add_parser("plan", help="which specialized small model to train for given budgets, and why "
+                                    "(Plan Early's findings): method, preset, tokens, phases")
+    p.add_argument("project", nargs="?", help="project file (TOML): its model arch, vocab_size and block_size "
+                                              "(default: nichelm's defaults)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a project value")
+    # Numbers are read by nichelm.plan.parse_number (1e6, 1M, 1_000_000), so a bad one is a one-line error.
+    p.add_argument("--specialist-tokens", metavar="N", help="tokens of specialist (in-domain) training text")
+    p.add_argument("--specializations", metavar="K", default="1", help="specialized models needed (default 1)")
+    p.add_argument("--pretrain-gpu-hours", metavar="X", default="0",
+                   help="pre-training GPU-hours in all: spent once and shared, or split across the K "
+                        "specializations when their data is at hand before pre-training (default 0)")
+    p.add_argument("--specialize-gpu-hours", metavar="Y", default="0",
+                   help="GPU-hours for each specialization once its data is at hand (default 0)")
+    p.add_argument("--inference-tokens-per-s", metavar="Z", help="tokens/s one inference device must generate")
+    p.add_argument("--hardware", default="cpu", help="the inference device: cpu (default) or gpu")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("quickstart", help="prepare, train and evaluate the embedded default on CPU")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
