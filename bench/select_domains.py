@@ -1,6 +1,6 @@
 """Does select find the domain? Each domain of ../shared/data/generic in turn is the target.
 
-    python bench/select_domains.py [--others 1000] [--methods dsir,clusters] [--domains all]
+    python bench/select_domains.py [--others 1000] [--methods dsir,clusters] [--domains all] [--buckets N]
 
 For each domain D: its documents in a seeded order are cut in two halves; one half goes into a
 pool with --others documents (a seeded sample) of every other domain, the other half is the
@@ -31,7 +31,7 @@ CRITERIA = {"dsir": 0.95, "clusters": 0.90}
 
 
 def run_domain(domain: str, docs: dict[str, list[dict]], others: int, method: str, seed: int,
-               min_tokens: int = 0) -> dict:
+               min_tokens: int = 0, buckets: int = 0) -> dict:
     from nichelm.config import SelectConfig
     from nichelm.selection import Record, list_corpus, select_corpus, write_selection
     pool_half, target_half = split_domain(docs[domain], seed)
@@ -42,6 +42,8 @@ def run_domain(domain: str, docs: dict[str, list[dict]], others: int, method: st
     records = [Record("pool", d["id"], d["text"], d.get("licence", ""), d["domain"]) for d in pool]
     corpus = list_corpus(records)
     cfg = SelectConfig(method=method, documents=len(pool_half), min_tokens=min_tokens)
+    if buckets:                                   # else select.buckets' default
+        cfg.buckets = buckets
     t0 = time.process_time()
     selection = select_corpus(corpus, [d["text"] for d in target_half], cfg, seed=seed, log=lambda msg: None)
     report = write_selection(corpus, selection, None, cfg)       # the report only: no file
@@ -53,7 +55,7 @@ def run_domain(domain: str, docs: dict[str, list[dict]], others: int, method: st
             "kl_reduction": round(report["kl"]["reduction"], 4), "kl_target_vs_generic":
             round(report["kl"]["target_vs_generic"], 4), "top_other_domains": Counter(
                 {d: s["documents"] for d, s in report["per_domain"].items() if d != domain}).most_common(3),
-            "cpu_s": round(cpu, 1), **({"k": report["k"]} if "k" in report else {})}
+            "buckets": cfg.buckets, "cpu_s": round(cpu, 1), **({"k": report["k"]} if "k" in report else {})}
 
 
 def reference_share(domain: str, docs: dict[str, list[dict]], others: int, seed: int, min_tokens: int) -> float:
@@ -89,6 +91,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--domains", default="all", help="comma-separated target domains (default: every domain)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-tokens", type=int, default=0, help="documents shorter than this are never chosen")
+    ap.add_argument("--buckets", type=int, default=0, help="dsir's hashed n-gram buckets (default 0: "
+                                                          "select.buckets' default)")
     ap.add_argument("--reference", action="store_true", help="also run data-selection's DSIR on each pool (slow)")
     ap.add_argument("--data", default=str(SHARED), help="the shared generic corpus folder")
     args = ap.parse_args(argv)
@@ -104,7 +108,7 @@ def main(argv=None) -> dict:
     for method in args.methods.split(","):
         rows = {}
         for domain in targets:
-            rows[domain] = run_domain(domain, docs, args.others, method, args.seed, args.min_tokens)
+            rows[domain] = run_domain(domain, docs, args.others, method, args.seed, args.min_tokens, args.buckets)
             if args.reference and method == "dsir":
                 rows[domain]["reference_share"] = reference_share(domain, docs, args.others, args.seed,
                                                                   args.min_tokens)

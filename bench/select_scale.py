@@ -1,12 +1,14 @@
 """How `nichelm select` scales: peak memory (all its processes) and CPU seconds at 0.1 GB and 1 GB.
 
     python bench/select_scale.py [--sizes 0.1,1] [--methods dsir,clusters] [--out DIR] [--target health]
+                                 [--workers N]
 
 For each size it writes a generic corpus of that many bytes (one plain .jsonl file): the documents of
 ../shared/data/generic in a seeded shuffled order, repeated (each pass shuffled anew, ids made unique
 with "#PASS") until the size is reached. The target is 2 MB of one domain's documents (--target),
 taken from the shared corpus (they also occur in the generic corpus: this bench measures cost, not
-quality). Each method then runs as `nichelm select PROJECT --force` with `fraction = 0.1` and
+quality). Each method then runs as `nichelm select PROJECT --force --workers N` (default 0: all cores;
+dsir scores on that many datatrove tasks, clusters runs in one process) with `fraction = 0.1` and
 the default fit_chars (50 MB), and the bench records the peak of the summed VmRSS of the process
 and all its children (polled every 0.1 s, bench/prepare_scale.py's tree_rss_kb) and their CPU seconds.
 
@@ -73,12 +75,13 @@ def write_project(folder: Path, method: str, generic: Path, target: Path) -> Pat
     return proj
 
 
-def run_select(proj: Path) -> dict:
-    cmd = [sys.executable, "-m", "nichelm", "select", str(proj), "--force"]
+def run_select(proj: Path, workers: int = 0) -> dict:
+    cmd = [sys.executable, "-m", "nichelm", "select", str(proj), "--force", "--workers", str(workers)]
     wall, cpu, peak_kb = run_measured(cmd, "select")
     report = json.loads((proj.parent / "run" / "select" / "selection.json").read_text())
     gen = report["generic"]
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
+    return {"workers": workers, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "peak_rss_mb": round(peak_kb / 1024, 1),
             "generic_documents": gen["documents"], "generic_mb": round(gen["chars"] / 1e6, 1),
             "fit_sample_documents": gen["fit_sample_documents"],
             "selected_documents": report["selected"]["documents"],
@@ -94,6 +97,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default=str(SHARED), help="the shared generic corpus folder")
     ap.add_argument("--out", default="", help="folder for the corpora and runs (default: a temporary one; "
                                                "corpora already there are reused)")
+    ap.add_argument("--workers", type=int, default=0, help="nichelm select --workers (default 0: all cores)")
     args = ap.parse_args(argv)
     root = Path(args.data)
     if not root.is_dir():
@@ -123,7 +127,7 @@ def main(argv=None) -> dict:
         for method in methods:
             folder = out / f"{method}_{gb:g}gb"
             folder.mkdir(exist_ok=True)
-            run = run_select(write_project(folder, method, generic, target))
+            run = run_select(write_project(folder, method, generic, target), args.workers)
             result["runs"][method].append({"gb": gb, **run})
             print(json.dumps({"gb": gb, "method": method, **run}), file=sys.stderr, flush=True)
     del docs

@@ -276,7 +276,7 @@ def _peak(n: int, method: str) -> int:
 @pytest.mark.parametrize("method", ["dsir", "clusters"])
 def test_memory_does_not_grow_with_the_corpus(method, monkeypatch):
     import nichelm.selection.core as core
-    monkeypatch.setattr(core, "BATCH_CHARS", 20_000)     # batches (4 MB in real runs) far smaller than the corpus
+    monkeypatch.setattr(core, "BATCH_CHARS", 20_000)     # batches (1 MB in real runs) far smaller than the corpus
     small, big = _peak(1000, method), _peak(4000, method)
     assert big < 1.3 * small, (small, big)
 
@@ -370,6 +370,76 @@ def test_select_command_writes_the_selection_and_reuses_it(tmp_path, capsys):
     assert report["method"] == "clusters" and len(report["clusters"]) == 3 and report["top_clusters"]
     page = (out / "selection.html").read_text()                 # the same report, drawn
     assert "per cluster" in page and "Samples of the most-weighted clusters" in page
+
+
+# sha256 of selected.jsonl and of selection.json (less seconds, fingerprint, output path) that the code before
+# the scoring went parallel wrote for these settings on _project's corpus: the tasks must not change a byte
+BEFORE_PARALLEL = {
+    "documents = 30\nfit_chars = 20000": (
+        "bec70417c754af2bc8263d9b2222cdd272f5b19a5fb198811bc5d354cee7249f",
+        "102b787c66dbb0545403745cd6ed90252b777b928bb87d189f4d1d246400b5f0"),
+    'documents = 30\nfit_chars = 20000\nmode = "top_k"': (
+        "bec70417c754af2bc8263d9b2222cdd272f5b19a5fb198811bc5d354cee7249f",
+        "bf576d2ee1a83498a83bd03b06e4c12b9fac300ef9a0691759a2131c56cf4e9b"),
+    "tokens = 3000\nfit_chars = 20000": (
+        "33810ca08547a59be5f14b8b438f38a72ea8580c98c5a4a8b01c89e5c6e6a3ce",
+        "f408b23fbfb9ddc0fd88a0c1064f65ab305fa03f73177131439584ecccbb5b4f"),
+}
+
+
+def _selection_digests(out: Path) -> tuple[str, str]:
+    report = json.loads((out / "selection.json").read_text())
+    for key in ("seconds", "fingerprint", "output"):
+        report.pop(key)
+    return (hashlib.sha256((out / "selected.jsonl").read_bytes()).hexdigest(),
+            hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest())
+
+
+@pytest.mark.parametrize("setting", list(BEFORE_PARALLEL))
+def test_select_on_tasks_writes_the_bytes_of_one_process(tmp_path, setting):
+    """dsir's scoring shared out to datatrove tasks (every task the documents of its ordinal modulo the tasks,
+    heaps merged) writes what one process writes, and what the code wrote before it had tasks."""
+    proj = _project(tmp_path, select=setting + "\nbuckets = 10000")
+    out = tmp_path / "run" / "select"
+    for flags in (["--workers", "1"], ["--workers", "2"], ["--workers", "2", "--tasks", "3"]):
+        assert main(["select", str(proj), "--force", *flags]) == 0
+        assert _selection_digests(out) == BEFORE_PARALLEL[setting], flags
+        assert not (out / ".work").exists()                        # the tasks' files go once the selection is written
+
+
+def test_select_tasks_never_reuse_results_of_another_fit(tmp_path):
+    """A killed run leaves heaps and completion markers; a run with another fit (here: another seed) must
+    score again, not merge them."""
+    from nichelm.selection.parallel import heap_path
+    setting = "documents = 30\nfit_chars = 20000"
+    proj = _project(tmp_path, select=setting + "\nbuckets = 10000")
+    work = tmp_path / "run" / "select" / ".work"
+    assert main(["select", str(proj), "--workers", "2", "--set", "select.seed=7"]) == 0
+    stale = {}
+    import nichelm.selection.parallel as par
+    original = par.TaskScorer.__call__
+
+    def keep(self, corpus, spec, heap, log):                      # as if killed after the tasks: .work stays
+        original(self, corpus, spec, heap, log)
+        stale.update({rank: heap_path(work, rank).read_bytes() for rank in range(self.tasks)})
+        raise KeyboardInterrupt
+    par.TaskScorer.__call__ = keep
+    try:
+        assert main(["select", str(proj), "--workers", "2", "--force", "--set", "select.seed=7"]) == 130
+    finally:
+        par.TaskScorer.__call__ = original
+    assert len(list((work / "logs" / "completions").glob("*"))) == 2 and stale
+    assert main(["select", str(proj), "--workers", "2"]) == 0     # the project's seed: another fit
+    assert _selection_digests(tmp_path / "run" / "select") == BEFORE_PARALLEL[setting]
+
+
+def test_select_on_slurm_dry_run_writes_the_script_and_no_selection(tmp_path, capsys):
+    proj = _project(tmp_path)
+    assert main(["select", str(proj), "--executor", "slurm", "--partition", "cpu", "--dry-run"]) == 0
+    assert "nothing submitted" in capsys.readouterr().out
+    work = tmp_path / "run" / "select" / ".work"
+    assert "launch_pickled_pipeline" in (work / "slurm" / "score.sbatch").read_text()
+    assert (work / "spec.npz").is_file() and not (tmp_path / "run" / "select" / "selection.json").exists()
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -35,7 +35,7 @@ def cmd_train(args):
 
 def cmd_select(args):
     from nichelm.selection import print_report, select_project
-    print_report(select_project(_project(args), force=args.force))
+    print_report(select_project(_project(args), force=args.force, options=_executor_options(args)))
 
 
 def cmd_perplexity(args):
@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_project(sub.add_parser("select", help="resample the generic sources to look like the target "
                                                    "(DSIR or clusters) -> RUN/select/selected.jsonl"))
     p.add_argument("--force", action="store_true", help="select again even if the selection is up to date")
+    add_executor(p, "tasks that score the generic documents, each every N-th one (default: --workers; local: all "
+                    "cores; slurm/ray: one per 256 MB of generic input); the output does not depend on it",
+                 "RUN/select/.work/slurm")
     p.set_defaults(func=cmd_select)
     p = with_project(sub.add_parser("train", help="train (or resume training) the model"))
     p.set_defaults(func=cmd_train)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -123,8 +124,12 @@ def _seed(project: Project) -> int:
     return project.seed if project.select.seed < 0 else project.select.seed
 
 
-def select_project(project: Project, force: bool = False, log=None) -> dict:
-    """Run the selection of a project; write RUN/select/selected.jsonl and selection.json; return the report."""
+def select_project(project: Project, force: bool = False, log=None, options=None) -> dict:
+    """Run the selection of a project; write RUN/select/selected.jsonl and selection.json; return the report.
+
+    options (prepare_pipeline.ExecutorOptions): dsir scores on datatrove tasks (nichelm.selection.parallel),
+    `--workers` of them at once; None: in this process. The outputs do not depend on it. Slurm: returns
+    {"submitted": message} once the tasks are submitted; the same call after they end makes the selection."""
     out = project.run_path / "select"
     fp = _fingerprint(project)
     done = out / "selection.json"
@@ -141,7 +146,16 @@ def select_project(project: Project, force: bool = False, log=None) -> dict:
         raise UserError(f"{project.source_file}: the target has no train-split document (role = \"target\" sources, "
                         "else pairs / clean sources); add target text or lower split.val_fraction / test_fraction")
     kwargs = {"log": log} if log else {}
-    selection = select_corpus(corpus, [r.text for r in target], project.select, _seed(project), **kwargs)
+    if options is not None:
+        from nichelm.selection.parallel import Submitted, TaskScorer
+        kwargs["scorer"] = TaskScorer(project, options, sum(_size(project.resolve(s.path))
+                                                             for _, s in _sources(project, "generic")))
+        try:
+            selection = select_corpus(corpus, [r.text for r in target], project.select, _seed(project), **kwargs)
+        except Submitted as e:
+            return {"submitted": str(e)}
+    else:
+        selection = select_corpus(corpus, [r.text for r in target], project.select, _seed(project), **kwargs)
     report = write_selection(corpus, selection, out / "selected.jsonl", project.select)
     from nichelm.prepare import file_sha256
     # prepare's manifest records the sha256 of the selected.jsonl it read: this ties that file to this report
@@ -154,7 +168,14 @@ def select_project(project: Project, force: bool = False, log=None) -> dict:
                                           for d, n in domains.most_common()}
     atomic_write_json(done, report)
     _write_html(report, out / "selection.html")
+    shutil.rmtree(out / ".work", ignore_errors=True)       # the scoring tasks' files (selection.parallel)
     return report
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def _write_html(report: dict, path: Path) -> None:
@@ -303,6 +324,9 @@ def _per_domain(selected: Counter, docs: int, generic: dict) -> dict:
 
 def print_report(report: dict, file=None) -> None:
     file = file or sys.stdout              # looked up now: tests and callers may swap it
+    if "submitted" in report:
+        print(report["submitted"], file=file)
+        return
     sel, gen = report["selected"], report["generic"]
     again = " (reused: same settings and sources)" if report.get("reused") else ""
     print(f"select ({report['method']}){again}: {sel['documents']:,} documents, {sel['tokens']:,} tokens "

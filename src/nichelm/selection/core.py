@@ -39,7 +39,9 @@ from nichelm.selection.features import (NgramBatch, TokenHashes, compact_buckets
                                         tokenize)
 from nichelm.selection.records import Corpus, Record
 
-BATCH_CHARS = 4_000_000      # characters featurized at once (a few MB of numpy arrays)
+# characters featurized at once: a batch holds ~40 bytes per character (token strings, numpy arrays), and
+# every scoring task holds one (peak of one scoring process: 210 MB with 4 MB batches, 99 MB with 1 MB)
+BATCH_CHARS = 1_000_000
 LOG_EVERY_S = 30.0
 
 
@@ -187,11 +189,14 @@ def featurize_counts(texts: list[str], n_buckets: int, hashes: TokenHashes) -> t
 
 # ------------------------------------------------------------------ the two methods
 
-def select_corpus(corpus: Corpus, target: list[str], cfg: SelectConfig, seed: int, log=_log) -> Selection:
+def select_corpus(corpus: Corpus, target: list[str], cfg: SelectConfig, seed: int, log=_log,
+                  scorer=None) -> Selection:
     """Choose documents of `corpus` (re-readable) that look like the `target` texts.
 
     cfg gives the method, size (documents / tokens / fraction), mode, buckets, k and the rest
-    (config.SelectConfig); `seed` is the seed to use (the caller resolves select.seed = -1)."""
+    (config.SelectConfig); `seed` is the seed to use (the caller resolves select.seed = -1).
+    dsir: `scorer(corpus, DsirScoring, heap, log) -> stats` scores the documents outside the fit sample
+    into the heap (default local_scorer: this process; nichelm.selection.parallel: datatrove tasks)."""
     t0 = time.monotonic()
     hashes = TokenHashes()
     target_counts, target_tokens = featurize_counts(target, cfg.buckets, hashes)
@@ -209,7 +214,8 @@ def select_corpus(corpus: Corpus, target: list[str], cfg: SelectConfig, seed: in
     log(f"{facts['generic_documents']:,} generic documents; fitting on a sample of {len(sample):,}; "
         f"target {len(target):,} documents")
     if cfg.method == "dsir":
-        selection = _dsir(corpus, sample, target_counts, cfg, seed, size, by_tokens, hashes, log)
+        selection = _dsir(corpus, sample, target_counts, cfg, seed, size, by_tokens, hashes, log,
+                          scorer or local_scorer)
     else:
         selection = _clusters(corpus, sample, target, target_tokens, cfg, seed, size, by_tokens, hashes, log)
     selection.target_counts = target_counts
@@ -217,38 +223,75 @@ def select_corpus(corpus: Corpus, target: list[str], cfg: SelectConfig, seed: in
     return selection
 
 
+@dataclass
+class DsirScoring:
+    """What scoring documents needs once the weights are fit: every field is plain numbers, so the
+    parent can hand it to other processes (nichelm.selection.parallel saves it as npz + json)."""
+    log_diff: np.ndarray          # per bucket, log p_target - log p_generic
+    skip: np.ndarray              # sorted ordinals already scored (the fit sample's)
+    seed: int
+    mode: str                     # sample | top_k
+    min_tokens: int
+    size: float                   # the selection's budget, in documents or tokens ...
+    by_tokens: bool               # ... tokens when True
+
+
+def _consider(spec: DsirScoring, heap: BudgetHeap, stats: Counter, ordinal: int, source: str, doc_id: str,
+              w: float, n: int) -> None:
+    if n < spec.min_tokens:
+        stats["too_short"] += 1
+        return
+    stats["scored"] += 1
+    key = w if spec.mode == "top_k" else w + gumbel(uniform(spec.seed, "gumbel", source, doc_id))
+    heap.push(key, ordinal, n if spec.by_tokens else 1, Pick(float(w), int(n)))
+
+
+def score_share(corpus: Corpus, spec: DsirScoring, rank: int = 0, tasks: int = 1, log=_log,
+                heap: BudgetHeap | None = None) -> tuple[BudgetHeap, Counter]:
+    """Score the documents of share `rank` of `tasks` (ordinal % tasks == rank) outside spec.skip into
+    `heap` (default: a new one of the selection's budget). Every key is a function of the document and
+    the seed, so heaps of the shares merged (merge_into) hold what one heap over the whole corpus would."""
+    heap = BudgetHeap(spec.size) if heap is None else heap
+    stats, hashes = Counter(), TokenHashes()
+    skip = set(spec.skip.tolist())           # the fit sample: bounded by select.fit_chars
+    mine = ((o, r) for o, r in numbered(corpus) if o % tasks == rank and o not in skip)
+    progress = Progress("scoring" if tasks == 1 else f"scoring (share {rank + 1} of {tasks})", log)
+    for chunk in chunks(mine):
+        batch = NgramBatch([r.text for _, r in chunk], hashes)
+        for (o, r), w, n in zip(chunk, batch.doc_sums(spec.log_diff), batch.n_tokens):
+            _consider(spec, heap, stats, o, r.source, r.id, w, n)
+        progress.add(len(chunk), sum(len(r.text) for _, r in chunk))
+    return heap, stats
+
+
+def merge_into(heap: BudgetHeap, items: Iterable[tuple[float, int, float, object]]) -> None:
+    """Push (key, ordinal, size, payload) items, e.g. another heap's items(), into heap."""
+    for key, ordinal, size, payload in items:
+        heap.push(key, ordinal, size, payload)
+
+
+def local_scorer(corpus: Corpus, spec: DsirScoring, heap: BudgetHeap, log) -> Counter:
+    """The default scorer: the whole rest of the corpus in this process, into `heap`."""
+    return score_share(corpus, spec, 0, 1, log, heap)[1]
+
+
 def _dsir(corpus: Corpus, sample, target_counts, cfg: SelectConfig, seed: int, size: float, by_tokens: bool,
-          hashes: TokenHashes, log) -> Selection:
+          hashes: TokenHashes, log, scorer) -> Selection:
     # fit p_generic on the sample, keeping its buckets (compact) to score it without featurizing twice
     generic_counts, kept = np.zeros(cfg.buckets), []
     for chunk in chunks(sample):
         batch = NgramBatch([r.text for _, r in chunk], hashes)
         generic_counts += batch.counts(cfg.buckets)
         kept.append(([(o, r.source, r.id) for o, r in chunk], compact_buckets(batch, cfg.buckets)))
-    log_diff = log_ratio(target_counts, generic_counts)
+    spec = DsirScoring(log_ratio(target_counts, generic_counts), np.array(sorted(o for o, _ in sample), np.int64),
+                       seed, cfg.mode, cfg.min_tokens, size, by_tokens)
     heap, stats = BudgetHeap(size), Counter()
-
-    def consider(ordinal: int, source: str, doc_id: str, w: float, n: int) -> None:
-        if n < cfg.min_tokens:
-            stats["too_short"] += 1
-            return
-        stats["scored"] += 1
-        key = w if cfg.mode == "top_k" else w + gumbel(uniform(seed, "gumbel", source, doc_id))
-        heap.push(key, ordinal, n if by_tokens else 1, Pick(float(w), int(n)))
-
-    in_sample = set()
     for docs, (n_tokens, buckets) in kept:
-        for (o, source, doc_id), w, n in zip(docs, compact_doc_sums(n_tokens, buckets, log_diff), n_tokens):
-            consider(o, source, doc_id, w, n)
-            in_sample.add(o)
+        for (o, source, doc_id), w, n in zip(docs, compact_doc_sums(n_tokens, buckets, spec.log_diff), n_tokens):
+            _consider(spec, heap, stats, o, source, doc_id, w, n)
     del kept
     sample.clear()                       # the caller's list too: the sample's texts are not needed any more
-    progress = Progress("scoring", log)
-    for chunk in chunks((o, r) for o, r in numbered(corpus) if o not in in_sample):
-        batch = NgramBatch([r.text for _, r in chunk], hashes)
-        for (o, r), w, n in zip(chunk, batch.doc_sums(log_diff), batch.n_tokens):
-            consider(o, r.source, r.id, w, n)
-        progress.add(len(chunk), sum(len(r.text) for _, r in chunk))
+    stats.update(scorer(corpus, spec, heap, log))
     picks = {o: p for _, o, _, p in heap.items()}
     return Selection(picks, generic_counts, facts={"eligible_documents": stats["scored"],
                                                    "too_short_documents": stats["too_short"]})
