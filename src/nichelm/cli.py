@@ -100,6 +100,20 @@ def cmd_export(args):
     print(export(args.project, args.format, args.out, args.set or []))
 
 
+def cmd_specialize(args):
+    from nichelm.specialize import specialize
+    print(specialize(_project(args), cluster=args.cluster, target=args.target, mixture=args.mixture,
+                     out=Path(args.out) if args.out else None))
+
+
+def _weights(value: str) -> list[float]:
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give one number per cluster, comma-separated, "
+                                         "e.g. 0.5,0,0.5") from None
+
+
 def _executor_options(args, cls=None):
     from nichelm.prepare_pipeline import ExecutorOptions
     return (cls or ExecutorOptions)(
@@ -286,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=["hf", "gguf", "ct2"])
     p.add_argument("--out", help="output folder (default RUN/export/FORMAT)")
     p.set_defaults(func=cmd_export)
+    p = with_project(sub.add_parser("specialize", help="a projected network's expert (model.projected) as a plain "
+                                                       "run, to fine-tune (train.init_from) or export"))
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cluster", type=_count, metavar="I", help="the expert of cluster I")
+    which.add_argument("--target", action="store_true", help="the mixture of experts the target's cluster histogram "
+                                                             "gives (RUN/select/selection.json, method clusters)")
+    which.add_argument("--mixture", type=_weights, metavar="W0,W1,...", help="one weight per cluster (normalised)")
+    p.add_argument("--out", help="the run folder to write (default RUN/specialized/cluster_I, target or mixture)")
+    p.set_defaults(func=cmd_specialize)
     p = sub.add_parser("apply", help="correct files or folders of .txt/.jsonl/.parquet with a model, resumably")
     p.add_argument("--model", required=True, help="a run directory, a project file or an hf export folder "
                                                   "(or, with --backend ct2, a ct2 export folder)")

@@ -90,6 +90,15 @@ PRESETS: dict[str, dict] = {
 
 
 @dataclass
+class ProjectedSection:
+    """[model.projected]: a projected network (SLM-pn): one MLP expert per cluster of the generic data, W = sum_q
+    E[i,q] sum_r M[q,r] T[r] per layer; `nichelm specialize` makes one expert (or a mixture) a plain model."""
+    clusters: int = 0                # experts (the selection's k-means clusters); 0 = off, a plain model
+    m: int = 0                       # length of an expert's code E[i]
+    h: int = 0                       # basis tensors T per layer
+
+
+@dataclass
 class ModelSection:
     arch: str = "llama"
     preset: str = "nano"
@@ -100,6 +109,7 @@ class ModelSection:
     block_size: int = 256
     qk_norm: bool = False
     dropout: float = 0.0
+    projected: ProjectedSection = field(default_factory=ProjectedSection)
 
 
 @dataclass
@@ -532,6 +542,10 @@ _BOUNDS = {
     "model.n_embd": (lambda v: v >= 0, "0 (the preset's) or more"),
     "model.block_size": (lambda v: v >= 16, "at least 16 (tokens of context: a prompt, its input and output)"),
     "model.dropout": (lambda v: 0 <= v < 1, "from 0 to below 1"),
+    "model.projected.clusters": (lambda v: v == 0 or 2 <= v <= 65536,
+                                 "0 (off: a plain model) or 2 to 65536 (experts, one per cluster)"),
+    "model.projected.m": (lambda v: v >= 0, "1 or more (the length of an expert's code) when clusters is set"),
+    "model.projected.h": (lambda v: v >= 0, "1 or more (basis tensors per layer) when clusters is set"),
     "train.max_steps": (lambda v: v >= 1, "at least 1"),
     "train.max_minutes": (lambda v: v >= 0, "0 (no time budget) or more"),
     "train.batch_size": (lambda v: v >= 1, "at least 1"),
@@ -593,6 +607,13 @@ def _check_numbers(p: Project, file: str) -> None:
     if p.model.n_kv_head and shape["n_head"] % p.model.n_kv_head:
         raise UserError(f"{file}: 'model.n_head' ({shape['n_head']}) must be a multiple of 'model.n_kv_head' "
                         f"({p.model.n_kv_head})")
+    pn = p.model.projected
+    if pn.clusters and not (pn.m >= 1 and pn.h >= 1):
+        raise UserError(f"{file}: [model.projected] clusters = {pn.clusters} needs m and h of 1 or more (e.g. m = 8, "
+                        "h = 16): the expert codes' length and the basis tensors per layer")
+    if not pn.clusters and (pn.m or pn.h):
+        raise UserError(f"{file}: [model.projected] sets m or h but not clusters; set clusters (the experts, e.g. "
+                        "select.k) or remove [model.projected]")
     if p.model.arch == "llama" and (shape["n_embd"] // shape["n_head"]) % 2:
         raise UserError(f"{file}: n_embd / n_head = {shape['n_embd'] // shape['n_head']} is odd; rotary positions "
                         "(arch llama) need an even head size: change 'model.n_embd' or 'model.n_head'")
@@ -706,10 +727,12 @@ def _check_phases(p: Project, file: str) -> None:
 
 
 def model_config(p: Project, vocab_size: int):
-    from nichelm.model import ModelConfig
+    from nichelm.model import ModelConfig, Projection
     shape = dict(PRESETS[p.model.preset])
     for key in ("n_layer", "n_head", "n_kv_head", "n_embd"):
         if getattr(p.model, key):
             shape[key] = getattr(p.model, key)
+    pn = p.model.projected
+    projected = Projection(pn.clusters, pn.m, pn.h) if pn.clusters else None
     return ModelConfig(arch=p.model.arch, vocab_size=vocab_size, block_size=p.model.block_size,
-                       qk_norm=p.model.qk_norm, dropout=p.model.dropout, **shape)
+                       qk_norm=p.model.qk_norm, dropout=p.model.dropout, projected=projected, **shape)

@@ -341,5 +341,9 @@ def export(path: str | Path, fmt: str = "hf", out: str | Path | None = None, ove
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     rm = load_run(run_dir(path, overrides))
+    if rm.cfg.projected is not None:        # no engine runs a projected MLP: export one of its experts
+        raise UserError(f"{rm.run}: a projected network (model.projected) is not exported as it is: make a plain "
+                        f"model of one expert first (nichelm specialize PROJECT --cluster I | --target), "
+                        f"then export that run")
     out = Path(out) if out else rm.run / "export" / fmt
     return {"hf": export_hf, "gguf": export_gguf, "ct2": export_ct2}[fmt](rm, out)

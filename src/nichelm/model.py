@@ -5,6 +5,9 @@
   optional QK-norm, untied head.
 
 Both share one Block; the differences are a handful of flags in ModelConfig.
+With ``ModelConfig.projected`` the model is a projected network (SLM-pn, Plan Early): each block's MLP
+is a ProjectedMLP whose weights depend on the cluster's expert, attention and embeddings are shared, and
+``instantiate`` turns one expert (or a mixture of them) into a plain GPT in closed form.
 Attention goes through ``F.scaled_dot_product_attention`` (flash kernels on GPU).
 KV caches (``SlotCache`` for batched decoding, ``KVCache`` for beam search) make generation linear
 in the output length.
@@ -13,13 +16,22 @@ in the output length.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nichelm.config import PRESETS as PRESETS  # noqa: F401  (re-exported: the table lives in config, torch-free)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A projected network's shape: per layer, expert i's MLP weights are W = sum_q E[i,q] sum_r M[q,r] T[r]
+    (T: h basis tensors shaped like the plain MLP's weights, M: m x h per layer, E: one m-vector per cluster)."""
+    clusters: int                  # experts, one per cluster of the generic data
+    m: int                         # length of an expert's code E[i] (shared by every layer)
+    h: int                         # basis tensors per layer
 
 
 @dataclass
@@ -35,6 +47,15 @@ class ModelConfig:
     qk_norm: bool = False
     rope_theta: float = 10000.0
     dropout: float = 0.0
+    projected: Projection | None = None   # a projected network (SLM-pn); None = the plain model
+
+    def __post_init__(self):
+        if isinstance(self.projected, dict):             # read back from json (trainer.json, model_config.json)
+            self.projected = Projection(**self.projected)
+
+    def base(self) -> ModelConfig:
+        """The plain model an expert of this projected network instantiates into."""
+        return replace(self, projected=None)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -45,7 +66,10 @@ class ModelConfig:
         return self.n_kv_head or self.n_head
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.projected is None:       # plain models' configs (checkpoints, exports) stay as they always were
+            del d["projected"]
+        return d
 
 
 class RMSNorm(nn.Module):
@@ -202,16 +226,64 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
+class ProjectedMLP(nn.Module):
+    """The MLP of a projected network: every weight and bias of the plain MLP is a mix of this layer's h basis
+    tensors, W = sum_r c[r] T[r], with the coefficients c = code @ M (M: this layer's m x h `mix`; code: the
+    expert's m-vector, held by the GPT). W is linear in the code, so a mixture of experts' codes gives the
+    mixture of their weights: what `instantiate` writes into a plain MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        p = cfg.projected
+        self.swiglu = cfg.arch == "llama"
+        with torch.device("meta"):                     # the plain MLP's parameter names and shapes, nothing allocated
+            shapes = {name: w.shape for name, w in MLP(cfg).named_parameters()}
+        self.names = list(shapes)                      # "down.weight", ...; ParameterDict keys cannot hold dots
+        self.mix = nn.Parameter(torch.randn(p.m, p.h) / math.sqrt(p.h))
+        # Each basis tensor starts as the plain MLP would (biases 0; GPT-2's scaled init for the down projection),
+        # and code @ mix has unit norm in expectation (E ~ N(0, 1/m), see GPT): an expert starts at the plain scale.
+        self.basis = nn.ParameterDict()
+        for name, shape in shapes.items():
+            std = 0.02 / math.sqrt(2 * cfg.n_layer) if name == "down.weight" else 0.02
+            init = torch.zeros(p.h, *shape) if name.endswith("bias") else torch.randn(p.h, *shape) * std
+            self.basis[name.replace(".", "_")] = nn.Parameter(init)
+
+    def weights(self, code: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The plain MLP's state (name -> tensor) of the expert with this code (m,)."""
+        coef = code @ self.mix                                            # (h,)
+        return {name: torch.tensordot(coef, self.basis[name.replace(".", "_")], dims=1) for name in self.names}
+
+    def _run(self, x, w: dict[str, torch.Tensor]):
+        """What MLP.forward computes, with the weights w."""
+        if self.swiglu:
+            gate, up = F.linear(x, w["gate_up.weight"]).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, w["down.weight"])
+        hidden = F.gelu(F.linear(x, w["up.weight"], w["up.bias"]), approximate="tanh")
+        return F.linear(hidden, w["down.weight"], w["down.bias"])
+
+    def forward(self, x, experts: list[tuple[torch.Tensor | None, torch.Tensor]]):
+        """experts: (rows, code) groups (GPT.expert_groups); rows None = the whole batch. Each expert's weights
+        are computed once per forward, whatever the number of its rows."""
+        if len(experts) == 1 and experts[0][0] is None:
+            return self._run(x, self.weights(experts[0][1]))
+        out = torch.empty_like(x)
+        for rows, code in experts:
+            out[rows] = self._run(x[rows], self.weights(code))
+        return out
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.norm1 = make_norm(cfg, cfg.n_embd)
         self.attn = Attention(cfg, layer)
         self.norm2 = make_norm(cfg, cfg.n_embd)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg) if cfg.projected is None else ProjectedMLP(cfg)
 
-    def forward(self, x, rope=None, cache=None, mask=None):
+    def forward(self, x, rope=None, cache=None, mask=None, experts=None):
         x = x + self.attn(self.norm1(x), rope, cache, mask)
+        if experts is not None:                       # a projected network: the MLP of the rows' experts
+            return x + self.mlp(self.norm2(x), experts)
         return x + self.mlp(self.norm2(x))
 
 
@@ -232,6 +304,9 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        # Projected network: E, one code per cluster's expert (the basis and mix are in each ProjectedMLP).
+        self.experts = None if cfg.projected is None else nn.Parameter(
+            torch.randn(cfg.projected.clusters, cfg.projected.m) / math.sqrt(cfg.projected.m))
         self.apply(self._init_weights)
         # GPT-2's scaled init of residual projections: keeps the residual stream's variance flat with depth.
         for name, p in self.named_parameters():
@@ -260,15 +335,37 @@ class GPT(nn.Module):
             return (self.rope_cos[offset:offset + T][None, None], self.rope_sin[offset:offset + T][None, None])
         return (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])   # per-row positions
 
+    def expert_groups(self, cluster, batch: int) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """A projected network's (rows, code) groups for a forward: cluster is one int for the whole batch
+        (rows None), or one cluster per row ((B,) ints), grouped so each expert's weights are computed once."""
+        if self.experts is None:
+            raise ValueError("cluster= is for projected networks (ModelConfig.projected); this model is plain")
+        if cluster is None:
+            raise ValueError("a projected network runs its clusters' experts: give forward(..., cluster=) one int "
+                             "or one per row, or instantiate() a plain model first")
+        k = self.experts.shape[0]
+        cluster = torch.as_tensor(cluster).reshape(-1)
+        if cluster.numel() not in (1, batch):
+            raise ValueError(f"{cluster.numel()} clusters for {batch} rows; give one int, or one per row")
+        ids = cluster.unique().tolist()                                  # sorted; a host sync
+        if ids[0] < 0 or ids[-1] >= k:
+            raise ValueError(f"cluster {ids[0] if ids[0] < 0 else ids[-1]}: this network has clusters 0..{k - 1}")
+        if len(ids) == 1:                                                # the whole batch runs one expert
+            return [(None, self.experts[ids[0]])]
+        cluster = cluster.to(self.experts.device)
+        return [((cluster == c).nonzero().squeeze(1), self.experts[c]) for c in ids]
+
     def forward(self, idx, targets=None, loss_mask=None, positions=None, cache: KVCache | SlotCache | None = None,
-                mask=None, reduction: str = "mean", logits_at: torch.Tensor | None = None):
+                mask=None, reduction: str = "mean", logits_at: torch.Tensor | None = None, cluster=None):
         """idx (B, T) token ids. targets/loss_mask (B, T): loss only where loss_mask is true.
 
         positions (B, T) gives per-row positions (generation: each row at its own place); cache and
         mask are used by generate.py. Returns (logits, loss); logits_at (B,) or (B, K) asks for those
-        positions of each row only (logits (B, 1, V) or (B, K, V)), else logits cover every position.
+        positions of each row only (logits (B, 1, V) or (B, K, V)), else logits cover every position. cluster: a
+        projected network's expert, one int or one per row (expert_groups); plain models take none.
         """
         B, T = idx.shape
+        experts = None if (self.experts is None and cluster is None) else self.expert_groups(cluster, B)
         offset = cache.length if isinstance(cache, KVCache) and positions is None else 0
         x = self.wte(idx)
         if self.wpe is not None:
@@ -276,7 +373,7 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         rope = self._rope(positions, T, offset)
         for block in self.blocks:
-            x = block(x, rope, cache, mask)
+            x = block(x, rope, cache, mask, experts)
         x = self.norm_f(x)
         if targets is None:
             if logits_at is not None:
@@ -296,3 +393,33 @@ class GPT(nn.Module):
         cfg = self.cfg
         n = self.num_params()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+@torch.no_grad()
+def instantiate(model: GPT, cluster: int | None = None, mixture=None) -> GPT:
+    """A projected network's expert as a plain GPT of the base architecture, in closed form: attention,
+    embeddings and norms copied, each block's MLP weights computed from the expert's code E[cluster], or for
+    a mixture (one weight per cluster, e.g. a target's cluster histogram; normalised to sum 1) from the
+    weighted code sum_i w_i E[i]. Its logits are those of `model` run with that expert."""
+    if model.experts is None:
+        raise ValueError("instantiate() takes a projected network (ModelConfig.projected); this model is plain")
+    k = model.experts.shape[0]
+    if (cluster is None) == (mixture is None):
+        raise ValueError("give instantiate() one of cluster= and mixture=")
+    if mixture is None:
+        if not 0 <= int(cluster) < k:
+            raise ValueError(f"cluster {cluster} is not one of this network's clusters 0..{k - 1}")
+        code = model.experts[int(cluster)]
+    else:
+        w = torch.as_tensor(mixture, dtype=model.experts.dtype, device=model.experts.device).reshape(-1)
+        if w.numel() != k or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"mixture: give {k} finite weights, none negative, not all 0 (got {w.numel()})")
+        code = (w / w.sum()) @ model.experts
+    state = {name: t for name, t in model.state_dict().items()
+             if name != "experts" and ".mlp." not in name}
+    for i, block in enumerate(model.blocks):
+        state.update({f"blocks.{i}.mlp.{name}": t for name, t in block.mlp.weights(code).items()})
+    with torch.random.fork_rng(devices=[]):             # the plain model's random init is overwritten: draw from a copy
+        plain = GPT(model.cfg.base())
+    plain.load_state_dict(state, strict=True)
+    return plain.to(device=model.experts.device, dtype=model.experts.dtype)

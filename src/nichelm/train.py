@@ -219,6 +219,14 @@ def _load_data(project: Project, setup: Setup) -> Data:
         return TaskBatches(load_split(data_dir / "shards", name), mcfg.block_size, *ids, seed=seed, rank=rank,
                            world_size=world_size)
 
+    if mcfg.projected is not None:   # a projected network: every phase mixes one data part per cluster
+        k = mcfg.projected.clusters
+        bad = [i for i, ph in enumerate(cfg.phases) if not (isinstance(ph.data, list) and len(ph.data) == k)]
+        if not cfg.phases or bad:
+            where = f"train.phases[{bad[0]}]" if bad else "[[train.phases]]"
+            raise UserError(f"{project.source_file}: {where}: a projected network (model.projected, {k} clusters) "
+                            f"trains on one data folder per cluster: give each phase data = [{k} folders, cluster "
+                            "0 first] and weights (e.g. the clusters' generic shares)")
     if not cfg.phases:               # one unnamed phase: the project's own data for train.max_steps
         check_shards(run / "data")
         own = Phase(name="", steps=cfg.max_steps, cfg=cfg, describe="this project's data",
@@ -483,15 +491,19 @@ def _train_step(setup: Setup, phase: Phase, trainee: Trainee, step: int, lr: flo
     # back only when logging, so a step never waits for the device.
     n_tokens = ddp.sum(torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))).clamp(min=1.0)
     loss_sum = torch.zeros((), device=device)
+    projected = trainee.raw_model.experts is not None
     for micro, batch in enumerate(batches):
         x, y, mask = (t.to(device, non_blocking=True) for t in batch)
+        # a projected network: each row runs its cluster's expert (the phase's part k is cluster k)
+        experts = {"cluster": torch.from_numpy(phase.train.parts_of(step, micro, grad_accum, cfg.batch_size))} \
+            if projected else {}
         last_micro = micro == grad_accum - 1
         if trainee.fsdp:
             trainee.raw_model.set_requires_gradient_sync(last_micro)  # reduce-scatter once per step
         sync = model.no_sync() if (ddp.enabled and not trainee.fsdp and not last_micro) else nullcontext()
         with sync:
             with setup.autocast:
-                _, loss = model(x, y, mask, reduction="sum")
+                _, loss = model(x, y, mask, reduction="sum", **experts)
             # DDP/FSDP average gradients over ranks; scale by world size so the result is a global-token mean.
             (loss * ddp.world_size / n_tokens).backward()
         loss_sum += loss.detach()
@@ -775,8 +787,8 @@ def evaluate_loss(model, data: TaskBatches, cfg, device, autocast) -> float:
     losses = []
     for i in range(cfg.eval_batches):
         x, y, mask = (t.to(device) for t in data.fixed(i, cfg.batch_size))
-        with autocast:
-            _, loss = model(x, y, mask)
+        with autocast:      # a projected network: its val split is the first part's, cluster 0
+            _, loss = model(x, y, mask, **({"cluster": 0} if getattr(model, "experts", None) is not None else {}))
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)

@@ -190,12 +190,22 @@ class MixedBatches:
             self._layouts[rows] = (counts, part, within)
         return self._layouts[rows]
 
+    def _positions(self, micro: int, batch_size: int) -> np.ndarray:
+        """This rank's positions, among its step's rows, of micro-batch `micro`."""
+        global_batch = batch_size * self.world_size
+        return np.arange(batch_size) + micro * global_batch + self.rank * batch_size
+
+    def parts_of(self, step: int, micro: int, grad_accum: int, batch_size: int) -> np.ndarray:
+        """The part each row of get()'s micro-batch comes from (the same for every step). A projected network
+        trains on one part per cluster (part k = cluster k): these are the rows' clusters, its experts."""
+        _, part, _ = self.layout(batch_size * self.world_size * grad_accum)
+        return part[self._positions(micro, batch_size)]
+
     def get(self, step: int, micro: int, grad_accum: int, batch_size: int):
         """The micro-batch `micro` of optimizer step `step` for this rank: (x, y, mask) CPU tensors."""
         t0 = time.perf_counter()
-        global_batch = batch_size * self.world_size
-        counts, part, within = self.layout(global_batch * grad_accum)
-        positions = np.arange(batch_size) + micro * global_batch + self.rank * batch_size
+        counts, part, within = self.layout(batch_size * self.world_size * grad_accum)
+        positions = self._positions(micro, batch_size)
         rows = np.empty((batch_size, self.parts[0].seq_len + 1), dtype=np.int64)
         for k, source in enumerate(self.parts):
             sel = part[positions] == k
