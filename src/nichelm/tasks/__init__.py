@@ -1,0 +1,44 @@
+"""Tasks: what one job is (prompt, markers, examples, loss rule, decoding, metrics), behind one interface.
+
+    from nichelm.tasks import get_task
+    task = get_task({"type": "classification", "labels": ["yes", "no"]})
+    task.prompt(tok, "some text")          # prompt ids, marker-safe
+    task.metrics(predictions, references)  # the task's own metrics dict
+    task.to_json()                         # task.json; get_task(task.to_json()) gives it back
+
+Types: "correction" (tasks.correction: text -> corrected text; the default, and what a task.json
+without "type" is) and "classification" (tasks.classification: text -> one label of a fixed set,
+label-constrained decoding). The interface is tasks.base.Task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nichelm.errors import UserError
+from nichelm.tasks.base import Task
+from nichelm.tasks.classification import ClassificationTask
+from nichelm.tasks.correction import CorrectionTask
+
+TASK_TYPES: dict[str, type[Task]] = {"correction": CorrectionTask, "classification": ClassificationTask}
+DEFAULT_TYPE = "correction"       # task.json and project files from before task types
+
+
+def get_task(config, where: str = "task") -> Task:
+    """The task a config describes: a task.json / [task] table dict, a dataclass such as
+    config.TaskConfig (its fields), or a Task (returned as it is). No "type": correction.
+    `where` (e.g. "project.toml: [task]") starts every error message."""
+    if isinstance(config, Task):
+        return config
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                  if not f.metadata.get("internal")}
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: a task is a table of settings, not {type(config).__name__}")
+    kind = config.get("type", DEFAULT_TYPE)
+    if kind not in TASK_TYPES:
+        raise UserError(f"{where}: 'type' is {kind!r}; use one of {', '.join(TASK_TYPES)}")
+    return TASK_TYPES[kind].from_json(config, where)
+
+
+__all__ = ["Task", "CorrectionTask", "ClassificationTask", "TASK_TYPES", "get_task"]

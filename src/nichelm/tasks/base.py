@@ -1,0 +1,156 @@
+"""The task interface: everything that makes one job different from another, in one object.
+
+A task owns
+  - its prompt and markers: `prompt_template.format(input=...)`, then the output, then `end_marker`
+    (the three markers are special tokens; user text is always encoded marker-safe, through
+    nichelm.data.tokenizer, so a quoted marker stays text);
+  - how examples are built from a document (`examples`: (input, output) pairs);
+  - the loss rule (`loss_mask`: train on the output and the end marker, never on the prompt);
+  - its decoding: "free" (text until the end marker) or "labels" (one of a fixed set, scored);
+  - post-processing of a decoded output (`postprocess`) and its metrics (`metrics`);
+  - its task.json form (`to_json` / `from_json`), which runs and exports carry.
+
+Stages ask the task and never test its type; a new job is a new subclass registered in
+nichelm.tasks.TASK_TYPES. This module imports neither torch nor the model, so prepare's processes
+can hold a task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from nichelm.data import tokenizer as tokmod
+from nichelm.data.readers import Document, pair_segments_to_windows
+from nichelm.errors import UserError
+
+
+@dataclasses.dataclass
+class Task:
+    """Fields every task has; subclasses add their own (dataclass fields) and set `type`/`decoding`."""
+
+    type: ClassVar[str] = ""
+    decoding: ClassVar[str] = "free"          # "free": text up to end_marker | "labels": one of a fixed set
+
+    name: str = "task"
+    prompt_template: str = "### Text ###\n{input}\n### Output ###\n"
+    end_marker: str = "<|endoftext|>"
+    window_chars: int = 100                   # longest example window (characters of the output side)
+    # keys of a task.json this version does not know (e.g. an export's "user_text_encoding"): kept, written back
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    # ------------------------------------------------------------ markers and prompts
+
+    def markers(self) -> tuple[str, str, str]:
+        """(input marker, output marker, end marker)."""
+        return (*tokmod.template_markers(self.prompt_template), self.end_marker)
+
+    def special_tokens(self) -> list[str]:
+        """The tokenizer's special tokens, in the order prepare has always given them."""
+        return tokmod.special_tokens(self.prompt_template, self.end_marker)
+
+    def marker_ids(self, tok) -> tuple[int, int, int]:
+        """(input id, output id, end id) in `tok`; a marker that is no token is a UserError."""
+        ids = tuple(tok.token_to_id(m) for m in self.markers())
+        if None in ids:
+            missing = [m for m, i in zip(self.markers(), ids) if i is None]
+            raise UserError(f"the tokenizer has no token for the task's marker(s) {', '.join(map(repr, missing))}; "
+                            "prepare again with this task (`nichelm prepare --force`)")
+        return ids
+
+    def prompt(self, tok, text: str) -> list[int]:
+        """Ids of the prompt for `text`: markers by id, text marker-safe (data.tokenizer.prompt_ids)."""
+        return tokmod.prompt_ids(tok, self.prompt_template, text)
+
+    def prompts(self, tok, texts: Sequence[str]) -> list[list[int]]:
+        return tokmod.prompt_ids_batch(tok, self.prompt_template, texts)
+
+    def encode_examples(self, tok, inputs: Sequence[str], outputs: Sequence[str], dtype=np.uint32) -> np.ndarray:
+        """prompt + output + end marker of every example, concatenated: a shard's tokens."""
+        return tokmod.encode_examples_array(tok, self.prompt_template, self.end_marker, inputs, outputs, dtype)
+
+    # ------------------------------------------------------------ training
+
+    def examples(self, doc: Document) -> list[tuple[str | None, str]]:
+        """(input, output) pairs of one document; input None: clean text, noise is made later."""
+        raise NotImplementedError
+
+    def windows(self, doc: Document):
+        """The document cut into windows of at most window_chars output characters (readers' rule)."""
+        return pair_segments_to_windows(doc, self.window_chars)
+
+    def loss_mask(self, rows: np.ndarray, tok) -> np.ndarray:
+        """rows (B, T) of tokens -> True where the next token is trained: inside an output, up to and
+        including its end marker (the rule is data.loader.loss_mask, read off the markers)."""
+        from nichelm.data.loader import loss_mask      # loader imports torch: only when training
+        return loss_mask(rows, *self.marker_ids(tok))
+
+    # ------------------------------------------------------------ decoding and scoring
+
+    def postprocess(self, text: str) -> str:
+        """A decoded output as users get it."""
+        return text
+
+    def metrics(self, predictions: Sequence[str], references: Sequence[str], **extra) -> dict:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ task.json
+
+    def to_json(self) -> dict:
+        d = {"type": self.type}
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                d[f.name] = getattr(self, f.name)
+        return {**self.extra, **d}
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "task") -> "Task":
+        """The task a task.json (or a project file's [task] table) describes; `where` names it in errors."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known and k != "type"}
+        for f in dataclasses.fields(cls):
+            if f.name in kwargs:
+                kwargs[f.name] = _typed(kwargs[f.name], f, where)
+        task = cls(**kwargs, extra=extra)
+        task.check(where)
+        return task
+
+    def check(self, where: str = "task") -> None:
+        """One-line UserError for a template or marker prepare and train could not use."""
+        try:
+            self.prompt_template.format(input="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"{where}: 'prompt_template' must contain {{input}} and no other {{...}} field "
+                            f"(write {{{{ and }}}} for literal braces): {type(e).__name__} {e}") from None
+        if self.prompt_template.count("{input}") != 1:
+            raise UserError(f"{where}: 'prompt_template' must contain {{input}} exactly once")
+        try:
+            markers = tokmod.template_markers(self.prompt_template)
+        except ValueError:
+            raise UserError(f"{where}: 'prompt_template' needs a marker before and after {{input}}, e.g. "
+                            "\"### Text ###\\n{input}\\n### Label ###\\n\"") from None
+        if not self.end_marker.strip() or self.end_marker in markers or min(map(len, (*markers, self.end_marker))) < 2:
+            raise UserError(f"{where}: markers {(*markers, self.end_marker)!r} must be distinct and at least two "
+                            "characters long; change 'prompt_template' or 'end_marker'")
+        if self.window_chars < 1:
+            raise UserError(f"{where}: 'window_chars' is {self.window_chars}; give a positive number of characters")
+
+
+def _typed(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """A task.json value checked against its field's type (str, int, float, bool, list, dict)."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    want = {"str": str, "int": int, "float": (int, float), "bool": bool}.get(kind.split(" ")[0])
+    if kind.startswith("list"):
+        want = list
+    elif kind.startswith("dict"):
+        want = dict
+    ok = want is None or (isinstance(value, want) and not (want is int and isinstance(value, bool)))
+    if value is None and "None" in kind:
+        ok = True
+    if not ok:
+        raise UserError(f"{where}: '{f.name}' is {value!r}; give a value of type {kind}")
+    return value

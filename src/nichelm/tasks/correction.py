@@ -1,0 +1,51 @@
+"""`correction`: noisy text -> corrected text (post-OCR correction, nichelm's flagship job).
+
+The task nichelm has always run, expressed through the Task interface: the same prompt template,
+markers, end marker and windows as config.TaskConfig's defaults, free-text decoding up to the end
+marker (inference.Corrector, with its do-no-harm guard), and corpus CER/WER (nichelm.metrics).
+A task.json without "type" (every run and export made before tasks had types) is this task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from nichelm.data.readers import Document
+from nichelm.metrics import score_pairs
+from nichelm.tasks.base import Task
+
+
+@dataclasses.dataclass
+class CorrectionTask(Task):
+    type = "correction"
+    decoding = "free"
+
+    name: str = "ocr"
+    prompt_template: str = "### Text ###\n{input}\n### Correction ###\n"
+    end_marker: str = "<|endoftext|>"
+    window_chars: int = 100
+    # the do-no-harm guard `nichelm evaluate` calibrated (RUN/guard.json), as exports carry it; None: none
+    guard: dict | None = None
+
+    def examples(self, doc: Document) -> list[tuple[str | None, str]]:
+        """The document's windows as (input, gold) pairs; input None for clean text (noise comes later)."""
+        return [(w.input, w.output) for w in self.windows(doc)]
+
+    def metrics(self, predictions: Sequence[str], references: Sequence[str], inputs: Sequence[str] | None = None,
+                **_) -> dict:
+        """Corpus (micro) CER and WER of the predictions; with the inputs, the same before correction."""
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+        after = score_pairs(zip(predictions, references))
+        out = {"n": after.n, "chars": after.chars, "words": after.words, "cer": after.cer, "wer": after.wer}
+        if inputs is not None:
+            before = score_pairs(zip(inputs, references))
+            out.update(cer_before=before.cer, wer_before=before.wer)
+        return out
+
+    def to_json(self) -> dict:
+        d = super().to_json()
+        if d["guard"] is None:          # task.json as it always was: a "guard" key only once calibrated
+            del d["guard"]
+        return d
