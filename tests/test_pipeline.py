@@ -82,7 +82,7 @@ def _pairs_file(path: Path, n: int, bad_line: int = 0) -> None:
 
 def _read(project, pieces) -> list[Document]:
     step = pl.ReadSources(project, pieces)
-    return [d.metadata["doc"] for d in step.run(None, 0, 1)]
+    return [doc for batch in step.run(None, 0, 1) for doc in batch.metadata["docs"]]
 
 
 def test_jsonl_ranges_read_like_readers_py(tmp_path):
@@ -97,7 +97,8 @@ def test_jsonl_ranges_read_like_readers_py(tmp_path):
     assert [(d.doc_id, d.segments) for d in got] == [(d.doc_id, d.segments) for d in want]
     # one task per piece reads exactly that piece
     step = pl.ReadSources(proj, pieces)
-    per_task = [[d.id for d in step.run(None, rank, len(pieces))] for rank in range(len(pieces))]
+    per_task = [[doc.doc_id for b in step.run(None, rank, len(pieces)) for doc in b.metadata["docs"]]
+                for rank in range(len(pieces))]
     assert sum(per_task, []) == [d.doc_id for d in want] and all(per_task)
 
 
@@ -119,9 +120,15 @@ def test_text_folder_is_grouped_into_pieces(tmp_path):
 # ------------------------------------------------------------------ steps alone
 
 
-def _dt(doc: Document, source: str = "s", piece: int = 0):
+def _batches(docs: list[Document], size: int, source: str = "s", piece: int = 0):
+    """ReadSources' batches of documents."""
     from datatrove.data import Document as DT
-    return DT(text="", id=doc.doc_id, metadata={"piece": piece, "source": source, "doc": doc})
+    for i in range(0, len(docs), size):
+        yield DT(text="", id=f"{piece}/{i}", metadata={"piece": piece, "source": source, "docs": docs[i:i + size]})
+
+
+def _flat(batches, key: str) -> list:
+    return [x for b in batches for x in b.metadata[key]]
 
 
 def test_split_windows_and_noise_steps(tmp_path):
@@ -129,16 +136,58 @@ def test_split_windows_and_noise_steps(tmp_path):
     from nichelm.prepare import split_of
     proj = load_project(_project(tmp_path, '[[sources]]\nname = "s"\npath = "project.toml"\nrole = "clean"\n'))
     docs = [Document(f"d{i}", [Segment(None, SENTENCES[j % 6] + "\n") for j in range(i, i + 5)]) for i in range(40)]
-    split = list(pl.SplitDocuments(proj).run((_dt(d) for d in docs)))
-    assert [d.metadata["split"] for d in split] == [split_of(3, "s", d.doc_id, 0.1, 0.1) for d in docs]
-    assert {d.metadata["split"] for d in split} == {"train", "val", "test"}
+    docs.append(Document("blank", [Segment(None, "   \n")]))            # no window: its batch gives none
+    split = list(pl.SplitDocuments(proj).run(_batches(docs, 7)))
+    assert _flat(split, "splits") == [split_of(3, "s", d.doc_id, 0.1, 0.1) for d in docs]
+    assert set(_flat(split, "splits")) == {"train", "val", "test"}
     windows = list(pl.MakeWindows(80).run(iter(split)))
-    assert [w.text for w in windows] == [w.output for d in docs for w in pair_segments_to_windows(d, 80)]
+    want = [(d.doc_id, w, win.output) for d in docs for w, win in enumerate(pair_segments_to_windows(d, 80))]
+    assert list(zip(_flat(windows, "doc_ids"), _flat(windows, "ws"), _flat(windows, "outputs"))) == want
+    assert len(windows) == 6 and all(b.metadata["piece"] == 0 and b.metadata["source"] == "s" for b in windows)
+    assert set(_flat(windows, "inputs")) == {None}
     noisy = list(pl.AddNoise(proj).run(iter(windows)))
     noise = OCRNoise(target_cer=0.05, seed=3)
-    assert [n.metadata["input"] for n in noisy] == [noise.corrupt(w.text, f"s\x00{w.id}\x00{w.metadata['w']}")
-                                                    for w in windows]
-    assert any(n.metadata["input"] != n.text for n in noisy) and all(n.metadata["synthetic"] for n in noisy)
+    assert _flat(noisy, "inputs") == [noise.corrupt(out, f"s\x00{doc_id}\x00{w}") for doc_id, w, out in want]
+    assert _flat(noisy, "inputs") != _flat(noisy, "outputs") and all(_flat(noisy, "synthetic"))
+
+
+def test_noise_step_drops_empty_examples_and_keeps_paired_inputs(tmp_path):
+    """Examples with an empty side go, with every list of the batch; paired inputs are kept as they are."""
+    from datatrove.data import Document as DT
+    proj = load_project(_project(tmp_path, '[[sources]]\nname = "s"\npath = "project.toml"\n'))
+    batch = {"piece": 0, "source": "s", "doc_ids": ["a", "b", "c", "d"], "ws": [0, 0, 1, 0],
+             "splits": ["train", "val", "train", "test"], "inputs": ["ocr a", " ", None, "ocr d"],
+             "outputs": ["gold a", "gold b", "gold c", "gold d"]}
+    step = pl.AddNoise(proj)
+    [out] = list(step.run(iter([DT(text="", id="0/a", metadata=batch)])))
+    m = out.metadata
+    assert m["doc_ids"] == ["a", "c", "d"] and m["ws"] == [0, 1, 0] and m["splits"] == ["train", "train", "test"]
+    assert m["inputs"][0] == "ocr a" and m["inputs"][2] == "ocr d" and m["inputs"][1].strip()
+    assert m["synthetic"] == [False, True, False] and m["outputs"] == ["gold a", "gold c", "gold d"]
+    got = {k: v.total for k, v in step.stats.stats.items()}
+    assert got["s::windows_empty_dropped"] == 1 and got["s::examples_train"] == 2 and got["s::examples_test"] == 1
+    assert got["::noise_chars"] == len("gold c")
+
+
+def test_read_batches_are_cut_by_count_and_bytes(tmp_path, monkeypatch):
+    """A batch holds at most BATCH_DOCS documents and stops once BATCH_BYTES are read; max_documents holds."""
+    _pairs_file(tmp_path / "pairs.jsonl", 50)
+    src = '[[sources]]\nname = "p"\npath = "pairs.jsonl"\nformat = "jsonl"\ninput_field = "ocr"\noutput_field = "gold"\n'
+    proj = load_project(_project(tmp_path, src))
+    pieces = pl.plan_pieces(proj)
+    monkeypatch.setattr(pl, "BATCH_DOCS", 8)
+    sizes = [len(b.metadata["docs"]) for b in pl.ReadSources(proj, pieces).run(None, 0, 1)]
+    assert sizes == [8] * 6 + [2]
+    lines = [len(raw) for raw in (tmp_path / "pairs.jsonl").read_bytes().splitlines(True)]
+    monkeypatch.setattr(pl, "BATCH_BYTES", 3 * lines[0])
+    sizes = [len(b.metadata["docs"]) for b in pl.ReadSources(proj, pieces).run(None, 0, 1)]
+    assert sum(sizes) == 50 and len(set(sizes)) > 1
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    for start, end in zip([0] + ends, ends[:-1]):        # each batch but the last ends once it has the bytes
+        assert sum(lines[start:end - 1]) < pl.BATCH_BYTES <= sum(lines[start:end])
+    limited = load_project(_project(tmp_path, src + "max_documents = 19\n"))
+    batches = list(pl.ReadSources(limited, pl.plan_pieces(limited)).run(None, 0, 1))
+    assert [d.doc_id for b in batches for d in b.metadata["docs"]] == [str(i) for i in range(1, 20)]
 
 
 def test_dedupe_drops_val_and_test_texts_seen_in_train(tmp_path):
@@ -174,6 +223,34 @@ def test_batched_example_encoding_gives_the_ids_of_encode_examples():
         if template.startswith("@@@"):           # BPE rebuilds the marker "@@@" from text: spelled out
             assert tok.encode("@@@ and @@@").ids.count(tok.token_to_id("@@@")) == 2
             assert got.tolist().count(tok.token_to_id("@@@")) == len(pairs)
+
+
+def test_tokens_task_loads_its_tokenizer_once(tmp_path, monkeypatch):
+    """load_examples_encoder (the Tokenize step's): encode_examples_array's ids from one load of the file,
+    no second, marker-safe copy (a load costs more than a batch of short examples)."""
+    from nichelm.data import tokenizer as tk
+    template, end = "### Text ###\n{input}\n### Correction ###\n", "<|endoftext|>"
+    tok = tk.train_tokenizer(SENTENCES * 20 + ["### Text ###"], 400, tk.special_tokens(template, end))
+    tk.save_tokenizer(tok, tmp_path / "tok.json")
+    inputs, outputs = SENTENCES + ["A ### Correction ### B"], SENTENCES[::-1] + ["x<|endoftext|>y"]
+    want = tk.encode_examples_array(tok, template, end, inputs, outputs, np.uint16)
+    loads, real = [], tk.Tokenizer
+
+    class Counting:                     # tokenizers.Tokenizer, counting the loads
+        @staticmethod
+        def from_file(path):
+            loads.append(path)
+            return real.from_file(path)
+
+        @staticmethod
+        def from_str(text):
+            loads.append("str")
+            return real.from_str(text)
+
+    monkeypatch.setattr(tk, "Tokenizer", Counting)
+    vocab, encode = tk.load_examples_encoder(tmp_path / "tok.json")
+    got = encode(template, end, inputs, outputs, np.uint16)
+    assert vocab == tok.get_vocab_size() and got.tolist() == want.tolist() and len(loads) == 1
 
 
 def test_shard_writer_cuts_between_examples(tmp_path):
@@ -272,6 +349,43 @@ def test_bad_record_fails_with_file_line_or_is_skipped(tmp_path):
     assert pairs["skip"] == {"bad_records": 1} and pairs["documents"] == 399
 
 
+def test_prepare_reads_each_source_sha256_once(tmp_path, monkeypatch):
+    """The fingerprint's sha256 of a small source is the manifest's: the source is not hashed a second time."""
+    import hashlib
+
+    from nichelm import prepare as prep
+    from nichelm.prepare_pipeline import PrepareOptions
+    proj = load_project(_corpus(tmp_path))
+    hashed = []
+    real = prep.file_sha256
+
+    def counting(path):
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(prep, "file_sha256", counting)
+    manifest = prep.prepare(proj, options=PrepareOptions(workers=1, piece_mb=0.01))    # tasks run in this process
+    assert hashed.count("pairs.jsonl") == 1 and hashed.count("books") == 1
+    sha = {s["name"]: s["sha256"] for s in manifest["sources"]}
+    assert sha["pairs"] == hashlib.sha256((tmp_path / "pairs.jsonl").read_bytes()).hexdigest()
+    assert sha["books"] == real(tmp_path / "books")
+
+
+def test_task_loggers_do_not_ask_sysconfig_each_time(monkeypatch):
+    """A handler added (three per task) does not recompute loguru's library folders (~3 ms each)."""
+    import sys
+    import sysconfig
+
+    from loguru import logger
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sysconfig asked again")
+
+    monkeypatch.setattr(sysconfig, "get_path", refuse)
+    handler = logger.add(sys.stderr, level="ERROR")
+    logger.remove(handler)
+
+
 def test_slurm_job_scripts(tmp_path):
     from nichelm.prepare_pipeline import PrepareOptions, prepare_with_pipeline
     project = load_project(_corpus(tmp_path))
@@ -366,7 +480,7 @@ def test_raw_ocr_step_sums_corpus_scores(tmp_path):
                                       " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))))])
             for i in range(60)] + [Document("clean", [Segment(None, "no ocr side")])]
     step = pl.MeasureRawOCR(proj)
-    assert len(list(step.run(_dt(d) for d in docs))) == len(docs)
+    assert len(list(step.run(_batches(docs, 16)))) == 4
     want = score_pairs(u for d in docs for u in scoring_units(d, "jsonl"))
     got = {k: v.total for k, v in step.stats.stats.items()}
     assert got == {f"s::raw_{w}": getattr(want, w) for w in ("char_errors", "chars", "word_errors", "words")}

@@ -107,13 +107,17 @@ def source_state(path: Path) -> dict:
     return {"files": files, "sha256": file_sha256(path) if small else None}
 
 
-def fingerprint(project: Project) -> str:
-    """What prepare's output depends on: the settings and every source's files (see source_state).
-    A match means a re-run can reuse the finished work."""
+def source_states(project: Project) -> list[list[dict]]:
+    """source_state of each source's path (and gold_path), in order."""
+    return [[source_state(project.resolve(p)) for p in (src.path, src.gold_path) if p] for src in project.sources]
+
+
+def fingerprint(project: Project, states: list[list[dict]] | None = None) -> str:
+    """What prepare's output depends on: the settings and every source's files (source_states, given
+    or read now). A match means a re-run can reuse the finished work."""
     d = project.to_dict()
     keep = {k: d[k] for k in ("seed", "task", "sources", "noise", "split", "tokenizer")}
-    keep["source_files"] = [[source_state(project.resolve(p)) for p in (src.path, src.gold_path) if p]
-                            for src in project.sources]
+    keep["source_files"] = source_states(project) if states is None else states
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

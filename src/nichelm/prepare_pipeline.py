@@ -79,7 +79,7 @@ def log(msg: str) -> None:
 
 def prepare_with_pipeline(project: Project, force: bool = False, options: PrepareOptions | None = None) -> dict:
     """Build or resume RUN/data with the datatrove jobs; returns the manifest (for Slurm: what was submitted)."""
-    from nichelm.prepare import _clean_leftovers, already_prepared, fingerprint
+    from nichelm.prepare import _clean_leftovers, already_prepared, fingerprint, source_states
     opts = options or PrepareOptions()
     if opts.executor not in ("local", "slurm", "ray"):
         raise UserError(f"--executor {opts.executor!r}: use local, slurm or ray")
@@ -87,7 +87,8 @@ def prepare_with_pipeline(project: Project, force: bool = False, options: Prepar
         raise UserError("--executor slurm needs --partition NAME (the Slurm partition to submit to)")
     run = project.run_path
     reused = tokenizer_from(project)
-    fp = fingerprint(project)
+    states = source_states(project)
+    fp = fingerprint(project, states)
     if reused:                   # a changed file at the same path is a changed project
         fp = hashlib.sha256(f"{fp}:{reused['sha256']}".encode()).hexdigest()[:16]
     work = run / ".prepare"
@@ -101,7 +102,9 @@ def prepare_with_pipeline(project: Project, force: bool = False, options: Prepar
     piece_bytes = max(int(opts.piece_mb * 2**20), 1024) if opts.piece_mb else auto_piece_bytes(project)
     pieces = pl.plan_pieces(project, piece_bytes)
     plan = {"version": PLAN_VERSION, "fingerprint": fp, "piece_bytes": piece_bytes,
-            "shard_tokens": opts.shard_tokens, "tokenizer_from": reused, "pieces": pl.pieces_to_json(pieces)}
+            "shard_tokens": opts.shard_tokens, "tokenizer_from": reused, "pieces": pl.pieces_to_json(pieces),
+            # each source's sha256 where the fingerprint hashed it (small sources), for the manifest
+            "source_sha256": [files[0]["sha256"] for files in states]}
     plan_path = work / "plan.json"
     saved = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() and not force else None
     if saved is None or {k: v for k, v in saved.items() if k != "started"} != plan:
@@ -175,7 +178,8 @@ def build_jobs(project: Project, work: Path, pieces: list[pl.Piece], tasks: int,
     jobs.append(("examples", [pl.ReadSources(project, pieces), pl.SplitDocuments(project), pl.MeasureRawOCR(project),
                               pl.MakeWindows(project.task.window_chars), pl.AddNoise(project, fit_path),
                               pl.WriteExampleParts(work, project.seed, n, rate)], tasks))
-    jobs.append(("tokenizer", [pl.MergeSourceStats(project, work), pl.BuildDedupeSets(work, n, project.source_file),
+    jobs.append(("tokenizer", [pl.MergeSourceStats(project, work, plan.get("source_sha256")),
+                               pl.BuildDedupeSets(work, n, project.source_file),
                                pl.ReuseTokenizer(work, reused) if reused else pl.TrainTokenizer(project, work, n)], 1))
     jobs.append(("tokens", [pl.ReadExampleParts(work, n), pl.DedupeEval(work),
                             pl.Tokenize(project, work / "tokenizer.json"), pl.WriteTokenParts(work, n)], tasks))

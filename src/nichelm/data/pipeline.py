@@ -10,14 +10,17 @@ whole source for the formats that need a whole file (csv, icdar, icdar-lines) an
 output is written per piece, so the result depends on the project and the piece size only: not on
 the number of tasks, the workers, the executor or interruptions.
 
-Documents travel between steps as datatrove Documents: a source document carries our
-readers.Document (aligned segments) in metadata["doc"]; after `MakeWindows` each Document is one
-example (text = output, metadata: input, source, doc_id, w, split, piece). In the tokens job a
-Document is a whole batch of examples (ReadExampleParts), so that job works per batch.
+Batches travel between steps: a datatrove Document is a batch of one piece (so of one source), so
+that the Python work per document or example is the step's own and not the plumbing between steps.
+In the examples job a batch first holds source documents (metadata: piece, source, docs = our
+readers.Document with aligned segments, up to BATCH_DOCS of them or BATCH_BYTES read; splits from
+SplitDocuments); `MakeWindows` turns it into a batch of examples (metadata: piece, source, and lists
+doc_ids, ws (window number in its document), splits, inputs, outputs; synthetic from AddNoise). In
+the tokens job a batch is up to TOKENIZE_BATCH examples of one piece and split (ReadExampleParts).
 
 Counts go through datatrove's own per-task stats (stat_update: logging_dir/stats/NNNNN.json, keys
-"SOURCE::what"); `stage_stats` merges them. Time spent per step is datatrove's time stats (track_time,
-or `Clock` for work done per document).
+"SOURCE::what"); `stage_stats` merges them. Time spent per step is datatrove's time stats
+(track_time, once per batch).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import json
 import random
 import re
 import shutil
-import time
 import zlib
 from collections import Counter
 from contextlib import ExitStack
@@ -45,8 +47,7 @@ from datatrove.pipeline.base import PipelineStep
 from rapidfuzz.distance import Levenshtein
 
 from nichelm.config import Project, source_name
-from nichelm.data.readers import (Document, Segment, _field_names, _json_str, _line_segments, _text_or_error,
-                                   pair_segments_to_windows, read_documents)
+from nichelm.data.readers import Document, _line_segments, jsonl_document, pair_segments_to_windows, read_documents
 from nichelm.data.shards import HEADER_INTS, MAGIC_U16, MAGIC_U32, VERSION_U16, VERSION_U32
 from nichelm.errors import UserError
 from nichelm.io import atomic_file, atomic_write_json
@@ -55,6 +56,9 @@ SPLITS = ("train", "val", "test")
 DOC_BYTES = 1 << 20          # a text file longer than this is cut into documents at paragraph boundaries
 PIECE_BYTES = 64 << 20       # default size of a piece of work (files grouped, big files cut into ranges)
 SHUFFLE_EXAMPLES = 50_000    # train examples shuffled together (per piece) before they are written
+WRITE_LINES = 4096           # other lines of a piece's parts written in one call (a call per line costs more)
+BATCH_DOCS = 1024            # source documents per batch of the examples job ...
+BATCH_BYTES = 1 << 20        # ... or fewer, once their bytes read reach this
 TOKENIZE_BATCH = 2048        # examples per batch of the tokens job (one encode call each)
 COMPRESSED = (".gz", ".zst")
 SEP = "::"                   # stats keys: "SOURCE::what"
@@ -80,24 +84,6 @@ def drain(data) -> None:
     flowing in, must not start before the steps that write those files have finished."""
     for _ in data or ():
         pass
-
-
-class Clock:
-    """A step's time spent per document, summed in a float and handed to datatrove's time stats once
-    (`record`): its track_time() also updates a mean and a variance on every call, which costs more
-    than some steps' own work on one document."""
-
-    def __init__(self):
-        self.total = 0.0
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.total += time.perf_counter() - self.t0
-
-    def record(self, step: PipelineStep) -> None:
-        step.stats.time_stats.update(self.total)
 
 
 def task_pieces(rank: int, world_size: int, n_pieces: int) -> range:
@@ -308,44 +294,11 @@ def read_text_docs(stream, rel: str, start: int = 0, end: int = -1, first_line: 
         yield (rel if whole else f"{rel}@{doc_start}"), line, data
 
 
-def _jsonl_doc(line: str, lineno: int, path: str, input_field: str, output_field: str, id_field: str,
-               seen: set) -> Document | None:
-    """One jsonl line as a Document, exactly as readers._read_jsonl reads a line (a copy of its
-    per-line code: readers.py reads whole files); None for a blank line."""
-    if not line.strip():
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                        "each line must be one JSON object") from None
-    except RecursionError:
-        raise UserError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one JSON object "
-                        "of text fields") from None
-    except ValueError:  # Python refuses to convert integers of over 4300 digits
-        raise UserError(f"{path}:{lineno}: JSON number too long to read; store long numbers as strings") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}:{lineno}: not a JSON object (got {type(obj).__name__}); "
-                        "each line must be one JSON object")
-    output = _json_str(obj, output_field, path, lineno, required=True)
-    inp = _json_str(obj, input_field, path, lineno, required=False) if input_field else None
-    doc_id = str(lineno)
-    if id_field:
-        if id_field not in obj:
-            raise UserError(f"{path}:{lineno}: no field {id_field!r} (fields: {_field_names(obj)}); "
-                            "set id_field in the source")
-        doc_id = _text_or_error(str(obj[id_field]), id_field, path, lineno)
-        if doc_id in seen:      # within a piece: ids across pieces of a big file are not compared
-            raise UserError(f"{path}:{lineno}: duplicate id {doc_id!r} in field {id_field!r}; ids must be unique")
-        seen.add(doc_id)
-    segments = _line_segments(output) if inp is None else [Segment(inp, output)]
-    return Document(doc_id, segments, {"line": lineno})
-
-
 class ReadSources(PipelineStep):
-    """Read this task's pieces into Documents, streaming (see Piece); the source's filters are applied,
-    clean sources lose their input side. Bad records fail with FILE:LINE or, with
-    on_bad_record = "skip", are counted ("SOURCE::bad_records") and logged in the task's log."""
+    """Read this task's pieces into batches of Documents, streaming (see Piece and the module docstring);
+    the source's filters are applied, clean sources lose their input side. Bad records fail with
+    FILE:LINE or, with on_bad_record = "skip", are counted ("SOURCE::bad_records") and logged in the
+    task's log."""
 
     name = "read sources"
     type = "nichelm"
@@ -356,7 +309,7 @@ class ReadSources(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from nichelm.prepare import FILTERS
-        counts, clock = Counter(), Clock()
+        counts = Counter()
         todo = range(len(self.pieces)) if self.only is not None else task_pieces(rank, world_size, len(self.pieces))
         for k in todo:
             piece = self.pieces[k]
@@ -367,43 +320,51 @@ class ReadSources(PipelineStep):
             filters, clean = [FILTERS[f] for f in src.filters], src.role == "clean"
             kept = paired = 0
             docs = self._documents(piece, src, name, counts)
-            while True:
-                with clock:            # reading and decoding count here, not in later steps
-                    doc = next(docs, None)
-                    if doc is None:
-                        break
-                    if not any(s.output.strip() for s in doc.segments):
-                        continue        # nothing to learn from an empty gold side (as readers.py)
-                    if filters or clean:
-                        for seg in doc.segments:
-                            for fn in filters:
-                                seg.output = fn(seg.output)
-                                if seg.input is not None:
-                                    seg.input = fn(seg.input)
-                            if clean:
-                                seg.input = None
-                    if not clean and any(s.input is not None for s in doc.segments):
-                        paired += 1
-                yield DTDocument(text="", id=doc.doc_id, metadata={"piece": k, "source": name, "doc": doc})
-                kept += 1
-                if src.max_documents and kept >= src.max_documents:
-                    break
+            more = True
+            while more:
+                batch, size, more = [], 0, False
+                with self.track_time():        # reading and decoding count here, not in later steps
+                    for doc, nbytes in docs:
+                        if not any(s.output.strip() for s in doc.segments):
+                            continue    # nothing to learn from an empty gold side (as readers.py)
+                        if filters or clean:
+                            for seg in doc.segments:
+                                for fn in filters:
+                                    seg.output = fn(seg.output)
+                                    if seg.input is not None:
+                                        seg.input = fn(seg.input)
+                                if clean:
+                                    seg.input = None
+                        if not clean and any(s.input is not None for s in doc.segments):
+                            paired += 1
+                        batch.append(doc)
+                        size += nbytes
+                        if src.max_documents and kept + len(batch) >= src.max_documents:
+                            break
+                        if len(batch) >= BATCH_DOCS or size >= BATCH_BYTES:
+                            more = True
+                            break
+                if batch:
+                    kept += len(batch)
+                    yield DTDocument(text="", id=f"{k}/{batch[0].doc_id}",
+                                     metadata={"piece": k, "source": name, "docs": batch})
             if kept:
                 counts[f"{name}{SEP}documents"] += kept
             if paired:
                 counts[f"{name}{SEP}paired_documents"] += paired
             counts[f"{name}{SEP}bytes"] += piece.size
-        clock.record(self)
         for key, value in sorted(counts.items()):
             self.stat_update(key, value=value)
 
     def _documents(self, piece: Piece, src, name: str, counts: Counter):
+        """(Document, bytes read for it) of one piece, in order."""
         if piece.whole:
             path = Path(piece.files[0][1])
-            yield from read_documents(
-                path, src.format, input_field="" if src.role == "clean" and src.format == "csv" else src.input_field,
-                output_field=src.output_field, text_field=src.text_field, id_field=src.id_field or None,
-                gold_path=self.project.resolve(src.gold_path) if src.gold_path else None)
+            for doc in read_documents(
+                    path, src.format, input_field="" if src.role == "clean" and src.format == "csv" else src.input_field,
+                    output_field=src.output_field, text_field=src.text_field, id_field=src.id_field or None,
+                    gold_path=self.project.resolve(src.gold_path) if src.gold_path else None):
+                yield doc, sum(len(s.output) for s in doc.segments)
             return
         for rel, path in piece.files:
             try:
@@ -431,14 +392,16 @@ class ReadSources(PipelineStep):
             except UserError as e:
                 yield e
                 continue
-            yield Document(doc_id, _line_segments(text.replace("\r\n", "\n")))
+            yield Document(doc_id, _line_segments(text.replace("\r\n", "\n"))), len(data)
 
     @staticmethod
     def _jsonl(f, path: str, piece: Piece, src):
-        """Documents of a jsonl file or range; a bad line comes as its UserError."""
+        """(Document, bytes) of each line of a jsonl file or range (readers.jsonl_document); a bad line
+        comes as its UserError."""
         if piece.start:
             f.seek(piece.start)
-        pos, lineno, seen = piece.start, piece.first_line - 1, set()
+        pos, lineno = piece.start, piece.first_line - 1
+        seen = set()        # ids met in this piece: ids across pieces of a big file are not compared
         for raw in f:
             if piece.end >= 0 and pos >= piece.end:
                 return
@@ -448,16 +411,17 @@ class ReadSources(PipelineStep):
                 if lineno == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")
                 text = _decode(raw, path, lineno).removesuffix("\n").removesuffix("\r")
-                doc = _jsonl_doc(text, lineno, path, src.input_field, src.output_field, src.id_field, seen)
+                doc = jsonl_document(text, lineno, path, src.input_field, src.output_field, src.id_field, seen)
             except UserError as e:
                 yield e
                 continue
             if doc is not None:
-                yield doc
+                yield doc, len(raw)
 
 
 class SplitDocuments(PipelineStep):
-    """A document's split from a seeded hash of (seed, source, doc id): prepare.split_of, as before."""
+    """Each document's split (metadata["splits"]) from a seeded hash of (seed, source, doc id):
+    prepare.split_of, as before."""
 
     name = "split by document"
     type = "nichelm"
@@ -468,17 +432,21 @@ class SplitDocuments(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from nichelm.prepare import split_of
-        cfg, counts, clock = self.project.split, Counter(), Clock()
+        cfg, seed, counts = self.project.split, self.project.seed, Counter()
         fixed = {source_name(s, i): s.split for i, s in enumerate(self.project.sources)}
         for d in data:
-            with clock:
-                name = d.metadata["source"]
-                split = fixed[name] if fixed[name] != "auto" else split_of(
-                    self.project.seed, name, d.id, cfg.val_fraction, cfg.test_fraction)
-                d.metadata["split"] = split
-                counts[name, split] += 1
+            with self.track_time():
+                m = d.metadata
+                name = m["source"]
+                if fixed[name] != "auto":
+                    splits = [fixed[name]] * len(m["docs"])
+                else:
+                    splits = [split_of(seed, name, doc.doc_id, cfg.val_fraction, cfg.test_fraction)
+                              for doc in m["docs"]]
+                m["splits"] = splits
+                for split, n in Counter(splits).items():
+                    counts[name, split] += n
             yield d
-        clock.record(self)
         for key, value in sorted((f"{name}{SEP}documents_{split}", v) for (name, split), v in counts.items()):
             self.stat_update(key, value=value)
 
@@ -498,25 +466,29 @@ class MeasureRawOCR(PipelineStep):
         from nichelm.prepare import scoring_units
         # metrics.CorpusScore's sums, kept in a list per source: its add() costs more than the distances here
         totals: dict[str, list[int]] = {}      # source -> [char_errors, chars, word_errors, words]
-        clock = Clock()
         for d in data:
-            with clock:
+            with self.track_time():
                 name = d.metadata["source"]
-                for ocr, gold in scoring_units(d.metadata["doc"], self.formats[name]):
-                    t = totals.get(name) or totals.setdefault(name, [0, 0, 0, 0])
-                    t[0] += char_distance(ocr, gold)
-                    t[1] += len(gold)
-                    t[2] += word_distance(ocr, gold)
-                    t[3] += len(gold.split())
+                fmt = self.formats[name]
+                for doc in d.metadata["docs"]:
+                    for ocr, gold in scoring_units(doc, fmt):
+                        t = totals.get(name) or totals.setdefault(name, [0, 0, 0, 0])
+                        t[0] += char_distance(ocr, gold)
+                        t[1] += len(gold)
+                        t[2] += word_distance(ocr, gold)
+                        t[3] += len(gold.split())
             yield d
-        clock.record(self)
         for name, t in sorted(totals.items()):
             for what, value in zip(("char_errors", "chars", "word_errors", "words"), t):
                 self.stat_update(f"{name}{SEP}raw_{what}", value=value)
 
 
+EXAMPLE_LISTS = ("doc_ids", "ws", "splits", "inputs", "outputs")     # a batch of examples (MakeWindows on)
+
+
 class MakeWindows(PipelineStep):
-    """Each document -> its examples (readers.pair_segments_to_windows); one Document per window."""
+    """Each batch of documents -> the batch of their examples (readers.pair_segments_to_windows), in
+    order: the lists EXAMPLE_LISTS of metadata (an input is None where noise is to make it)."""
 
     name = "windows"
     type = "nichelm"
@@ -526,21 +498,26 @@ class MakeWindows(PipelineStep):
         self.window_chars = window_chars
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        clock = Clock()
         for d in data:
-            with clock:
-                meta = d.metadata
-                windows = pair_segments_to_windows(meta["doc"], self.window_chars)
-            for w, win in enumerate(windows):
-                yield DTDocument(text=win.output, id=d.id, metadata={
-                    "piece": meta["piece"], "source": meta["source"], "split": meta["split"], "w": w,
-                    "input": win.input})
-        clock.record(self)
+            with self.track_time():
+                m = d.metadata
+                doc_ids, ws, splits, inputs, outputs = lists = [], [], [], [], []
+                for doc, split in zip(m["docs"], m["splits"]):
+                    for w, win in enumerate(pair_segments_to_windows(doc, self.window_chars)):
+                        doc_ids.append(doc.doc_id)
+                        ws.append(w)
+                        splits.append(split)
+                        inputs.append(win.input)
+                        outputs.append(win.output)
+            if doc_ids:
+                yield DTDocument(text="", id=d.id, metadata={"piece": m["piece"], "source": m["source"],
+                                                             **dict(zip(EXAMPLE_LISTS, lists))})
 
 
 class AddNoise(PipelineStep):
     """Clean windows get a synthetic OCR input, seeded per example exactly as before
-    (key "SOURCE\\0DOC_ID\\0W"); examples with an empty side are dropped (counted)."""
+    (key "SOURCE\\0DOC_ID\\0W"; metadata["synthetic"] says which); examples with an empty side are
+    dropped (counted)."""
 
     name = "synthetic noise"
     type = "nichelm"
@@ -558,27 +535,29 @@ class AddNoise(PipelineStep):
         return OCRNoise(target_cer=cfg.target_cer, seed=self.project.seed, profile=cfg.profile)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        noise, counts, clock = None, Counter(), Clock()
+        noise, counts = None, Counter()
         for d in data:
-            with clock:
-                meta = d.metadata
-                name, split = meta["source"], meta["split"]
-                synthetic = meta["input"] is None
-                if synthetic:
+            with self.track_time():
+                m = d.metadata
+                name, inputs, outputs = m["source"], m["inputs"], m["outputs"]
+                synthetic = m["synthetic"] = [i is None for i in inputs]
+                if any(synthetic):
                     noise = noise or self.make_noise()
-                    meta["input"] = noise.corrupt(d.text, f"{name}\x00{d.id}\x00{meta['w']}")
-                meta["synthetic"] = synthetic
-                keep = bool(meta["input"].strip() and d.text.strip())
-                if not keep:
-                    counts[name, "windows_empty_dropped"] += 1
-                else:
-                    counts[name, f"examples_{split}"] += 1
-                    if synthetic and split == "train":
-                        counts["", "noise_edits"] += Levenshtein.distance(meta["input"], d.text)
-                        counts["", "noise_chars"] += len(d.text)
-            if keep:
+                    for j in (j for j, syn in enumerate(synthetic) if syn):
+                        inputs[j] = noise.corrupt(outputs[j], f"{name}\x00{m['doc_ids'][j]}\x00{m['ws'][j]}")
+                keep = [bool(i.strip() and o.strip()) for i, o in zip(inputs, outputs)]
+                if not all(keep):
+                    counts[name, "windows_empty_dropped"] += keep.count(False)
+                    for key in (*EXAMPLE_LISTS, "synthetic"):
+                        m[key] = [x for x, kept in zip(m[key], keep) if kept]
+                for split, n in Counter(m["splits"]).items():
+                    counts[name, f"examples_{split}"] += n
+                for inp, out, syn, split in zip(m["inputs"], m["outputs"], m["synthetic"], m["splits"]):
+                    if syn and split == "train":
+                        counts["", "noise_edits"] += Levenshtein.distance(inp, out)
+                        counts["", "noise_chars"] += len(out)
+            if m["inputs"]:
                 yield d
-        clock.record(self)
         for key, value in sorted((f"{name}{SEP}{what}", v) for (name, what), v in counts.items()):
             self.stat_update(key, value=value)
 
@@ -642,25 +621,23 @@ class WriteExampleParts(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         mine = task_pieces(rank, world_size, self.n_pieces)
-        done, out, clock = set(), None, Clock()
+        done, out = set(), None
         for d in data or ():
-            k = d.metadata["piece"]
-            if out is None or out.piece != k:
-                if out is not None:
-                    with clock:
+            with self.track_time():
+                k = d.metadata["piece"]
+                if out is None or out.piece != k:
+                    if out is not None:
                         out.close()
-                    done.add(out.piece)
-                out = _PieceWriter(self.work, k, self.seed, self.sample_rate)
-            with clock:
-                out.add(d)
-        if out is not None:
-            with clock:
+                        done.add(out.piece)
+                    out = _PieceWriter(self.work, k, self.seed, self.sample_rate)
+                out.add(d.metadata)
+        with self.track_time():
+            if out is not None:
                 out.close()
-            done.add(out.piece)
-        for k in mine:                      # pieces without any example still get (empty) parts
-            if k not in done:
-                _PieceWriter(self.work, k, self.seed, self.sample_rate).close()
-        clock.record(self)
+                done.add(out.piece)
+            for k in mine:                      # pieces without any example still get (empty) parts
+                if k not in done:
+                    _PieceWriter(self.work, k, self.seed, self.sample_rate).close()
         yield from ()
 
 
@@ -669,10 +646,10 @@ class _PieceWriter:
         self.piece, self.work, self.seed, self.rate = piece, work, seed, sample_rate
         self.stack = ExitStack()
         self.files = {s: self._zst(part(work, "ex", s, piece, "jsonl.zst")) for s in SPLITS}
-        self.sample = self._zst(part(work, "sample", "train", piece, "jsonl.zst"))
+        self.files["sample"] = self._zst(part(work, "sample", "train", piece, "jsonl.zst"))
         self.rng = random.Random(f"{seed}/{piece}")
         self.buffer: list[bytes] = []
-        self.lines: dict[str, list[bytes]] = {"val": [], "test": []}    # written in one call per many lines
+        self.lines: dict[str, list[bytes]] = {"val": [], "test": [], "sample": []}     # up to WRITE_LINES
         self.train_digests = bytearray()          # digest_bytes, one after another
         self.val_digests = bytearray()
 
@@ -681,32 +658,35 @@ class _PieceWriter:
         raw = self.stack.enter_context(atomic_file(path))
         return self.stack.enter_context(zstandard.ZstdCompressor(level=1).stream_writer(raw, closefd=False))
 
-    def add(self, d: DTDocument) -> None:
-        m = d.metadata
-        line = example_line(m["input"], d.text, m["source"], d.id, m["synthetic"])
-        split = m["split"]
-        if split == "train":
-            self.train_digests += digest_bytes(m["input"])
-            self.train_digests += digest_bytes(d.text)
-            if self.rate > 0:                  # 0: no tokenizer to train (tokenizer.from)
-                u = sample_priority(self.seed, m["source"], d.id, m["w"])
-                if u < self.rate:
-                    self.sample.write(json_line([u, m["input"], d.text]))
-            self.buffer.append(line)
-            if len(self.buffer) >= SHUFFLE_EXAMPLES:
-                self._flush()
-        else:
-            if split == "val":
-                self.val_digests += digest_bytes(m["input"])
-                self.val_digests += digest_bytes(d.text)
-            lines = self.lines[split]
-            lines.append(line)
-            if len(lines) >= SHUFFLE_EXAMPLES:
-                self._write(split)
+    def add(self, batch: dict) -> None:
+        """A batch of examples (MakeWindows, AddNoise) of this piece."""
+        source = batch["source"]
+        for doc_id, w, split, inp, out, synthetic in zip(*(batch[k] for k in EXAMPLE_LISTS), batch["synthetic"]):
+            line = example_line(inp, out, source, doc_id, synthetic)
+            if split == "train":
+                self.train_digests += digest_bytes(inp)
+                self.train_digests += digest_bytes(out)
+                if self.rate > 0:                  # 0: no tokenizer to train (tokenizer.from)
+                    u = sample_priority(self.seed, source, doc_id, w)
+                    if u < self.rate:
+                        self.lines["sample"].append(json_line([u, inp, out]))
+                        if len(self.lines["sample"]) >= WRITE_LINES:
+                            self._write("sample")
+                self.buffer.append(line)
+                if len(self.buffer) >= SHUFFLE_EXAMPLES:
+                    self._flush()
+            else:
+                if split == "val":
+                    self.val_digests += digest_bytes(inp)
+                    self.val_digests += digest_bytes(out)
+                lines = self.lines[split]
+                lines.append(line)
+                if len(lines) >= WRITE_LINES:
+                    self._write(split)
 
-    def _write(self, split: str) -> None:
-        self.files[split].write(b"".join(self.lines[split]))
-        self.lines[split] = []
+    def _write(self, kind: str) -> None:
+        self.files[kind].write(b"".join(self.lines[kind]))
+        self.lines[kind] = []
 
     def _flush(self) -> None:
         self.rng.shuffle(self.buffer)
@@ -715,8 +695,8 @@ class _PieceWriter:
 
     def close(self) -> None:
         self._flush()
-        for split in self.lines:
-            self._write(split)
+        for kind in self.lines:
+            self._write(kind)
         with atomic_file(part(self.work, "dig", "train", self.piece, "npy")) as f:
             np.save(f, np.frombuffer(self.train_digests, dtype="<u8").astype(np.uint64), allow_pickle=False)
         with atomic_file(part(self.work, "dig", "val", self.piece, "npy")) as f:
@@ -745,9 +725,10 @@ class FitNoise(PipelineStep):
         cfg, formats = self.project.noise, {source_name(s, i): s.format for i, s in enumerate(self.project.sources)}
         pairs = []
         for d in data:
-            if d.metadata["split"] == "train":       # never val/test: they measure the model
-                pairs += calibration_pairs(d.metadata["doc"], formats[d.metadata["source"]],
-                                           self.project.task.window_chars)
+            fmt = formats[d.metadata["source"]]
+            for doc, split in zip(d.metadata["docs"], d.metadata["splits"]):
+                if split == "train":       # never val/test: they measure the model
+                    pairs += calibration_pairs(doc, fmt, self.project.task.window_chars)
         if not any(gold.strip() for _, gold in pairs):
             raise UserError(f"{self.project.source_file}: 'noise.calibrate_on' = {cfg.calibrate_on}: these sources "
                             "have no train-split pairs to fit the noise on; check their split setting")
@@ -944,8 +925,8 @@ class DedupeEval(PipelineStep):
 
 class Tokenize(PipelineStep):
     """Each train/val batch's tokens (metadata["tokens"]): prompt + output + end marker per example,
-    marker-safe (tokenizer.encode_examples_array). Test examples pass through untokenized (they only
-    go to examples.test.jsonl)."""
+    marker-safe (tokenizer.load_examples_encoder: encode_examples_array's ids, the tokenizer loaded
+    once). Test examples pass through untokenized (they only go to examples.test.jsonl)."""
 
     name = "tokenize"
     type = "nichelm"
@@ -957,15 +938,15 @@ class Tokenize(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         import os
         os.environ["TOKENIZERS_PARALLELISM"] = "false"     # one core per task: the tasks are the parallelism
-        from nichelm.data.tokenizer import encode_examples_array, load_tokenizer
-        tok = load_tokenizer(self.path)
-        dtype = token_dtype(tok.get_vocab_size())
+        from nichelm.data.tokenizer import load_examples_encoder
+        vocab, encode = load_examples_encoder(self.path)
+        dtype = token_dtype(vocab)
         for d in data:
             m = d.metadata
             if m["split"] != "test":
                 with self.track_time():
-                    m["tokens"] = encode_examples_array(tok, self.task.prompt_template, self.task.end_marker,
-                                                        m["inputs"], m["outputs"], dtype)
+                    m["tokens"] = encode(self.task.prompt_template, self.task.end_marker, m["inputs"], m["outputs"],
+                                         dtype)
             yield d
 
 
@@ -1172,14 +1153,16 @@ def job_dir(work: Path, job: str) -> Path:
 
 class MergeSourceStats(PipelineStep):
     """The manifest's record of each source, from the examples job's per-task stats; sources that gave
-    no document, or 'pairs' sources without any OCR side, are errors as before. Also the sha256."""
+    no document, or 'pairs' sources without any OCR side, are errors as before. Also the sha256: as
+    given (sha256s: one per source, None where not known), else read now."""
 
     name = "source records"
     type = "nichelm"
 
-    def __init__(self, project: Project, work: Path):
+    def __init__(self, project: Project, work: Path, sha256s: list[str | None] | None = None):
         super().__init__()
         self.project, self.work = project, Path(work)
+        self.sha256s = sha256s or [None] * len(project.sources)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         drain(data)
@@ -1197,7 +1180,7 @@ class MergeSourceStats(PipelineStep):
                     raise UserError(f"{where}: role = 'pairs' but {path} has no input (OCR) side; "
                                     "set role = 'clean' to generate noisy inputs")
                 rec = {"name": name, "path": str(path), "format": src.format, "role": src.role,
-                       "licence": src.licence or "unspecified", "sha256": file_sha256(path),
+                       "licence": src.licence or "unspecified", "sha256": self.sha256s[i] or file_sha256(path),
                        "filters": src.filters, "documents": mine["documents"]}
                 rec.update(sorted((k, v) for k, v in mine.items()
                                   if k.startswith(("documents_", "examples_", "windows_")) and v))
@@ -1403,6 +1386,22 @@ def _quiet_datatrove() -> None:
     import datatrove.utils.logging as logging
     base.add_task_logger = ray_executor.add_task_logger = quiet_task_logger
     logging.setup_default_logger = _quiet_default_logger
+    _cache_loguru_lib_dirs()
+
+
+def _cache_loguru_lib_dirs() -> None:
+    """loguru builds an exception formatter for every handler added, which asks sysconfig for the
+    library folders: ~3 ms each time (sysconfig recomputes them on every call), and each task adds
+    three handlers (quiet_task_logger, then the default one back). They do not change while a process
+    runs: ask once. Skipped if loguru has no such method any more."""
+    import functools
+    try:
+        from loguru._better_exceptions import ExceptionFormatter
+    except ImportError:
+        return
+    lib_dirs = ExceptionFormatter.__dict__.get("_get_lib_dirs")
+    if isinstance(lib_dirs, staticmethod) and not hasattr(lib_dirs.__func__, "cache_info"):
+        ExceptionFormatter._get_lib_dirs = staticmethod(functools.cache(lib_dirs.__func__))
 
 
 _quiet_datatrove()

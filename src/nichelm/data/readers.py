@@ -194,33 +194,42 @@ def _read_jsonl(path: Path, input_field: str, output_field: str, id_field: str |
     """One Document per JSON line; a line without `input_field` is clean text."""
     docs, seen = [], set()
     for lineno, line in enumerate(_lines(_read_text(path)), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            reason = f"{e.msg} at column {e.colno}"
-            raise UserError(f"{path}:{lineno}: not valid JSON ({reason}); {_ONE_OBJECT}") from None
-        except RecursionError:
-            raise UserError(f"{path}:{lineno}: JSON nested too deeply to read; {_ONE_OBJECT} of text fields") from None
-        except ValueError:  # Python refuses to convert integers of over 4300 digits
-            raise UserError(f"{path}:{lineno}: JSON number too long to read; store long numbers as strings") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}:{lineno}: not a JSON object (got {type(obj).__name__}); {_ONE_OBJECT}")
-        output = _json_str(obj, output_field, path, lineno, required=True)
-        inp = _json_str(obj, input_field, path, lineno, required=False) if input_field else None
-        doc_id = str(lineno)
-        if id_field:
-            if id_field not in obj:
-                raise UserError(f"{path}:{lineno}: no field {id_field!r} (fields: {_field_names(obj)}); "
-                                "set id_field in the source")
-            doc_id = _text_or_error(str(obj[id_field]), id_field, path, lineno)
-            if doc_id in seen:
-                raise UserError(f"{path}:{lineno}: duplicate id {doc_id!r} in field {id_field!r}; ids must be unique")
-            seen.add(doc_id)
-        segments = _line_segments(output) if inp is None else [Segment(inp, output)]
-        docs.append(Document(doc_id, segments, {"line": lineno}))
+        doc = jsonl_document(line, lineno, path, input_field, output_field, id_field, seen)
+        if doc is not None:
+            docs.append(doc)
     return docs
+
+
+def jsonl_document(line: str, lineno: int, path, input_field: str, output_field: str, id_field: str | None,
+                   seen: set) -> Document | None:
+    """One jsonl line (without its line end) as a Document, or None for a blank line; a bad line is a
+    UserError naming path:lineno. `seen` holds the ids met so far (id_field). The one parser of a
+    jsonl line: readers read whole files with it, prepare's pipeline reads pieces of big files."""
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); {_ONE_OBJECT}") from None
+    except RecursionError:
+        raise UserError(f"{path}:{lineno}: JSON nested too deeply to read; {_ONE_OBJECT} of text fields") from None
+    except ValueError:  # Python refuses to convert integers of over 4300 digits
+        raise UserError(f"{path}:{lineno}: JSON number too long to read; store long numbers as strings") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}:{lineno}: not a JSON object (got {type(obj).__name__}); {_ONE_OBJECT}")
+    output = _json_str(obj, output_field, path, lineno, required=True)
+    inp = _json_str(obj, input_field, path, lineno, required=False) if input_field else None
+    doc_id = str(lineno)
+    if id_field:
+        if id_field not in obj:
+            raise UserError(f"{path}:{lineno}: no field {id_field!r} (fields: {_field_names(obj)}); "
+                            "set id_field in the source")
+        doc_id = _text_or_error(str(obj[id_field]), id_field, path, lineno)
+        if doc_id in seen:
+            raise UserError(f"{path}:{lineno}: duplicate id {doc_id!r} in field {id_field!r}; ids must be unique")
+        seen.add(doc_id)
+    segments = _line_segments(output) if inp is None else [Segment(inp, output)]
+    return Document(doc_id, segments, {"line": lineno})
 
 
 def _json_str(obj: dict, key: str, path: Path, lineno: int, *, required: bool) -> str | None:

@@ -111,8 +111,9 @@ class _Plain:
     """What marker-safe encoding needs for one tokenizer, built once: a copy that encodes special
     tokens as plain text, the added-token ids, and the per-template prompt plans."""
 
-    def __init__(self, tok: Tokenizer):
-        self.tok = Tokenizer.from_str(tok.to_str())
+    def __init__(self, tok: Tokenizer, own: bool = False):
+        # a copy, so that the caller's tokenizer still matches special tokens; own: tok is ours alone
+        self.tok = tok if own else Tokenizer.from_str(tok.to_str())
         self.tok.encode_special_tokens = True
         added = tok.get_added_tokens_decoder()
         self.markers = {t.content: i for i, t in added.items()}
@@ -237,6 +238,18 @@ def encode_examples_array(tok: Tokenizer, template: str, end_marker: str, inputs
     """prompt + output + end marker per example, concatenated: the tokens of a shard (marker-safe).
     The same ids as prepare.encode_examples, faster."""
     return _plain(tok).examples(template, tok.token_to_id(end_marker), inputs, outputs, dtype)
+
+
+def load_examples_encoder(path: Path):
+    """(vocabulary size, encode) of the tokenizer file at path, loaded once (encode_examples_array on a
+    loaded tokenizer makes a second, marker-safe copy of it): encode(template, end_marker, inputs, outputs,
+    dtype) gives encode_examples_array's ids. For prepare's tokens tasks, which load it once each."""
+    plain = _Plain(load_tokenizer(path), own=True)
+
+    def encode(template: str, end_marker: str, inputs: Sequence[str], outputs: Sequence[str], dtype) -> np.ndarray:
+        return plain.examples(template, plain.tok.token_to_id(end_marker), inputs, outputs, dtype)
+
+    return plain.tok.get_vocab_size(), encode
 
 
 def prompt_ids(tok: Tokenizer, template: str, text: str) -> list[int]:
