@@ -8,7 +8,7 @@ For each size it writes a generic corpus of that many bytes (one plain .jsonl fi
 with "#PASS") until the size is reached. The target is 2 MB of one domain's documents (--target),
 taken from the shared corpus (they also occur in the generic corpus: this bench measures cost, not
 quality). Each method then runs as `nichelm select PROJECT --force --workers N` (default 0: all cores;
-dsir scores on that many datatrove tasks, clusters runs in one process) with `fraction = 0.1` and
+dsir scores and clusters assigns on that many datatrove tasks) with `fraction = 0.1` and
 the default fit_chars (50 MB), and the bench records the peak of the summed VmRSS of the process
 and all its children (polled every 0.1 s, bench/prepare_scale.py's tree_rss_kb) and their CPU seconds.
 

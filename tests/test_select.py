@@ -314,6 +314,52 @@ def test_bad_jsonl_line_fails_with_its_line_or_is_skipped(tmp_path):
     assert [r.text for r in got] == ["fine"] and counts["bad_records"] == 2
 
 
+def test_generic_corpus_shares_read_from_checkpoints_are_the_whole_pass(tmp_path, monkeypatch):
+    """select's tasks each read a contiguous share from a checkpoint of the parent's whole pass (a byte offset
+    in a .jsonl / .txt, decompressing a .gz up to it, a row of a parquet): the shares put together are the
+    whole pass, with the same ordinals, ids and texts, across files, sources and max_documents."""
+    import nichelm.selection as selection
+    import nichelm.selection.records as records
+    from nichelm.config import Project, SourceConfig
+    monkeypatch.setattr(selection, "CHECKPOINT_CHARS", 700)
+    monkeypatch.setattr(selection, "MAX_CHECKPOINTS", 16)           # thinned as the pass goes
+    monkeypatch.setattr(records, "TEXT_DOC_CHARS", 300)             # text files cut into documents at blank lines
+    rng = random.Random(3)
+    (tmp_path / "j").mkdir()
+    rows = [json.dumps({"text": make_doc("law", rng, 30)}) for _ in range(40)]
+    rows[3], rows[7] = "", json.dumps({"text": "  "})              # a blank line and an empty text: no records
+    (tmp_path / "j" / "a.jsonl").write_text("\ufeff" + "\n".join(rows) + "\n")
+    with gzip.open(tmp_path / "j" / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": make_doc("med", rng, 30)}) + "\n" for _ in range(30)))
+    (tmp_path / "t.txt").write_text("".join(make_doc("code", rng, 20) + ("\n\n" if i % 3 == 2 else "\n")
+                                            for i in range(60)))
+    sources = [SourceConfig(path="j", format="jsonl", role="generic", name="j"),
+               SourceConfig(path="t.txt", format="text", role="generic", name="t"),
+               SourceConfig(path="j", format="jsonl", role="generic", name="capped", max_documents=25)]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": [make_doc("med", rng, 25) for _ in range(50)]}), tmp_path / "p.parquet",
+                       row_group_size=7)
+        sources.insert(1, SourceConfig(path="p.parquet", format="parquet", role="generic", name="p"))
+    except ImportError:
+        pass
+    corpus = selection.generic_corpus(Project(sources=sources, base_dir=tmp_path))
+    whole = [(o, r.source, r.id, r.text) for o, r in enumerate(corpus())]
+    assert len(corpus.checkpoints) <= 16 and corpus.documents == len(whole) and len({s for _, s, _, _ in whole}) >= 3
+    assert any(c["offset"] > 0 and c["file"] == 1 for c in corpus.checkpoints)        # inside the .gz
+    for tasks in (1, 3, 8):
+        shares = corpus.shares(tasks)
+        assert len(shares) == tasks and sum(n for _, n in shares) == len(whole)
+        read = [(o, r.source, r.id, r.text) for cp, n in shares for o, r in corpus.read_from(cp, n)]
+        assert read == whole, tasks
+        if tasks > 1:
+            assert sum(n > 0 for _, n in shares) >= min(tasks, 3)
+    assert {c["source"] for c in corpus.checkpoints} == set(range(len(sources)))    # every source and format
+    sizes = [sum(len(r.text) for _, r in corpus.read_from(cp, n)) for cp, n in corpus.shares(3)]
+    assert max(sizes) < 1.5 * min(sizes), sizes                                    # about equal characters
+
+
 # ------------------------------------------------------------------ project and CLI
 
 
@@ -385,6 +431,19 @@ BEFORE_PARALLEL = {
         "33810ca08547a59be5f14b8b438f38a72ea8580c98c5a4a8b01c89e5c6e6a3ce",
         "f408b23fbfb9ddc0fd88a0c1064f65ab305fa03f73177131439584ecccbb5b4f"),
 }
+# the same for clusters, written by the code before the assigning went parallel (the 60 documents need copies:
+# the corpus has 20 of the target's domain)
+BEFORE_PARALLEL.update({
+    'documents = 30\nfit_chars = 20000\nmethod = "clusters"\nk = 3': (
+        "d3bd49a580649d9ec6fe19b0a3341696f962c9fcc76583208695abc88643d864",
+        "12a851da8e1bbc0eb1b6221219c20d2280adc05b4b295c7400fc296e7df38e65"),
+    'documents = 60\nfit_chars = 20000\nmethod = "clusters"\nk = 4': (
+        "0bbe8fcef6bcbe61bdc12b48b7fc62408bb59f2019752b5431de31c79eae5c45",
+        "c947ed55917118d8c65412b7c9a8168af7cae1ecf25d681d6f9a8065c18699a3"),
+    'tokens = 3000\nfit_chars = 20000\nmethod = "clusters"\nk = 3': (
+        "07bcb9911031989364446a4e22228ae04cd0b6750f98043b1ed2e3cbf630f7dc",
+        "421f325c39e9b48063bfae97b673dccffde7f9c4325700cea7a3d99f487f8687"),
+})
 
 
 def _selection_digests(out: Path) -> tuple[str, str]:
@@ -396,15 +455,56 @@ def _selection_digests(out: Path) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("setting", list(BEFORE_PARALLEL))
-def test_select_on_tasks_writes_the_bytes_of_one_process(tmp_path, setting):
-    """dsir's scoring shared out to datatrove tasks (every task the documents of its ordinal modulo the tasks,
-    heaps merged) writes what one process writes, and what the code wrote before it had tasks."""
+def test_select_on_tasks_writes_the_bytes_of_one_process(tmp_path, capsys, monkeypatch, setting):
+    """dsir's scoring and clusters' assigning shared out to datatrove tasks (each task a contiguous share of the
+    corpus, read from a checkpoint of the parent's pass; heaps merged) write what one process writes, and what
+    the code wrote before it had tasks."""
+    import nichelm.selection as selection
+    monkeypatch.setattr(selection, "CHECKPOINT_CHARS", 5000)      # the corpus is 130 kB: shares of ~25 documents
     proj = _project(tmp_path, select=setting + "\nbuckets = 10000")
     out = tmp_path / "run" / "select"
-    for flags in (["--workers", "1"], ["--workers", "2"], ["--workers", "2", "--tasks", "3"]):
+    for flags, tasks in ((["--workers", "1"], 0), (["--workers", "2"], 2), (["--workers", "2", "--tasks", "3"], 3)):
         assert main(["select", str(proj), "--force", *flags]) == 0
+        assert (f" in {tasks} tasks;" in capsys.readouterr().err) == bool(tasks), flags
         assert _selection_digests(out) == BEFORE_PARALLEL[setting], flags
         assert not (out / ".work").exists()                        # the tasks' files go once the selection is written
+
+
+def test_cluster_embedding_and_assignment_rebuilt_from_saved_arrays_are_identical():
+    """The tasks rebuild the parent's fitted TF-IDF + SVD from npz arrays (no pickle) and apply them with numpy,
+    and assign with nearest(): the embeddings are those of the fitted scikit-learn objects to the bit, and the
+    clusters k-means' own."""
+    import io
+
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    from nichelm.selection.clusters import TfidfEmbedder, _windows_of, nearest
+    pool = [r.text for r in make_pool({"law": 30, "med": 30, "code": 30})]
+    fit_texts = pool[::2]
+    fitted = TfidfEmbedder(300, 0, TokenHashes(), dims=16).fit(fit_texts)
+    pool.append("Zyx qwv")                                   # no word the fit saw: a row of zeros
+    buf = io.BytesIO()
+    np.savez(buf, **fitted.arrays())
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as z:
+        rebuilt = TfidfEmbedder(300, 0, TokenHashes(), dims=16).load({k: z[k] for k in z.files})
+    emb = fitted.embed(pool)
+    assert np.array_equal(rebuilt.embed(pool), emb)
+    # ... and they are what scikit-learn's fitted objects themselves compute (windows 300 chars: several a document)
+    x, _ = fitted._matrix(_windows_of(fit_texts, 300)[0])
+    x = x[:, np.unique(x.indices)]
+    tfidf = TfidfTransformer(sublinear_tf=True).fit(x)
+    svd = TruncatedSVD(n_components=16, random_state=0).fit(tfidf.transform(x))
+    wins, owner = _windows_of(pool, 300)
+    assert len(wins) > 2 * len(pool)
+    direct = svd.transform(tfidf.transform(fitted._matrix(wins)[0][:, fitted.columns]))
+    assert np.array_equal(rebuilt._transform(fitted._matrix(wins)[0][:, fitted.columns]), direct)
+    kmeans = MiniBatchKMeans(n_clusters=5, random_state=0, n_init=1).fit(emb)
+    labels = nearest(emb, kmeans.cluster_centers_)
+    assert np.array_equal(labels, kmeans.predict(emb)) and len(set(labels.tolist())) == 5
+    assert [int(nearest(emb[i:i + 1], kmeans.cluster_centers_)[0]) for i in range(len(emb))] == labels.tolist()
 
 
 def test_select_tasks_never_reuse_results_of_another_fit(tmp_path):

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from nichelm.errors import UserError
 from nichelm.io import atomic_file, atomic_write_json
 from nichelm.selection.core import BATCH_CHARS, Pick, Selection, iter_picks, select_corpus
 from nichelm.selection.features import NgramBatch, TokenHashes, kl
-from nichelm.selection.records import Corpus, Record, iter_records, list_corpus
+from nichelm.selection.records import Corpus, Cursor, Record, iter_records, list_corpus
 
 __all__ = ["Record", "Selection", "list_corpus", "select_corpus", "select_project", "selected_source",
            "target_records", "generic_corpus", "write_selection"]
@@ -49,22 +50,79 @@ def _sources(project: Project, role: str) -> list[tuple[int, SourceConfig]]:
     return [(i, s) for i, s in enumerate(project.sources) if s.role == role]
 
 
-def generic_corpus(project: Project) -> Corpus:
-    """Every role = "generic" source, streamed in project order (max_documents applies to each)."""
+CHECKPOINT_CHARS = 1 << 20      # a pass over the generic corpus notes where a record starts about this often ...
+MAX_CHECKPOINTS = 4096          # ... and keeps every other one (doubling the step) past this many
+
+
+class GenericCorpus:
+    """Every role = "generic" source, streamed in project order (max_documents applies to each): a
+    core.Corpus (each call a pass from the start), which also notes checkpoints as a pass goes: where a
+    record starts (source, file, byte offset and line, or row), its ordinal and the characters before it.
+    read_from(checkpoint, count) reads `count` records from one, so select's tasks (selection.parallel)
+    each parse only their share of the sources, with the ordinals a whole pass gives them."""
+
+    def __init__(self, project: Project, sources: list[tuple[int, SourceConfig]]):
+        self.project, self.sources = project, sources
+        self.checkpoints: list[dict] = []     # of the last whole pass, with its size: documents, chars
+        self.documents = self.chars = 0
+
+    def __call__(self) -> Iterator[Record]:
+        return (rec for _, rec in self._records(None, None))
+
+    def read_from(self, checkpoint: dict, count: int) -> Iterator[tuple[int, Record]]:
+        """(ordinal, record) of `count` records from a checkpoint of a whole pass."""
+        return self._records(checkpoint, count)
+
+    def _records(self, start: dict | None, count: int | None) -> Iterator[tuple[int, Record]]:
+        ordinal, chars, step = (start["ordinal"], start["chars"], 0) if start else (0, 0, CHECKPOINT_CHARS)
+        checkpoints, next_at = [], 0
+        if count == 0:
+            return
+        for k in range(start["source"] if start else 0, len(self.sources)):
+            i, src = self.sources[k]
+            here = start if start and k == start["source"] else None
+            cursor = Cursor()
+            it = iter_records(self.project.resolve(src.path), src.format, name=source_name(src, i),
+                              licence=src.licence, text_field=src.text_field, id_field=src.id_field,
+                              on_bad_record=src.on_bad_record, cursor=cursor,
+                              start=Cursor(here["file"], here["offset"], here["line"]) if here else None)
+            for n, rec in enumerate(it, here["n"] + 1 if here else 1):
+                if step and chars >= next_at:          # a whole pass: note this record's place
+                    checkpoints.append({"ordinal": ordinal, "chars": chars, "source": k, "n": n - 1,
+                                        "file": cursor.file, "offset": cursor.offset, "line": cursor.line})
+                    if len(checkpoints) > MAX_CHECKPOINTS:
+                        checkpoints, step = checkpoints[::2], 2 * step
+                    next_at = checkpoints[-1]["chars"] + step
+                yield ordinal, rec
+                ordinal += 1
+                chars += len(rec.text)
+                if count is not None and ordinal - start["ordinal"] >= count:
+                    return
+                if src.max_documents and n >= src.max_documents:
+                    break
+        if step:
+            self.checkpoints, self.documents, self.chars = checkpoints, ordinal, chars
+
+    def shares(self, tasks: int) -> list[tuple[dict, int]]:
+        """(checkpoint, count) of `tasks` contiguous shares of about equal characters, from the checkpoints of
+        the last whole pass (a share is empty when there are fewer checkpoints than tasks)."""
+        if not self.checkpoints:
+            raise RuntimeError("GenericCorpus.shares: no whole pass read yet")
+        cuts = sorted({min(self.checkpoints, key=lambda c: abs(c["chars"] - t * self.chars / tasks))["ordinal"]
+                       for t in range(tasks)} | {0})
+        by_ordinal = {c["ordinal"]: c for c in self.checkpoints}
+        ends = cuts[1:] + [self.documents]
+        shares = [(by_ordinal[a], b - a) for a, b in zip(cuts, ends)]
+        return shares + [(self.checkpoints[0], 0)] * (tasks - len(shares))
+
+
+def generic_corpus(project: Project) -> GenericCorpus:
+    """Every role = "generic" source as one re-readable corpus (GenericCorpus)."""
     sources = _sources(project, "generic")
     if not sources:
         raise UserError(f"{project.source_file}: no source with role = \"generic\"; select resamples generic "
                         "sources (jsonl, text or parquet) to match the target: add one")
-
-    def records():
-        for i, src in sources:
-            it = iter_records(project.resolve(src.path), src.format, name=source_name(src, i), licence=src.licence,
-                              text_field=src.text_field, id_field=src.id_field, on_bad_record=src.on_bad_record)
-            for n, rec in enumerate(it, 1):
-                yield rec
-                if src.max_documents and n >= src.max_documents:
-                    break
-    return records
+    return GenericCorpus(project, sources)
 
 
 def target_records(project: Project, split: str = "train") -> list[Record]:

@@ -13,6 +13,8 @@ B. *Score*: every document gets a key, and a bounded heap keeps the best keys up
    - clusters: the document's cluster c (k-means on embeddings); cluster c has a quota
      size x P(c | target), filled with a uniform seeded sample of its documents, repeated when it
      has too few (with replacement, as in the paper); weight P(c | target) / P(c | generic).
+   What scoring needs once fit is plain arrays (DsirScoring, clusters.ClusterScoring), so pass B can
+   run in other processes (nichelm.selection.parallel), each over a share of the documents.
 C. *Read out* (iter_picks): the chosen documents, in corpus order, with their weight and cluster.
 
 Every random draw is a hash of (seed, source, document id), not a stream of random numbers, so
@@ -35,8 +37,7 @@ import numpy as np
 
 from nichelm.config import SelectConfig
 from nichelm.errors import UserError
-from nichelm.selection.features import (NgramBatch, TokenHashes, compact_buckets, compact_doc_sums, log_ratio,
-                                        tokenize)
+from nichelm.selection.features import NgramBatch, TokenHashes, compact_buckets, compact_doc_sums, log_ratio
 from nichelm.selection.records import Corpus, Record
 
 # characters featurized at once: a batch holds ~40 bytes per character (token strings, numpy arrays), and
@@ -195,8 +196,9 @@ def select_corpus(corpus: Corpus, target: list[str], cfg: SelectConfig, seed: in
 
     cfg gives the method, size (documents / tokens / fraction), mode, buckets, k and the rest
     (config.SelectConfig); `seed` is the seed to use (the caller resolves select.seed = -1).
-    dsir: `scorer(corpus, DsirScoring, heap, log) -> stats` scores the documents outside the fit sample
-    into the heap (default local_scorer: this process; nichelm.selection.parallel: datatrove tasks)."""
+    `scorer(corpus, spec, into, log) -> stats` scores the documents outside the fit sample into `into`
+    (spec: DsirScoring, into its heap; clusters.ClusterScoring, into its per-cluster heaps) (default
+    local_scorer: this process; nichelm.selection.parallel: datatrove tasks)."""
     t0 = time.monotonic()
     hashes = TokenHashes()
     target_counts, target_tokens = featurize_counts(target, cfg.buckets, hashes)
@@ -217,7 +219,8 @@ def select_corpus(corpus: Corpus, target: list[str], cfg: SelectConfig, seed: in
         selection = _dsir(corpus, sample, target_counts, cfg, seed, size, by_tokens, hashes, log,
                           scorer or local_scorer)
     else:
-        selection = _clusters(corpus, sample, target, target_tokens, cfg, seed, size, by_tokens, hashes, log)
+        selection = _clusters(corpus, sample, target, target_tokens, cfg, seed, size, by_tokens, hashes, log,
+                              scorer or local_scorer)
     selection.target_counts = target_counts
     selection.facts = {**facts, **selection.facts, "seconds": round(time.monotonic() - t0, 3)}
     return selection
@@ -226,7 +229,10 @@ def select_corpus(corpus: Corpus, target: list[str], cfg: SelectConfig, seed: in
 @dataclass
 class DsirScoring:
     """What scoring documents needs once the weights are fit: every field is plain numbers, so the
-    parent can hand it to other processes (nichelm.selection.parallel saves it as npz + json)."""
+    parent can hand it to other processes (nichelm.selection.parallel saves it as npz + json).
+    clusters.ClusterScoring has the same interface: arrays / from_arrays, new_share, score,
+    share_arrays / merge_share."""
+    method = "dsir"
     log_diff: np.ndarray          # per bucket, log p_target - log p_generic
     skip: np.ndarray              # sorted ordinals already scored (the fit sample's)
     seed: int
@@ -234,6 +240,40 @@ class DsirScoring:
     min_tokens: int
     size: float                   # the selection's budget, in documents or tokens ...
     by_tokens: bool               # ... tokens when True
+
+    def arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = {"log_diff": self.log_diff.astype(np.float64), "skip": self.skip.astype(np.int64)}
+        settings = {"method": self.method, "seed": self.seed, "mode": self.mode, "min_tokens": self.min_tokens,
+                    "size": self.size, "by_tokens": self.by_tokens}
+        return arrays, settings
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict) -> "DsirScoring":
+        return cls(arrays["log_diff"], arrays["skip"], settings["seed"], settings["mode"], settings["min_tokens"],
+                   settings["size"], settings["by_tokens"])
+
+    def new_share(self) -> BudgetHeap:
+        return BudgetHeap(self.size)
+
+    def score(self, items: Iterable[tuple[int, Record]], log=_log, into: BudgetHeap | None = None,
+              what: str = "scoring") -> tuple[BudgetHeap, Counter]:
+        return score_share(items, self, log, into, what)
+
+    def share_arrays(self, heap: BudgetHeap, stats: Counter) -> dict[str, np.ndarray]:
+        items = heap.items()
+        return {"keys": np.array([k for k, _, _, _ in items], np.float64),
+                "ordinals": np.array([o for _, o, _, _ in items], np.int64),
+                "sizes": np.array([s for _, _, s, _ in items], np.float64),
+                "weights": np.array([p.weight for _, _, _, p in items], np.float64),
+                "tokens": np.array([p.n_tokens for _, _, _, p in items], np.int64),
+                "stats": np.array([stats["scored"], stats["too_short"]], np.int64)}
+
+    def merge_share(self, z, heap: BudgetHeap) -> Counter:
+        """Push a share saved by share_arrays (an npz, or the dict) into `heap`; its counts."""
+        merge_into(heap, ((float(k), int(o), float(s), Pick(float(w), int(n)))
+                          for k, o, s, w, n in zip(z["keys"], z["ordinals"], z["sizes"], z["weights"], z["tokens"])))
+        scored, too_short = (int(x) for x in z["stats"])
+        return Counter(scored=scored, too_short=too_short)
 
 
 def _consider(spec: DsirScoring, heap: BudgetHeap, stats: Counter, ordinal: int, source: str, doc_id: str,
@@ -246,17 +286,16 @@ def _consider(spec: DsirScoring, heap: BudgetHeap, stats: Counter, ordinal: int,
     heap.push(key, ordinal, n if spec.by_tokens else 1, Pick(float(w), int(n)))
 
 
-def score_share(corpus: Corpus, spec: DsirScoring, rank: int = 0, tasks: int = 1, log=_log,
-                heap: BudgetHeap | None = None) -> tuple[BudgetHeap, Counter]:
-    """Score the documents of share `rank` of `tasks` (ordinal % tasks == rank) outside spec.skip into
+def score_share(items: Iterable[tuple[int, Record]], spec: DsirScoring, log=_log, heap: BudgetHeap | None = None,
+                what: str = "scoring") -> tuple[BudgetHeap, Counter]:
+    """Score the (ordinal, record) items outside spec.skip (the whole corpus, or a task's share of it) into
     `heap` (default: a new one of the selection's budget). Every key is a function of the document and
     the seed, so heaps of the shares merged (merge_into) hold what one heap over the whole corpus would."""
-    heap = BudgetHeap(spec.size) if heap is None else heap
+    heap = spec.new_share() if heap is None else heap
     stats, hashes = Counter(), TokenHashes()
     skip = set(spec.skip.tolist())           # the fit sample: bounded by select.fit_chars
-    mine = ((o, r) for o, r in numbered(corpus) if o % tasks == rank and o not in skip)
-    progress = Progress("scoring" if tasks == 1 else f"scoring (share {rank + 1} of {tasks})", log)
-    for chunk in chunks(mine):
+    progress = Progress(what, log)
+    for chunk in chunks((o, r) for o, r in items if o not in skip):
         batch = NgramBatch([r.text for _, r in chunk], hashes)
         for (o, r), w, n in zip(chunk, batch.doc_sums(spec.log_diff), batch.n_tokens):
             _consider(spec, heap, stats, o, r.source, r.id, w, n)
@@ -270,9 +309,10 @@ def merge_into(heap: BudgetHeap, items: Iterable[tuple[float, int, float, object
         heap.push(key, ordinal, size, payload)
 
 
-def local_scorer(corpus: Corpus, spec: DsirScoring, heap: BudgetHeap, log) -> Counter:
-    """The default scorer: the whole rest of the corpus in this process, into `heap`."""
-    return score_share(corpus, spec, 0, 1, log, heap)[1]
+def local_scorer(corpus: Corpus, spec, into, log) -> Counter:
+    """The default scorer: the whole rest of the corpus in this process, into `into` (spec.new_share()'s kind:
+    dsir's heap, or clusters' per-cluster heaps)."""
+    return spec.score(numbered(corpus), log, into)[1]
 
 
 def _dsir(corpus: Corpus, sample, target_counts, cfg: SelectConfig, seed: int, size: float, by_tokens: bool,
@@ -298,10 +338,10 @@ def _dsir(corpus: Corpus, sample, target_counts, cfg: SelectConfig, seed: int, s
 
 
 def _clusters(corpus: Corpus, sample, target: list[str], target_tokens: np.ndarray, cfg: SelectConfig, seed: int,
-              size: float, by_tokens: bool, hashes: TokenHashes, log) -> Selection:
+              size: float, by_tokens: bool, hashes: TokenHashes, log, scorer) -> Selection:
     from sklearn.cluster import MiniBatchKMeans
 
-    from nichelm.selection.clusters import default_k, make_embedder, quotas, repeat_to_quota
+    from nichelm.selection.clusters import ClusterScoring, default_k, make_embedder, nearest, quotas, repeat_to_quota
     texts = [r.text for _, r in sample]
     generic_counts, sample_tokens = featurize_counts(texts, cfg.buckets, hashes)
     embedder = make_embedder(cfg, seed, hashes)
@@ -309,45 +349,28 @@ def _clusters(corpus: Corpus, sample, target: list[str], target_tokens: np.ndarr
     emb = embedder.embed(texts)
     k = min(cfg.k or default_k(len(sample)), len(sample))
     log(f"k-means: {k} clusters of {len(sample):,} sampled documents ({emb.shape[1]} dimensions)")
-    kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=2048).fit(emb)
-    sample_clusters = kmeans.predict(emb)
-    target_clusters = kmeans.predict(embedder.embed(target)) if target else np.zeros(0, np.int64)
+    centres = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=2048).fit(emb).cluster_centers_
+    sample_clusters = nearest(emb, centres)
+    target_clusters = nearest(embedder.embed(target), centres) if target else np.zeros(0, np.int64)
     target_units = np.bincount(target_clusters, weights=target_tokens if by_tokens else None, minlength=k)
     # clusters the sample shows no selectable generic document in cannot fill a quota: theirs goes to the rest
     selectable = np.bincount(sample_clusters[sample_tokens >= cfg.min_tokens], minlength=k) > 0
     quota = quotas(target_units * selectable, size, integer=not by_tokens)
-    heaps = {c: BudgetHeap(q) for c, q in enumerate(quota) if q > 0}
-    generic_units, stats = np.zeros(k), Counter()
-
-    def consider(ordinal: int, rec: Record, c: int, n: int) -> None:
-        if n < cfg.min_tokens:
-            stats["too_short"] += 1
-            return
-        stats["scored"] += 1
-        units = n if by_tokens else 1
-        generic_units[c] += units
-        if c in heaps:
-            heaps[c].push(uniform(seed, "cluster", rec.source, rec.id), ordinal, units, Pick(0.0, int(n), int(c)))
-
+    spec = ClusterScoring(cfg.embedding, cfg.window_chars, embedder.arrays(), centres, quota,
+                          np.array(sorted(o for o, _ in sample), np.int64), seed, cfg.min_tokens, by_tokens,
+                          embedder=embedder)
+    share, stats = spec.new_share(), Counter()
     for (o, r), c, n in zip(sample, sample_clusters, sample_tokens):
-        consider(o, r, c, n)
-    in_sample = {o for o, _ in sample}
+        spec.consider(share, stats, o, r.source, r.id, int(c), int(n))
     sample.clear()                       # the caller's list too: the sample's texts are not needed any more
-    del texts
-    progress = Progress("embedding and assigning clusters", log)
-    for chunk in chunks((o, r) for o, r in numbered(corpus) if o not in in_sample):
-        texts = [r.text for _, r in chunk]
-        emb = embedder.embed(texts)
-        n_tokens = embedder.last_tokens if embedder.last_tokens is not None else [len(tokenize(t)) for t in texts]
-        for (o, r), c, n in zip(chunk, kmeans.predict(emb), n_tokens):
-            consider(o, r, c, n)
-        progress.add(len(chunk), sum(len(t) for t in texts))
+    del texts, emb
+    stats.update(scorer(corpus, spec, share, log))
     p_target = target_units / max(target_units.sum(), 1e-12)
-    p_generic = generic_units / max(generic_units.sum(), 1e-12)
+    p_generic = share.units / max(share.units.sum(), 1e-12)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_w = np.where((p_target > 0) & (p_generic > 0), np.log(p_target) - np.log(p_generic), -np.inf)
     picks: dict[int, Pick] = {}
-    for c, heap in heaps.items():
+    for c, heap in share.heaps.items():
         for o, pick in repeat_to_quota(heap.items(), quota[c]):
             pick.weight = float(log_w[c])
             picks[o] = pick

@@ -1,16 +1,22 @@
-"""`nichelm select --workers N | --executor slurm|ray`: dsir's scoring pass on datatrove tasks.
+"""`nichelm select --workers N | --executor slurm|ray`: the scoring pass on datatrove tasks.
 
-The parent reads the corpus once for the fit sample and fits the weights (core._dsir), then saves what
-scoring needs (core.DsirScoring) under RUN/select/.work/: spec.npz (the per-bucket log ratios, the fit
-sample's ordinals) and spec.json (seed, mode, size, ...; `key` = sha256 of both). Task I of T reads the
-generic sources, scores the documents whose ordinal is I modulo T (tokenizing and hashing hold the GIL:
-this is what takes the cores) into a heap of the selection's budget, and writes it as
-heaps/task-IIIII.npz (keys, ordinals, sizes, weights, tokens). The parent merges the heaps: every key is
-a hash of (seed, source, id) plus the document's weight, so the merged heap is the one a single
-process fills, and the outputs are byte for byte those of `--workers 1` (tests/test_select.py).
+The parent reads the corpus once for the fit sample and fits (dsir: the weights, core._dsir; clusters:
+the TF-IDF + SVD embedding and the k-means centres, core._clusters), then saves what scoring needs
+(core.DsirScoring or clusters.ClusterScoring: plain arrays and settings, no pickle) under
+RUN/select/.work/: spec.npz and spec.json (`method` picks the class; `key` = sha256 of both). Task I of
+T reads its share of the generic sources (below) and scores its documents (dsir: tokenizing and
+hashing; clusters: embedding and assigning the nearest centre; both hold the GIL: this is what takes the
+cores) into bounded heaps (dsir: one of the selection's budget; clusters: one per cluster of its quota,
+plus the generic units per cluster), and writes them as heaps/task-IIIII.npz. The parent merges the
+heaps: every key is a hash of (seed, source, id) (plus the document's weight for dsir), and an
+embedding depends on its document only, so the merged heaps are those a single process fills, and the
+outputs are byte for byte those of `--workers 1` (tests/test_select.py).
 
-Every task reads (parses) the whole corpus and tokenizes its own share only; cutting the sources into
-byte ranges would save the parsing too. Resume: datatrove's completion markers (logs/completions) count
+The shares are contiguous runs of documents of about equal characters: the parent's pass over the whole
+corpus (the fit sample's) notes checkpoints (selection.GenericCorpus: where a record starts, its source,
+file, byte offset and line, or parquet row, and its ordinal), and task I reads from its checkpoint only its
+documents (a seek into a plain file; a compressed one is decompressed up to it, not parsed), with the
+ordinals, ids and keys a whole pass gives them. Resume: datatrove's completion markers (logs/completions) count
 only for the spec they were earned on: another spec clears them. Slurm: the tasks are submitted and the
 command returns; running it again when they have ended merges their heaps (the fit is recomputed, the
 same, so the spec matches). The work folder is removed once the selection is written.
@@ -33,10 +39,12 @@ import nichelm.data.pipeline  # noqa: F401  (installs the quiet datatrove task l
 from nichelm.config import Project
 from nichelm.errors import UserError
 from nichelm.io import atomic_file, atomic_write_json
-from nichelm.selection.core import BudgetHeap, DsirScoring, Pick, local_scorer, merge_into, score_share
+from nichelm.selection.clusters import ClusterScoring
+from nichelm.selection.core import DsirScoring, local_scorer
 
 WORK = ".work"
 TASK_BYTES = 256 << 20          # slurm/ray without --tasks or --workers: a task per this much generic input
+SPECS = {"dsir": DsirScoring, "clusters": ClusterScoring}
 
 
 class Submitted(Exception):
@@ -47,14 +55,12 @@ def work_dir(project: Project) -> Path:
     return project.run_path / "select" / WORK
 
 
-def save_spec(work: Path, spec: DsirScoring) -> str:
-    """spec.npz + spec.json in work; returns the spec's key."""
-    arrays = {"log_diff": spec.log_diff.astype(np.float64), "skip": spec.skip.astype(np.int64)}
-    settings = {"seed": spec.seed, "mode": spec.mode, "min_tokens": spec.min_tokens, "size": spec.size,
-                "by_tokens": spec.by_tokens}
+def save_spec(work: Path, spec) -> str:
+    """spec.npz + spec.json in work (spec: core.DsirScoring or clusters.ClusterScoring); returns the spec's key."""
+    arrays, settings = spec.arrays()
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in sorted(arrays):
-        digest.update(arrays[name].tobytes())
+        digest.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
     key = digest.hexdigest()
     with atomic_file(work / "spec.npz") as f:
         np.savez(f, **arrays)
@@ -62,15 +68,14 @@ def save_spec(work: Path, spec: DsirScoring) -> str:
     return key
 
 
-def load_spec(work: Path, key: str) -> DsirScoring:
+def load_spec(work: Path, key: str):
     settings = json.loads((work / "spec.json").read_text(encoding="utf-8"))
     if settings.get("key") != key:
         raise UserError(f"{work / 'spec.json'}: made by another select run than this task's; run `nichelm select` "
                         "again (one run at a time per project)")
     with np.load(work / "spec.npz", allow_pickle=False) as z:
-        log_diff, skip = z["log_diff"], z["skip"]
-    return DsirScoring(log_diff, skip, settings["seed"], settings["mode"], settings["min_tokens"],
-                       settings["size"], settings["by_tokens"])
+        arrays = {name: z[name] for name in z.files}
+    return SPECS[settings["method"]].from_arrays(arrays, settings)
 
 
 def heap_path(work: Path, rank: int) -> Path:
@@ -78,39 +83,33 @@ def heap_path(work: Path, rank: int) -> Path:
 
 
 class ScoreShare(PipelineStep):
-    """One datatrove task: score share `rank` of the generic corpus, write its heap."""
+    """One datatrove task: score (dsir) or assign (clusters) share `rank` of the generic corpus, write its heaps."""
 
     name = "score"
     type = "nichelm"
 
-    def __init__(self, project: Project, work: str, key: str):
+    def __init__(self, project: Project, work: str, key: str, shares: list[tuple[dict, int]]):
         super().__init__()
-        self.project, self.work, self.key = project, work, key
+        self.project, self.work, self.key, self.shares = project, work, key, shares
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from nichelm.selection import generic_corpus
         work = Path(self.work)
         spec = load_spec(work, self.key)
-        heap, stats = score_share(generic_corpus(self.project), spec, rank, world_size,
-                                  log=lambda msg: print(f"select: {msg}", file=sys.stderr, flush=True))
-        items = heap.items()
+        checkpoint, count = self.shares[rank]
+        what = "scoring" if spec.method == "dsir" else "embedding and assigning clusters"
+        share, stats = spec.score(generic_corpus(self.project).read_from(checkpoint, count),
+                                  log=lambda msg: print(f"select: {msg}", file=sys.stderr, flush=True),
+                                  what=f"{what} (share {rank + 1} of {world_size})")
         with atomic_file(heap_path(work, rank)) as f:
-            np.savez(f, keys=np.array([k for k, _, _, _ in items], np.float64),
-                     ordinals=np.array([o for _, o, _, _ in items], np.int64),
-                     sizes=np.array([s for _, _, s, _ in items], np.float64),
-                     weights=np.array([p.weight for _, _, _, p in items], np.float64),
-                     tokens=np.array([p.n_tokens for _, _, _, p in items], np.int64),
-                     stats=np.array([stats["scored"], stats["too_short"]], np.int64))
+            np.savez(f, **spec.share_arrays(share, stats))
         yield from ()
 
 
-def merge_heap(path: Path, heap: BudgetHeap) -> Counter:
-    """Push a task's heap file into `heap`; the task's counts."""
+def merge_heap(path: Path, spec, into) -> Counter:
+    """Merge a task's saved share into `into`; the task's counts."""
     with np.load(path, allow_pickle=False) as z:
-        merge_into(heap, ((float(k), int(o), float(s), Pick(float(w), int(n)))
-                          for k, o, s, w, n in zip(z["keys"], z["ordinals"], z["sizes"], z["weights"], z["tokens"])))
-        scored, too_short = (int(x) for x in z["stats"])
-    return Counter(scored=scored, too_short=too_short)
+        return spec.merge_share(z, into)
 
 
 def default_tasks(opts, generic_bytes: int) -> int:
@@ -133,23 +132,28 @@ class TaskScorer:
         self.tasks = default_tasks(opts, generic_bytes)
         self.work = work_dir(project)
 
-    def __call__(self, corpus, spec: DsirScoring, heap: BudgetHeap, log) -> Counter:
+    def __call__(self, corpus, spec, into, log) -> Counter:
         if self.tasks <= 1 and self.opts.executor == "local":
-            return local_scorer(corpus, spec, heap, log)
+            return local_scorer(corpus, spec, into, log)
         from nichelm.prepare_pipeline import configure_console, make_executor, run_ray, sbatch_scripts, start_ray
         work = self.work
         before = _saved_key(work)
         work.mkdir(parents=True, exist_ok=True)
         key = save_spec(work, spec)
-        plan = {"key": key, "tasks": self.tasks}
+        # contiguous shares of the corpus, each starting at a checkpoint of the parent's whole pass (the fit
+        # sample's): a task parses its share only, and its documents keep their ordinals
+        shares = [[checkpoint, count] for checkpoint, count in corpus.shares(self.tasks)]
+        plan = {"key": key, "tasks": self.tasks, "shares": shares}
         if before != plan:                    # heaps and completion markers of another spec or task count: gone
             shutil.rmtree(work / "logs", ignore_errors=True)
             shutil.rmtree(work / "heaps", ignore_errors=True)
             atomic_write_json(work / "plan.json", plan)
         configure_console(self.opts.debug)
-        ex = make_executor([ScoreShare(self.project, str(work), key)], self.tasks, work / "logs", work / "slurm",
-                           "nichelm-select", self.opts)
-        log(f"scoring in {self.tasks} tasks; executor {self.opts.executor}; logs in {work / 'logs'}")
+        release_freed_memory()
+        ex = make_executor([ScoreShare(self.project, str(work), key, shares)], self.tasks, work / "logs",
+                           work / "slurm", "nichelm-select", self.opts)
+        what = "scoring" if spec.method == "dsir" else "assigning clusters"
+        log(f"{what} in {self.tasks} tasks; executor {self.opts.executor}; logs in {work / 'logs'}")
         done = len(list((work / "logs" / "completions").glob("*")))
         if self.opts.executor == "slurm" and done < self.tasks:
             self._submit(ex, sbatch_scripts, log)
@@ -168,7 +172,7 @@ class TaskScorer:
             if not path.is_file():
                 raise UserError(f"{path}: scoring task {rank} left no result; see its log in {work / 'logs'} and run "
                                 "the same command again")
-            stats.update(merge_heap(path, heap))
+            stats.update(merge_heap(path, spec, into))
         return stats
 
     def _submit(self, ex, sbatch_scripts, log):
@@ -183,6 +187,19 @@ class TaskScorer:
         ex.run()
         raise Submitted(f"submitted Slurm job {ex.job_id} ({self.tasks} scoring tasks); when it has ended, run the "
                         "same command again to merge them into the selection")
+
+
+def release_freed_memory() -> None:
+    """Hand the memory the fit freed (the sample's texts, TF-IDF matrices: ~150 MB at 0.1 GB) back to the
+    system before the tasks start: glibc keeps it otherwise, in this process and in the executor's manager
+    process, which is forked from it. Elsewhere than glibc, nothing to do."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _saved_key(work: Path) -> dict | None:

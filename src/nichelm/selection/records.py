@@ -12,7 +12,9 @@ them, as the shared generic corpus does). Formats of generic and target sources:
 - parquet (a file or a folder of .parquet): the same columns as jsonl's fields (needs pyarrow).
 
 The order of records is fixed (files sorted by path), so every pass over a source sees the same
-documents in the same order. Bad records fail with FILE:LINE, or are counted and skipped with
+documents in the same order. A Cursor follows where each record starts (file, byte offset and line;
+parquet: row), and a read can start at such a place (iter_records(start=...)): select's tasks read
+only their share of the sources. Bad records fail with FILE:LINE, or are counted and skipped with
 the source's on_bad_record = "skip".
 """
 
@@ -81,6 +83,29 @@ def _read_errors() -> tuple:
     return tuple(errors)
 
 
+@dataclass(slots=True)
+class Cursor:
+    """Where a record starts: its file (index among the source's sorted files), the byte offset of its first
+    line in the (decompressed) file and that line's number; parquet: offset 0, `line` = the row (from 1)."""
+    file: int = 0
+    offset: int = 0
+    line: int = 1
+
+
+def _skip(f, path: Path, offset: int) -> None:
+    """Move a file just opened to byte `offset`: a seek for a plain file; compressed ones are read up to it."""
+    if not offset:
+        return
+    if not path.name.endswith((".gz", ".zst")):
+        f.seek(offset)
+        return
+    while offset > 0:
+        got = len(f.read(min(offset, 1 << 20)))
+        if not got:
+            break
+        offset -= got
+
+
 class BadRecord(UserError):
     """A record to skip when the source says on_bad_record = "skip"."""
 
@@ -126,9 +151,12 @@ def _obj_record(obj: dict, where: str, name: str, licence: str, text_field: str,
                   _field(obj, "domain"), _field(obj, "source"))
 
 
-def _jsonl(rel: str, path: Path, name: str, licence: str, text_field: str, id_field: str):
+def _jsonl(rel: str, path: Path, name: str, licence: str, text_field: str, id_field: str, at: Cursor):
     with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
+        _skip(f, path, at.offset)
+        offset = at.offset
+        for lineno, line in enumerate(f, at.line):
+            start, offset = offset, offset + len(line)
             if lineno == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")
             if not line.strip():
@@ -139,15 +167,19 @@ def _jsonl(rel: str, path: Path, name: str, licence: str, text_field: str, id_fi
                 yield e
                 continue
             if rec is not None:
+                at.offset, at.line = start, lineno
                 yield rec
 
 
-def _text(rel: str, path: Path, name: str, licence: str):
+def _text(rel: str, path: Path, name: str, licence: str, at: Cursor):
     """A text file as documents: whole, or cut at blank lines once a document passes TEXT_DOC_CHARS
-    (at any line once it passes 5 x that: a file without paragraphs)."""
+    (at any line once it passes 5 x that: a file without paragraphs). A cut depends only on the lines
+    since the document's start, so a read can start at any document's start."""
     with _open(path) as f:
-        buf, size, first = [], 0, 1
-        for lineno, raw in enumerate(f, 1):
+        _skip(f, path, at.offset)
+        buf, size, first, first_offset, offset = [], 0, at.line, at.offset, at.offset
+        for lineno, raw in enumerate(f, at.line):
+            start, offset = offset, offset + len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -159,16 +191,18 @@ def _text(rel: str, path: Path, name: str, licence: str):
             if buf and ((not line.strip() and size >= TEXT_DOC_CHARS) or size >= 5 * TEXT_DOC_CHARS):
                 text = "".join(buf).replace("\r\n", "\n")
                 if text.strip():
+                    at.offset, at.line = first_offset, first
                     yield Record(name, f"{rel}:{first}", text, licence)
-                buf, size, first = [], 0, lineno
+                buf, size, first, first_offset = [], 0, lineno, start
             buf.append(line)
             size += len(line)
         text = "".join(buf).replace("\r\n", "\n")
         if text.strip():
+            at.offset, at.line = first_offset, first
             yield Record(name, f"{rel}:{first}", text, licence)
 
 
-def _parquet(rel: str, path: Path, name: str, licence: str, text_field: str, id_field: str):
+def _parquet(rel: str, path: Path, name: str, licence: str, text_field: str, id_field: str, at: Cursor):
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -182,33 +216,47 @@ def _parquet(rel: str, path: Path, name: str, licence: str, text_field: str, id_
         raise UserError(f"{path}: no column {id_field!r}; set id_field in the source (or leave it empty)")
     columns = [c for c in dict.fromkeys([text_field, id_field, "licence", "license", "domain", "source"])
                if c and c in names]
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+    # from the row group that holds row at.line: the rows before it are counted, not read
+    group, row = 0, 0
+    while group < pf.num_row_groups and row + pf.metadata.row_group(group).num_rows < at.line:
+        row += pf.metadata.row_group(group).num_rows
+        group += 1
+    for batch in pf.iter_batches(batch_size=1024, columns=columns, row_groups=range(group, pf.num_row_groups)):
         for obj in batch.to_pylist():
             row += 1
+            if row < at.line:
+                continue
             try:
                 rec = _obj_record(obj, f"{path}: row {row}", name, licence, text_field, id_field, f"{rel}:{row}")
             except BadRecord as e:
                 yield e
                 continue
             if rec is not None:
+                at.offset, at.line = 0, row
                 yield rec
 
 
 def iter_records(path: Path, fmt: str, *, name: str, licence: str = "", text_field: str = "text",
-                 id_field: str = "", on_bad_record: str = "fail", counts: Counter | None = None) -> Iterator[Record]:
+                 id_field: str = "", on_bad_record: str = "fail", counts: Counter | None = None,
+                 cursor: Cursor | None = None, start: Cursor | None = None) -> Iterator[Record]:
     """The documents of one source, streamed in a fixed order; bad records raise (or are counted in
-    counts["bad_records"] and skipped with on_bad_record = "skip")."""
+    counts["bad_records"] and skipped with on_bad_record = "skip"). `cursor`, when given, is set to where
+    each record starts as it is yielded; `start` (such a place) starts the stream at that record."""
     if fmt not in SELECT_FORMATS:
         raise UserError(f"{path}: format {fmt!r} cannot be read here; use one of {', '.join(SELECT_FORMATS)}")
     path = Path(path)
-    for rel, file in _files(path, fmt):
+    cursor = Cursor() if cursor is None else cursor
+    files = _files(path, fmt)
+    for index in range(start.file if start else 0, len(files)):
+        rel, file = files[index]
+        cursor.file = index
+        cursor.offset, cursor.line = (start.offset, start.line) if start and index == start.file else (0, 1)
         if fmt == "jsonl":
-            items = _jsonl(rel, file, name, licence, text_field, id_field)
+            items = _jsonl(rel, file, name, licence, text_field, id_field, cursor)
         elif fmt == "text":
-            items = _text(rel, file, name, licence)
+            items = _text(rel, file, name, licence, cursor)
         else:
-            items = _parquet(rel, file, name, licence, text_field, id_field)
+            items = _parquet(rel, file, name, licence, text_field, id_field, cursor)
         try:
             for item in items:
                 if isinstance(item, BadRecord):
