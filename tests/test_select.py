@@ -738,14 +738,17 @@ def test_selected_source_is_a_clean_source_prepare_can_read(tmp_path):
 
 
 def test_prepare_uses_the_selection_not_the_generic_corpus(tmp_path, capsys):
-    """prepare refuses generic sources until they are selected, then reads the selection as one clean
-    source in their place (never the whole generic corpus), and notices a newer selection."""
+    """prepare selects first (the same selection `nichelm select` makes, reused when up to date), then reads it
+    as one clean source in place of the generic sources (never the whole generic corpus)."""
     proj = _project(tmp_path, extra_source='[[sources]]\nname = "pairs"\npath = "target.jsonl"\nformat = "jsonl"\n'
                                            'role = "clean"\noutput_field = "text"')
-    assert main(["prepare", str(proj)]) == 2
-    assert "not selected yet; run `nichelm select" in capsys.readouterr().err
-    assert main(["select", str(proj)]) == 0
+    assert main(["prepare", str(proj), "--workers", "2"]) == 0
+    assert "prepare: selected 20 generic documents" in capsys.readouterr().err
+    by_prepare = (tmp_path / "run" / "select" / "selected.jsonl").read_bytes()
+    assert main(["select", str(proj), "--force"]) == 0                      # the command alone: the same bytes
+    assert (tmp_path / "run" / "select" / "selected.jsonl").read_bytes() == by_prepare
     assert main(["prepare", str(proj)]) == 0
+    assert "prepare: selected" not in capsys.readouterr().err                # up to date: reused, not redone
     manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
     names = [s["name"] for s in manifest["sources"]]
     assert names == ["pairs", "selected"]               # web and mine (generic, target) are not task data

@@ -142,9 +142,38 @@ def prepare(project: Project, force: bool = False, options=None) -> dict:
     and its sources have not changed (see already_prepared). The build runs as datatrove jobs
     (prepare_pipeline.PrepareOptions: executor, workers, ...) into a staging folder that replaces the
     previous data whole at the end, so a failed or killed (re)build leaves it exactly as it was; a
-    killed build re-run with the same command resumes its unfinished tasks."""
+    killed build re-run with the same command resumes its unfinished tasks.
+
+    A project with generic sources first runs `nichelm select` on the same executor (a selection that
+    is up to date is reused); on Slurm, whose tasks are only submitted here, prepare stops there and the
+    same command, run again once they have ended, goes on."""
     from nichelm.prepare_pipeline import prepare_with_pipeline
+    submitted = select_first(project, options)
+    if submitted is not None:
+        return submitted
     return prepare_with_pipeline(with_selection(project), force=force, options=options)
+
+
+def select_first(project: Project, options=None) -> dict | None:
+    """prepare's first stage for a project with generic sources: the selection (nichelm.selection),
+    on prepare's executor and workers (its own task count: prepare's --tasks counts pieces of the task
+    data). Returns {"submitted": ...} when Slurm was given the selection's tasks, else None."""
+    if not any(s.role == "generic" for s in project.sources):
+        return None
+    from nichelm.prepare_pipeline import ExecutorOptions, log
+    from nichelm.selection import select_project
+    executor = None
+    if options is not None:
+        shared = {f.name: getattr(options, f.name) for f in dataclasses.fields(ExecutorOptions)}
+        executor = ExecutorOptions(**{**shared, "tasks": 0})
+    report = select_project(project, options=executor)
+    if "submitted" in report:
+        log(f"prepare: {report['submitted']}; run this command again once they have ended")
+        return {"submitted": True, "selection": report["submitted"]}
+    if not report.get("reused"):
+        log(f"prepare: selected {report.get('selected', {}).get('documents', '?')} generic documents "
+            f"({project.run_path / 'select' / 'selection.json'})")
+    return None
 
 
 def with_selection(project: Project) -> Project:
