@@ -18,6 +18,7 @@ from nichelm.config import load_project
 from nichelm.data import pipeline as pl
 from nichelm.data.readers import Document, Segment, pair_segments_to_windows, read_documents
 from nichelm.data.shards import read_shard
+from nichelm.tasks import CorrectionTask
 from tests.conftest import SENTENCES, run_cli
 
 WORDS = "the of and to in that he shall his they unto him be for with which".split()
@@ -140,7 +141,7 @@ def test_split_windows_and_noise_steps(tmp_path):
     split = list(pl.SplitDocuments(proj).run(_batches(docs, 7)))
     assert _flat(split, "splits") == [split_of(3, "s", d.doc_id, 0.1, 0.1) for d in docs]
     assert set(_flat(split, "splits")) == {"train", "val", "test"}
-    windows = list(pl.MakeWindows(80).run(iter(split)))
+    windows = list(pl.MakeWindows(CorrectionTask(window_chars=80)).run(iter(split)))
     want = [(d.doc_id, w, win.output) for d in docs for w, win in enumerate(pair_segments_to_windows(d, 80))]
     assert list(zip(_flat(windows, "doc_ids"), _flat(windows, "ws"), _flat(windows, "outputs"))) == want
     assert len(windows) == 6 and all(b.metadata["piece"] == 0 and b.metadata["source"] == "s" for b in windows)

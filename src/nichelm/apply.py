@@ -687,6 +687,21 @@ def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[D
     return results
 
 
+def label_documents(classifier, texts: list[str], guard: bool = True) -> list[DocResult]:
+    """Classifier.classify: each document's label (the best sum of its windows' label scores)."""
+    from nichelm.windows import cut_windows
+    labels = classifier.classify(texts)
+    return [DocResult(label, windows=sum(1 for w, _ in cut_windows(t, classifier.window_chars) if w.strip()))
+            for t, label in zip(texts, labels)]
+
+
+# What a document becomes, by the task's decoding (Task.decoding), and the field it is written to by default
+RESULTS = {"free": correct_documents, "labels": label_documents}
+OUTPUT_FIELDS = {"free": "corrected", "labels": "label"}
+# a .txt input's output is its text corrected; a label needs a record (jsonl line, parquet row) to go into
+TXT_INPUTS = {"free": True, "labels": False}
+
+
 # ---------------------------------------------------------------- writing
 
 @dataclass
@@ -1094,16 +1109,17 @@ _LOADED: dict = {}                  # the corrector this process loaded: a worke
 
 
 def cached_corrector(model: Path, **kwargs):
-    from nichelm.inference import load_corrector
+    """The runner of the model's task (inference.load_runner: a Corrector, or a Classifier for a label set)."""
+    from nichelm.inference import load_runner
     key = (str(model), json.dumps(kwargs, sort_keys=True, default=str))
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = load_corrector(model, **kwargs)
+        _LOADED[key] = load_runner(model, **kwargs)
     return _LOADED[key]
 
 
 def run_task(model: str | Path, output: str | Path, plan: Plan, rank: int,
-             batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str = "corrected",
+             batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str | None = None,
              guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0,
              window_overlap: int = 0, backend: str = "torch", compile: str | bool = "auto",
              draft_tokens: int | None = None, dtype: str = "auto", guard_margin: float | None = None) -> ApplyReport:
@@ -1116,7 +1132,9 @@ def run_task(model: str | Path, output: str | Path, plan: Plan, rank: int,
     draft_tokens: copy drafts per greedy step of the torch engine (nichelm.generate; same output);
     None: the engine's default. dtype: the torch engine's weights ("auto": bf16 on CUDA, fp32 on CPU).
     guard_margin: the guard's margin in nats/token (nichelm.inference); None: the one `nichelm evaluate`
-    chose for this model, if any."""
+    chose for this model, if any. output_field: the jsonl field / parquet column added; None: the task's
+    (OUTPUT_FIELDS: "corrected", or "label" for a classification model, which labels records: .jsonl and
+    .parquet inputs only)."""
     short_openmp_spin()
     import torch
     if threads:
@@ -1138,10 +1156,17 @@ def run_task(model: str | Path, output: str | Path, plan: Plan, rank: int,
                                window_overlap=window_overlap, backend=backend,
                                compile=bool(compile) and backend == "torch", dtype=dtype, guard_margin=guard_margin,
                                **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
+    decoding = corrector.task.decoding
+    output_field = output_field or OUTPUT_FIELDS[decoding]
+    if not TXT_INPUTS[decoding]:
+        text = next((u for u in units if u.kind == "text"), None)
+        if text is not None:
+            raise UserError(f"{text.path}: a classification model labels records, and a .txt file has none; give "
+                            ".jsonl or .parquet inputs (the label goes into a field of each record)")
     ledger = Ledger(out, (rank, len(plan.tasks)))
     resuming = ledger.settings is not None
     try:
-        margin = corrector.guard_margin
+        margin = getattr(corrector, "guard_margin", float("-inf"))
         ledger.check_settings({"model": model_identity(model), "guard_max_change": guard_max_change,
                                **({"guard_margin": margin} if margin != float("-inf") else {}),
                                "text_field": text_field, "output_field": output_field,
@@ -1201,7 +1226,7 @@ def _run(corrector, units, ledger, out, guard, output_field, text_field, group_w
     def flush():
         nonlocal warned
         docs = [ev for ev in group if isinstance(ev, Doc)]
-        results = iter(correct_documents(corrector, [d.text for d in docs], guard))
+        results = iter(RESULTS[corrector.task.decoding](corrector, [d.text for d in docs], guard))
         n_files = n_tokens = 0
         for ev in group:
             if isinstance(ev, Doc):
@@ -1220,7 +1245,7 @@ def _run(corrector, units, ledger, out, guard, output_field, text_field, group_w
         writer.sync()
         progress.update(n_files, len(docs), n_tokens)
         group.clear()
-        warning = None if warned else seen.domain_warning(corrector.guard.get("val"))
+        warning = None if warned else seen.domain_warning(getattr(corrector, "guard", {}).get("val"))
         if warning:                                # once, as soon as enough windows are seen
             print(warning, file=sys.stderr, flush=True)
             warned = True

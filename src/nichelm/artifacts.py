@@ -21,6 +21,7 @@ from pathlib import Path
 from nichelm.checkpoint import latest_checkpoint, load_model_weights
 from nichelm.errors import UserError
 from nichelm.model import GPT, ModelConfig
+from nichelm.tasks import Task, get_task
 
 NICHELM_JSON = "nichelm.json"      # marks a folder as a nichelm export; holds our model config
 GUARD_FILE = "guard.json"          # RUN/guard.json: the margin `nichelm evaluate` chose (calibrate_margin)
@@ -44,12 +45,21 @@ def is_ct2_export(path: Path) -> bool:
     return (Path(path) / "model.bin").is_file()
 
 
-def run_task(run: Path, checkpoint: Path | None = None) -> dict:
+def read_task(path: Path, extra: dict | None = None) -> Task:
+    """The Task a task.json describes (nichelm.tasks.get_task; no "type": the correction task)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON; re-run the stage that wrote it (prepare, or export)") from None
+    return get_task({**d, **(extra or {})}, str(path))
+
+
+def run_task(run: Path, checkpoint: Path | None = None) -> Task:
     """RUN/task.json plus the guard `nichelm evaluate` calibrated for the run's newest checkpoint
     (RUN/guard.json, under "guard"), as exports store it in their task.json. A calibration made for an
     older checkpoint is left out, with a note: its margin says nothing about the new weights."""
     run = Path(run)
-    task = json.loads((run / "task.json").read_text())
+    task = {}
     path = run / GUARD_FILE
     if path.is_file():
         try:
@@ -62,7 +72,7 @@ def run_task(run: Path, checkpoint: Path | None = None) -> dict:
                   f"{checkpoint.name}: guard margin not used; re-run `nichelm evaluate`", file=sys.stderr)
         else:
             task["guard"] = guard
-    return task
+    return read_task(run / "task.json", task)
 
 
 def model_identity(path: Path) -> str:
@@ -83,7 +93,7 @@ class RunModel:
     checkpoint: Path
     cfg: ModelConfig
     state: dict                    # our parameter names -> tensors (padded vocabulary)
-    task: dict
+    task: Task
     trainer: dict
 
     @property
@@ -92,9 +102,9 @@ class RunModel:
 
     def end_id(self) -> int:
         from nichelm.data.tokenizer import load_tokenizer
-        end = load_tokenizer(self.tokenizer_path).token_to_id(self.task["end_marker"])
+        end = load_tokenizer(self.tokenizer_path).token_to_id(self.task.end_marker)
         if end is None:
-            raise UserError(f"{self.tokenizer_path}: end marker {self.task['end_marker']!r} is not a token; "
+            raise UserError(f"{self.tokenizer_path}: end marker {self.task.end_marker!r} is not a token; "
                             "re-run `nichelm prepare --force`")
         return end
 
@@ -106,7 +116,7 @@ class Source:
     kind: str                      # "run", "hf" (an hf export) or "ct2" (a CTranslate2 export)
     cfg: ModelConfig
     tokenizer_path: Path
-    task: dict                     # with the calibrated guard under "guard", when there is one
+    task: Task                     # with the calibrated guard (correction), when there is one
     checkpoint: Path | None = None                 # a run's newest complete checkpoint
     trainer: dict = field(default_factory=dict)    # its trainer.json
 
@@ -161,7 +171,7 @@ def open_model(path: str | Path) -> Source:
             raise UserError(f"{path}: no {NICHELM_JSON} (exported by an older nichelm); re-run "
                             "`nichelm export --format ct2`, or give the run or its hf export")
         meta = json.loads((path / NICHELM_JSON).read_text())
-        task = json.loads((path / "task.json").read_text())
+        task = read_task(path / "task.json")
         return Source(path, "ct2" if is_ct2_export(path) else "hf", ModelConfig(**meta["model_config"]),
                       path / "tokenizer.json", task)
     if path.is_dir() and not (path / "checkpoints").is_dir():
@@ -175,7 +185,7 @@ def load_run(run: Path) -> RunModel:
     return open_run(run).run_model()
 
 
-def model_shape(path: Path) -> tuple[ModelConfig, Path, dict]:
+def model_shape(path: Path) -> tuple[ModelConfig, Path, Task]:
     """(model config, tokenizer.json, task) of a run, project file or export folder; no weights are read."""
     source = open_model(path)
     return source.cfg, source.tokenizer_path, source.task

@@ -321,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--text-field", default="text", help="jsonl/parquet: the field (column) holding the text")
-    p.add_argument("--output-field", default="corrected",
-                   help="jsonl/parquet: the field added to each output line (the column added to each file)")
+    p.add_argument("--output-field", default=None,
+                   help="jsonl/parquet: the field added to each output line (the column added to each file); "
+                        "default: corrected, or label for a classification model")
     p.add_argument("--backend", default="torch", choices=["torch", "ct2", "vllm"],
                    help="decoding engine: torch (nichelm's own), ct2 (CTranslate2, CPU or cuda) or vllm (GPU)")
     add_guard(p)

@@ -21,11 +21,24 @@ from nichelm.errors import UserError
 
 @dataclass
 class TaskConfig:
+    """[task], as the TOML gives it. load_project turns it into the Task it describes (nichelm.tasks):
+    project.task is then a CorrectionTask or a ClassificationTask, built from the keys the file gives, so
+    keys left out take their own type's defaults (the defaults below are the correction task's)."""
+    type: str = "correction"         # correction | classification (nichelm.tasks.TASK_TYPES)
     name: str = "ocr"
     # The model sees prompt_template.format(input=...) and learns to write the output then end_marker.
     prompt_template: str = "### Text ###\n{input}\n### Correction ###\n"
     end_marker: str = "<|endoftext|>"
     window_chars: int = 100          # longest example window (characters of the output side)
+    # classification: the label set, where a document's label comes from (a metadata field, or
+    # "window_cer"), numeric band edges, whether labels are ordered, and the side of a pair it reads
+    labels: list[str] = field(default_factory=list)
+    label_field: str = "label"
+    bands: list[float] | None = None
+    ordered: bool = False
+    text: str = "input"
+    # Not in the TOML: the keys the file gave (the others take the task type's defaults).
+    given: tuple = field(default=(), metadata={"internal": True})
 
 
 @dataclass
@@ -41,6 +54,9 @@ class SourceConfig:
     output_field: str = "output"
     text_field: str = "text"
     id_field: str = ""
+    # jsonl fields / csv columns kept as each document's metadata (a csv document: its first row's), e.g. the
+    # label a classification task reads (task.label_field)
+    meta_fields: list[str] = field(default_factory=list)
     max_documents: int = 0           # 0 = all
     filters: list[str] = field(default_factory=list)   # e.g. ["drop_braced"]
     split: str = "auto"              # auto (split by document) | train | val | test
@@ -242,11 +258,16 @@ class Project:
         return p if p.is_absolute() else (self.base_dir / p)
 
     def to_dict(self) -> dict:
+        from nichelm.tasks import get_task, task_fingerprint
         d = {}
         for f in dataclasses.fields(self):
             if f.metadata.get("internal"):
                 continue
             d[_toml_key(f)] = _to_plain(getattr(self, f.name))
+        d["task"] = task_fingerprint(get_task(self.task))     # the correction task: the keys it always had
+        for src in d["sources"]:             # likewise sources without meta_fields (fingerprints of older runs)
+            if not src["meta_fields"]:
+                del src["meta_fields"]
         return d
 
 
@@ -428,6 +449,7 @@ def load_project(path: str | Path, overrides: list[str] = ()) -> Project:
     project.base_dir = path.resolve().parent
     project.source_file = path.resolve()
     project.tokenizer.vocab_size_given = "vocab_size" in data.get("tokenizer", {})
+    project.task.given = tuple(data.get("task", {}))
     validate(project, str(path))
     return project
 
@@ -496,7 +518,7 @@ def validate(p: Project, file: str) -> None:
         raise UserError(f"{file}: 'eval.guard_margin' is {p.eval.guard_margin!r}; use a number (nats/token, e.g. "
                         "0.5), \"auto\" (chosen on the val split) or \"off\"")
     _check_numbers(p, file)
-    _check_task(p, file)
+    p.task = _task(p.task, file)
     _check_select(p, file)
     _check_phases(p, file)
     if p.split.val_fraction + p.split.test_fraction >= 1:
@@ -619,30 +641,20 @@ def _check_numbers(p: Project, file: str) -> None:
                         "(arch llama) need an even head size: change 'model.n_embd' or 'model.n_head'")
 
 
-def _check_task(p: Project, file: str) -> None:
-    """The prompt template and end marker as prepare and train will use them."""
-    from nichelm.data.tokenizer import template_markers
-    template = p.task.prompt_template
-    try:
-        template.format(input="")
-    except (KeyError, IndexError, ValueError) as e:
-        raise UserError(f"{file}: 'task.prompt_template' must contain {{input}} and no other {{...}} field "
-                        f"(write {{{{ and }}}} for literal braces): {type(e).__name__} {e}") from None
-    if template.count("{input}") != 1:
-        raise UserError(f"{file}: 'task.prompt_template' must contain {{input}} exactly once")
-    try:
-        markers = template_markers(template)
-    except ValueError:
-        raise UserError(f"{file}: 'task.prompt_template' needs a marker before and after {{input}}, e.g. "
-                        "\"### Text ###\\n{input}\\n### Correction ###\\n\"") from None
-    end = p.task.end_marker
-    if not end.strip() or end in markers:
-        raise UserError(f"{file}: 'task.end_marker' is {end!r}; give a marker of its own, e.g. \"<|endoftext|>\"")
-    for key, marker in (("task.prompt_template", markers[0]), ("task.prompt_template", markers[1]),
-                        ("task.end_marker", end)):
-        if len(marker) < 2:           # one character is also a byte of ordinary text: the tokenizer cannot tell them apart
-            raise UserError(f"{file}: '{key}' uses the one-character marker {marker!r}; markers need at least "
-                            "two characters, e.g. \"### Text ###\"")
+def _task(c: TaskConfig, file: str):
+    """The Task [task] describes (nichelm.tasks.get_task: its own checks, e.g. of the template's markers),
+    from the keys the file gave, so the others take the defaults of its type."""
+    from nichelm.tasks import TASK_TYPES, get_task
+    given = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+             if f.name in c.given or f.name == "type"}
+    kind = TASK_TYPES.get(c.type)
+    if kind is not None:            # a key of another task type would be dropped silently: say so
+        own = {f.name for f in dataclasses.fields(kind)}
+        stray = [k for k in given if k not in own and k != "type"]
+        if stray:
+            raise UserError(f"{file}: 'task.{stray[0]}' is no setting of a {c.type!r} task; remove it, or set "
+                            "task.type to the task it belongs to")
+    return get_task(given, file, prefix="task.")
 
 
 SELECT_ROLES = ("generic", "target")

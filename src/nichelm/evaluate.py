@@ -1,5 +1,8 @@
 """`nichelm evaluate`: the task metric before and after the model.
 
+This module scores free-text tasks (correction); a run whose task decodes to a label set goes to
+nichelm.evaluate_labels (the model and the baselines on the same split).
+
 Two entry points: `evaluate_project` scores the held-out test split of a project
 (RUN/eval/report.json), `evaluate_external` scores any model (or the raw OCR
 alone) on any pair set in a reader format, one whole document at a time
@@ -31,11 +34,12 @@ from pathlib import Path
 
 from nichelm.config import Project
 from nichelm.errors import UserError
-from nichelm.artifacts import GUARD_FILE
+from nichelm.artifacts import GUARD_FILE, read_task
 from nichelm.inference import (HARD_LIMITS, NO_MARGIN, Correction, Corrector, by_document, cut_windows,
                                document_unfamiliar, stitch)
 from nichelm.io import atomic_write_json
 from nichelm.metrics import CorpusScore, char_distance, mark_changes
+from nichelm.tasks import get_task
 
 
 def read_examples(path: Path, limit: int = 0) -> list[dict]:
@@ -226,6 +230,10 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     outputs ("unguarded") and of the length cap alone ("no_margin"), all from one decoding pass."""
     from nichelm.checkpoint import latest_checkpoint
     ev, run = project.eval, project.run_path
+    task = read_task(run / "task.json") if (run / "task.json").is_file() else get_task(project.task)
+    if task.decoding == "labels":          # a label set: the model against the baselines (evaluate_labels)
+        from nichelm.evaluate_labels import evaluate_labels
+        return evaluate_labels(project, task, device)
     data = run / "data"
     test = project_documents(data / "examples.test.jsonl")
     if not test:
@@ -341,6 +349,9 @@ def _scores_at(docs: list[dict], fixed, margin: float, doc_share: float | None =
 
 
 def print_summary(report: dict, examples: int = 3, file=sys.stdout) -> None:
+    if report.get("decoding") == "labels":
+        from nichelm.evaluate_labels import print_label_summary
+        return print_label_summary(report, file=file)
     print(f"\n{'':24}{'before':>10}{'after':>10}", file=file)
     print(f"{'CER (corpus)':24}{100 * report['cer_before']:>9.2f}%{100 * report['cer_after']:>9.2f}%", file=file)
     print(f"{'WER (corpus)':24}{100 * report['wer_before']:>9.2f}%{100 * report['wer_after']:>9.2f}%", file=file)

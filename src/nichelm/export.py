@@ -68,9 +68,9 @@ def _staging(out: Path) -> Path:
     return staging_dir(out.parent, f".{out.name}.tmp-")
 
 
-def tokenizer_config(task: dict, block_size: int) -> dict:
+def tokenizer_config(task, block_size: int) -> dict:
     """For PreTrainedTokenizerFast: the end marker ends and pads; prompts are left-padded for batching."""
-    end = task["end_marker"]
+    end = task.end_marker
     return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": end, "pad_token": end,
             "bos_token": None, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
             "model_max_length": block_size, "padding_side": "left", "clean_up_tokenization_spaces": False}
@@ -88,10 +88,11 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def task_json(task: dict) -> dict:
-    """An export's task.json: the run's task, plus how user text must be encoded: with special tokens
-    split (as plain text), the markers added by id, so a marker quoted in the text stays text."""
-    return {**task, "user_text_encoding": "split_special_tokens"}
+def task_json(task) -> dict:
+    """An export's task.json: the run's task (Task.to_json: its type, prompt, markers, labels...), plus how
+    user text must be encoded: with special tokens split (as plain text), the markers added by id, so a
+    marker quoted in the text stays text. nichelm.artifacts reads it back with tasks.get_task."""
+    return {**task.to_json(), "user_text_encoding": "split_special_tokens"}
 
 
 def model_card(rm: RunModel) -> str:
@@ -100,36 +101,14 @@ def model_card(rm: RunModel) -> str:
     task, cfg = rm.task, rm.cfg
     arch = "GPT2LMHeadModel" if cfg.arch == "gpt2" else "LlamaForCausalLM"
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             f"tags: [nichelm, {task.get('name', 'task')}]", "---", "",
-             f"# nichelm model: {task.get('name', 'task')}", "",
+             f"tags: [nichelm, {task.name}]", "---", "",
+             f"# nichelm model: {task.name}", "",
              f"A small {arch} ({rm.trainer.get('params', _n_params(rm.state, cfg)):,} parameters, "
              f"{cfg.n_layer} layers, width {cfg.n_embd}, context {cfg.block_size} tokens) trained from scratch "
-             f"with nichelm for one job: `{task.get('name', 'task')}`.",
-             f"Checkpoint: `{rm.checkpoint.name}` (step {rm.trainer.get('step', '?')}).", "",
-             "## Prompt format", "",
-             "The model reads the prompt below with `{input}` replaced by at most "
-             f"~{task.get('window_chars', '?')} characters of text, writes its output, then the end "
-             f"marker `{task['end_marker']}`. Decode greedily. Longer texts must be cut into windows "
-             "(`nichelm apply` does this, and keeps the input where the output drifts too far).", "",
-             "```", task["prompt_template"].rstrip("\n"), "```", "",
-             "`task.json` holds the template and end marker for programs.", "",
-             "## Usage", "",
-             "The markers are special tokens, and a tokenizer matches special tokens inside any text it is "
-             "given: `tok(template.format(input=text))` turns a marker string quoted in the text into the "
-             "marker itself, and the model then reads a different prompt. So build the prompt from the "
-             "markers' ids and the text encoded with `split_special_tokens=True` (task.json: "
-             "`\"user_text_encoding\": \"split_special_tokens\"`); `text` is one window:", "",
-             "```python", "import torch",
-             "from transformers import AutoModelForCausalLM, AutoTokenizer",
-             "tok = AutoTokenizer.from_pretrained(PATH)",
-             "model = AutoModelForCausalLM.from_pretrained(PATH)",
-             transformers_prompt_code(load_tokenizer(rm.tokenizer_path), task["prompt_template"]),
-             "x = torch.tensor([ids])",
-             "out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2 * len(ids),",
-             "                     do_sample=False)",
-             "print(tok.decode(out[0, len(ids):], skip_special_tokens=True))", "```", "",
-             "Or with nichelm: `nichelm apply --model PATH --input texts/ --output corrected/`.", ""]
-    lines += _metrics_section(rm.run / "eval" / "report.json")
+             f"with nichelm for one job: `{task.name}`.",
+             f"Checkpoint: `{rm.checkpoint.name}` (step {rm.trainer.get('step', '?')}).", ""]
+    lines += task.card(transformers_prompt_code(load_tokenizer(rm.tokenizer_path), task.prompt_template))
+    lines += _metrics_section(task, rm.run / "eval" / "report.json")
     lines += _data_section(rm.run / "data" / "manifest.json")
     lines += _selection_section(rm.run)
     return "\n".join(lines) + "\n"
@@ -140,19 +119,11 @@ def _n_params(state: dict, cfg: ModelConfig) -> int:
     return n
 
 
-def _metrics_section(path: Path) -> list[str]:
+def _metrics_section(task, path: Path) -> list[str]:
     report = _read_json(path)
     if not report:
         return ["## Evaluation", "", "No evaluation report (run `nichelm evaluate` before exporting).", ""]
-    rows = [("CER (corpus)", "cer_before", "cer_after"), ("WER (corpus)", "wer_before", "wer_after")]
-    lines = ["## Evaluation", "", f"Held-out test split, {report.get('n_examples', '?')} examples.", "",
-             "| metric | input | model output |", "|---|---|---|"]
-    for name, before, after in rows:
-        if before in report and after in report:
-            lines.append(f"| {name} | {100 * report[before]:.2f}% | {100 * report[after]:.2f}% |")
-    if "worse_fraction" in report:
-        lines.append(f"| share of examples made worse | | {100 * report['worse_fraction']:.1f}% |")
-    return lines + [""]
+    return ["## Evaluation", "", *task.card_metrics(report), ""]
 
 
 def _data_section(path: Path) -> list[str]:
@@ -220,7 +191,7 @@ def export_hf(rm: RunModel, out: Path) -> Path:
         shutil.copyfile(rm.tokenizer_path, tmp / "tokenizer.json")
         atomic_write_json(tmp / "tokenizer_config.json", tokenizer_config(rm.task, rm.cfg.block_size))
         atomic_write_json(tmp / "special_tokens_map.json",
-                          {"eos_token": rm.task["end_marker"], "pad_token": rm.task["end_marker"]})
+                          {"eos_token": rm.task.end_marker, "pad_token": rm.task.end_marker})
         atomic_write_json(tmp / "generation_config.json", generation_config(end_id))
         atomic_write_json(tmp / "task.json", task_json(rm.task))
         atomic_write_json(tmp / NICHELM_JSON, {"export_version": EXPORT_VERSION, "model_config": rm.cfg.to_dict(),
@@ -294,7 +265,7 @@ def export_gguf(rm: RunModel, out: Path) -> Path:
     tmp = _staging(out)
     try:
         w = gguf.GGUFWriter(str(tmp / "model.gguf"), "gpt2" if cfg.arch == "gpt2" else "llama")
-        w.add_name(f"nichelm-{rm.task.get('name', 'task')}")
+        w.add_name(f"nichelm-{rm.task.name}")
         w.add_block_count(cfg.n_layer)
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.n_embd)

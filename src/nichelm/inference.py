@@ -36,6 +36,8 @@ from nichelm.errors import UserError
 from nichelm.generate import DRAFT_TOKENS, Generation, compile_for_decoding
 from nichelm.metrics import char_distance
 from nichelm.model import GPT
+from nichelm.tasks import CorrectionTask, get_task
+from nichelm.windows import cut_windows  # noqa: F401  (its old home: callers import it from here too)
 
 
 @dataclass
@@ -108,47 +110,6 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     log_p, log_q = math.log(p), math.log1p(-p)
     return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
                                  + i * log_p + (n - i) * log_q) for i in range(k + 1)))
-
-
-_SPACES = re.compile(r"\s*")
-
-
-def cut_windows(text: str, max_chars: int) -> list[tuple[str, str]]:
-    """Cut text into (chunk, following whitespace) pairs, chunks ≤ max_chars, never inside a word.
-
-    Prefers a sentence end near the limit. Joining chunk+sep over all pairs gives the text back.
-    Chunks never start or end with whitespace (it is all in the separators, which are kept as they
-    are), so a text's final newline survives a model that strips its output.
-    """
-    pieces = []
-    pos, n = 0, len(text)
-    while pos < n:
-        lead = _SPACES.match(text, pos).end() - pos     # match at pos: no copy of the rest (1 MB lines)
-        if lead:                                   # leading whitespace belongs to the previous separator
-            if pieces:
-                pieces[-1] = (pieces[-1][0], pieces[-1][1] + text[pos:pos + lead])
-            else:
-                pieces.append(("", text[pos:pos + lead]))
-            pos += lead
-            continue
-        end = min(pos + max_chars, n)
-        if end == n:                               # the last chunk: its trailing whitespace is a separator
-            end = len(text.rstrip())                    # (> pos: text[pos] is not whitespace)
-        else:
-            window = text[pos:end + 1]
-            cuts = [m.end() - 1 for m in re.finditer(r"[.!?;:]\s", window)]
-            cuts = [c for c in cuts if c >= max_chars // 2]
-            spaces = [m.start() for m in re.finditer(r"\s", window)]
-            if cuts:
-                end = pos + cuts[-1]          # just after the punctuation: the whitespace is the separator
-            elif spaces and spaces[-1] > 0:
-                end = pos + spaces[-1]
-            # else: one word longer than the window; cut it hard
-        chunk = text[pos:end]
-        sep_len = _SPACES.match(text, end).end() - end
-        pieces.append((chunk, text[end:end + sep_len]))
-        pos = end + sep_len
-    return pieces
 
 
 def context_span(text: str, start: int, end: int, overlap: int) -> tuple[int, int]:
@@ -227,7 +188,7 @@ NO_MARGIN = float("-inf")         # an uncalibrated model: the margin test lets 
 
 
 class Corrector:
-    def __init__(self, model: GPT, tokenizer, task: dict, device: torch.device | str = "cpu",
+    def __init__(self, model: GPT, tokenizer, task: CorrectionTask | dict, device: torch.device | str = "cpu",
                  batch_size: int = 64, guard_max_change: float = 0.15, max_new_tokens_ratio: float = 1.5,
                  beams: int = 1, window_overlap: int = 0, compile: bool = False,
                  draft_tokens: int = DRAFT_TOKENS, dtype: str = "auto", guard_margin: float | None = None):
@@ -240,14 +201,19 @@ class Corrector:
             model = model.to(torch.bfloat16)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.prompt_template = task["prompt_template"]
-        self.end_id = tokenizer.token_to_id(task["end_marker"])
-        self.window_chars = int(task.get("window_chars", 100))
+        task = get_task(task)                  # a task.json dict too (older callers)
+        if task.decoding != "free":
+            raise UserError(f"a {task.type!r} task's model writes no text to correct; load it with nichelm.load "
+                            "(which picks the task's runner)")
+        self.task = task
+        self.prompt_template = task.prompt_template
+        self.end_id = tokenizer.token_to_id(task.end_marker)
+        self.window_chars = task.window_chars
         self.batch_size = batch_size
         self.guard_max_change = guard_max_change
         # keep a correction only when the model prefers it to the input by this many nats per token;
         # None: the margin calibrated for this model (task["guard"], from RUN/guard.json), else no margin
-        self.guard = task.get("guard") or {}
+        self.guard = task.guard or {}
         if guard_margin is None:
             guard_margin = self.guard.get("margin")          # null in guard.json: "off"
         self.guard_margin = NO_MARGIN if guard_margin is None else float(guard_margin)
@@ -498,6 +464,10 @@ class Corrector:
         margin = self.guard_margin if guard else None
         return [stitch(pieces, margin, self.passed_share) for pieces in by_document(cut, self.correct_pieces(cut))]
 
+    def run(self, texts: list[str]) -> list[str]:
+        """What every task's runner offers (`nichelm apply`, nichelm.load): text in, the task's output out."""
+        return self.correct(texts)
+
 
 def load_corrector(path: str | Path, device: str = "cpu", backend: str = "torch", **kwargs) -> Corrector:
     """A Corrector for a run directory, a project file, or an export folder (nichelm.load).
@@ -511,6 +481,14 @@ def load_corrector(path: str | Path, device: str = "cpu", backend: str = "torch"
         raise UserError(f"{path}: a CTranslate2 export runs only with --backend ct2; give the run or its hf "
                         f"export for --backend {backend}")
     return Corrector.from_source(open_model(path), device=device, backend=backend, **kwargs)
+
+
+def load_runner(path: str | Path, device: str = "cpu", backend: str = "torch", **kwargs):
+    """The runner of a model's task (nichelm.load): a Corrector for free-text decoding, a
+    classifier.Classifier for a label set; the task's `decoding` picks it."""
+    from nichelm.classifier import load_classifier
+    runners = {"free": load_corrector, "labels": load_classifier}
+    return runners[open_model(path).task.decoding](path, device=device, backend=backend, **kwargs)
 
 
 # ---------------------------------------------------------------- stitching windows back

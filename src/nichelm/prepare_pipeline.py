@@ -176,12 +176,12 @@ def build_jobs(project: Project, work: Path, pieces: list[pl.Piece], tasks: int,
     reused = plan.get("tokenizer_from")
     rate = 0.0 if reused else sample_rate(project, pieces)      # a reused tokenizer needs no sample
     jobs.append(("examples", [pl.ReadSources(project, pieces), pl.SplitDocuments(project), pl.MeasureRawOCR(project),
-                              pl.MakeWindows(project.task.window_chars), pl.AddNoise(project, fit_path),
-                              pl.WriteExampleParts(work, project.seed, n, rate)], tasks))
+                              pl.MakeWindows(project.task), pl.AddNoise(project, fit_path),
+                              pl.WriteExampleParts(work, project.seed, n, rate, project.task.text_outputs)], tasks))
     jobs.append(("tokenizer", [pl.MergeSourceStats(project, work, plan.get("source_sha256")),
                                pl.BuildDedupeSets(work, n, project.source_file),
                                pl.ReuseTokenizer(work, reused) if reused else pl.TrainTokenizer(project, work, n)], 1))
-    jobs.append(("tokens", [pl.ReadExampleParts(work, n), pl.DedupeEval(work),
+    jobs.append(("tokens", [pl.ReadExampleParts(work, n), pl.DedupeEval(work, project.task.text_outputs),
                             pl.Tokenize(project, work / "tokenizer.json"), pl.WriteTokenParts(work, n)], tasks))
     info = {"started": plan["started"], "pieces": n, "tasks": tasks, "executor": opts.executor,
             "shard_tokens": opts.shard_tokens, "tokenizer_from": reused}

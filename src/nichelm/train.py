@@ -46,10 +46,11 @@ from nichelm.checkpoint import (MARKER, check_checkpoint, latest_checkpoint, loa
 from nichelm.config import Project, TrainConfig, model_config
 from nichelm.data.loader import MixedBatches, TaskBatches, mix_counts
 from nichelm.data.shards import load_split
-from nichelm.data.tokenizer import load_tokenizer, template_markers
+from nichelm.data.tokenizer import load_tokenizer
 from nichelm.errors import UserError
 from nichelm.io import atomic_write_text
 from nichelm.model import GPT, ModelConfig
+from nichelm.tasks import get_task
 
 # Peak dense bf16 FLOP/s for MFU, by device name fragment.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -208,8 +209,7 @@ def step_batches(batches, step: int, grad_accum: int, batch_size: int, device: t
 def _load_data(project: Project, setup: Setup) -> Data:
     run, ddp, cfg = setup.run, setup.ddp, setup.cfg
     tokenizer = load_tokenizer(run / "tokenizer" / "tokenizer.json")
-    input_marker, output_marker = template_markers(project.task.prompt_template)
-    ids = [tokenizer.token_to_id(t) for t in (input_marker, output_marker, project.task.end_marker)]
+    ids = get_task(project.task).marker_ids(tokenizer)     # the loss mask is read off the task's markers
     mcfg = model_config(project, tokenizer.get_vocab_size())
     grad_accum = accumulation_steps(cfg, mcfg.block_size, ddp.world_size)
     tokens_per_step = cfg.batch_size * grad_accum * mcfg.block_size * ddp.world_size

@@ -47,10 +47,11 @@ from datatrove.pipeline.base import PipelineStep
 from rapidfuzz.distance import Levenshtein
 
 from nichelm.config import Project, source_name
-from nichelm.data.readers import Document, _line_segments, jsonl_document, pair_segments_to_windows, read_documents
+from nichelm.data.readers import Document, _line_segments, jsonl_document, read_documents
 from nichelm.data.shards import HEADER_INTS, MAGIC_U16, MAGIC_U32, VERSION_U16, VERSION_U32
 from nichelm.errors import UserError
 from nichelm.io import atomic_file, atomic_write_json
+from nichelm.tasks import task_fingerprint
 
 SPLITS = ("train", "val", "test")
 DOC_BYTES = 1 << 20          # a text file longer than this is cut into documents at paragraph boundaries
@@ -363,7 +364,8 @@ class ReadSources(PipelineStep):
             for doc in read_documents(
                     path, src.format, input_field="" if src.role == "clean" and src.format == "csv" else src.input_field,
                     output_field=src.output_field, text_field=src.text_field, id_field=src.id_field or None,
-                    gold_path=self.project.resolve(src.gold_path) if src.gold_path else None):
+                    gold_path=self.project.resolve(src.gold_path) if src.gold_path else None,
+                    meta_fields=src.meta_fields):
                 yield doc, sum(len(s.output) for s in doc.segments)
             return
         for rel, path in piece.files:
@@ -411,7 +413,8 @@ class ReadSources(PipelineStep):
                 if lineno == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")
                 text = _decode(raw, path, lineno).removesuffix("\n").removesuffix("\r")
-                doc = jsonl_document(text, lineno, path, src.input_field, src.output_field, src.id_field, seen)
+                doc = jsonl_document(text, lineno, path, src.input_field, src.output_field, src.id_field, seen,
+                                     src.meta_fields)
             except UserError as e:
                 yield e
                 continue
@@ -487,31 +490,34 @@ EXAMPLE_LISTS = ("doc_ids", "ws", "splits", "inputs", "outputs")     # a batch o
 
 
 class MakeWindows(PipelineStep):
-    """Each batch of documents -> the batch of their examples (readers.pair_segments_to_windows), in
-    order: the lists EXAMPLE_LISTS of metadata (an input is None where noise is to make it)."""
+    """Each batch of documents -> the batch of their examples (the task's: Task.valued_examples; for
+    correction readers.pair_segments_to_windows), in order: the lists EXAMPLE_LISTS of metadata (an
+    input is None where noise is to make it)."""
 
     name = "windows"
     type = "nichelm"
 
-    def __init__(self, window_chars: int):
+    def __init__(self, task):
         super().__init__()
-        self.window_chars = window_chars
+        self.task = task
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         for d in data:
             with self.track_time():
                 m = d.metadata
                 doc_ids, ws, splits, inputs, outputs = lists = [], [], [], [], []
+                values = []           # the number behind each banded label (None elsewhere)
                 for doc, split in zip(m["docs"], m["splits"]):
-                    for w, win in enumerate(pair_segments_to_windows(doc, self.window_chars)):
+                    for w, (inp, out, value) in enumerate(self.task.valued_examples(doc)):
                         doc_ids.append(doc.doc_id)
                         ws.append(w)
                         splits.append(split)
-                        inputs.append(win.input)
-                        outputs.append(win.output)
+                        inputs.append(inp)
+                        outputs.append(out)
+                        values.append(value)
             if doc_ids:
                 yield DTDocument(text="", id=d.id, metadata={"piece": m["piece"], "source": m["source"],
-                                                             **dict(zip(EXAMPLE_LISTS, lists))})
+                                                             **dict(zip(EXAMPLE_LISTS, lists)), "values": values})
 
 
 class AddNoise(PipelineStep):
@@ -548,8 +554,9 @@ class AddNoise(PipelineStep):
                 keep = [bool(i.strip() and o.strip()) for i, o in zip(inputs, outputs)]
                 if not all(keep):
                     counts[name, "windows_empty_dropped"] += keep.count(False)
-                    for key in (*EXAMPLE_LISTS, "synthetic"):
-                        m[key] = [x for x, kept in zip(m[key], keep) if kept]
+                    for key in (*EXAMPLE_LISTS, "synthetic", "values"):
+                        if key in m:          # values: MakeWindows' (a batch made elsewhere may have none)
+                            m[key] = [x for x, kept in zip(m[key], keep) if kept]
                 for split, n in Counter(m["splits"]).items():
                     counts[name, f"examples_{split}"] += n
                 for inp, out, syn, split in zip(m["inputs"], m["outputs"], m["synthetic"], m["splits"]):
@@ -590,9 +597,13 @@ def json_line(row) -> bytes:
         return (json.dumps(row) + "\n").encode("ascii")
 
 
-def example_line(inp: str, out: str, source: str, doc_id: str, synthetic: bool) -> bytes:
+def example_line(inp: str, out: str, source: str, doc_id: str, synthetic: bool, value: float | None = None) -> bytes:
     """json_line of an example's row (the line examples.*.jsonl holds), built without the dict and
-    json's general encoder: half the cost, the same bytes."""
+    json's general encoder: half the cost, the same bytes. `value` (a banded label's number) only
+    when there is one."""
+    if value is not None:
+        return json_line({"input": inp, "output": out, "source": source, "doc_id": doc_id,
+                          "synthetic_input": synthetic, "value": value})
     try:
         return ('{"input": ' + _quote(inp) + ', "output": ' + _quote(out) + ', "source": ' + _quote(source)
                 + ', "doc_id": ' + _quote(doc_id)
@@ -615,9 +626,10 @@ class WriteExampleParts(PipelineStep):
     name = "write examples"
     type = "nichelm"
 
-    def __init__(self, work: Path, seed: int, n_pieces: int, sample_rate: float):
+    def __init__(self, work: Path, seed: int, n_pieces: int, sample_rate: float, text_outputs: bool = True):
         super().__init__()
         self.work, self.seed, self.n_pieces, self.sample_rate = Path(work), seed, n_pieces, sample_rate
+        self.text_outputs = text_outputs          # Task.text_outputs: outputs are deduped like inputs
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         mine = task_pieces(rank, world_size, self.n_pieces)
@@ -629,7 +641,7 @@ class WriteExampleParts(PipelineStep):
                     if out is not None:
                         out.close()
                         done.add(out.piece)
-                    out = _PieceWriter(self.work, k, self.seed, self.sample_rate)
+                    out = _PieceWriter(self.work, k, self.seed, self.sample_rate, self.text_outputs)
                 out.add(d.metadata)
         with self.track_time():
             if out is not None:
@@ -637,13 +649,14 @@ class WriteExampleParts(PipelineStep):
                 done.add(out.piece)
             for k in mine:                      # pieces without any example still get (empty) parts
                 if k not in done:
-                    _PieceWriter(self.work, k, self.seed, self.sample_rate).close()
+                    _PieceWriter(self.work, k, self.seed, self.sample_rate, self.text_outputs).close()
         yield from ()
 
 
 class _PieceWriter:
-    def __init__(self, work: Path, piece: int, seed: int, sample_rate: float):
+    def __init__(self, work: Path, piece: int, seed: int, sample_rate: float, text_outputs: bool = True):
         self.piece, self.work, self.seed, self.rate = piece, work, seed, sample_rate
+        self.text_outputs = text_outputs
         self.stack = ExitStack()
         self.files = {s: self._zst(part(work, "ex", s, piece, "jsonl.zst")) for s in SPLITS}
         self.files["sample"] = self._zst(part(work, "sample", "train", piece, "jsonl.zst"))
@@ -661,11 +674,15 @@ class _PieceWriter:
     def add(self, batch: dict) -> None:
         """A batch of examples (MakeWindows, AddNoise) of this piece."""
         source = batch["source"]
-        for doc_id, w, split, inp, out, synthetic in zip(*(batch[k] for k in EXAMPLE_LISTS), batch["synthetic"]):
-            line = example_line(inp, out, source, doc_id, synthetic)
+        values = batch.get("values") or [None] * len(batch["doc_ids"])
+        for doc_id, w, split, inp, out, synthetic, value in zip(*(batch[k] for k in EXAMPLE_LISTS), batch["synthetic"],
+                                                                values):
+            line = example_line(inp, out, source, doc_id, synthetic, value)
+            # a label is shared by every split: only text is deduped (the input stands in for a label output)
+            seen_out = out if self.text_outputs else inp
             if split == "train":
                 self.train_digests += digest_bytes(inp)
-                self.train_digests += digest_bytes(out)
+                self.train_digests += digest_bytes(seen_out)
                 if self.rate > 0:                  # 0: no tokenizer to train (tokenizer.from)
                     u = sample_priority(self.seed, source, doc_id, w)
                     if u < self.rate:
@@ -678,7 +695,7 @@ class _PieceWriter:
             else:
                 if split == "val":
                     self.val_digests += digest_bytes(inp)
-                    self.val_digests += digest_bytes(out)
+                    self.val_digests += digest_bytes(seen_out)
                 lines = self.lines[split]
                 lines.append(line)
                 if len(lines) >= WRITE_LINES:
@@ -898,9 +915,9 @@ class DedupeEval(PipelineStep):
     name = "dedupe val/test"
     type = "nichelm"
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, text_outputs: bool = True):
         super().__init__()
-        self.work = Path(work)
+        self.work, self.text_outputs = Path(work), text_outputs     # Task.text_outputs (see _PieceWriter)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         sets, counts = {}, Counter()
@@ -911,7 +928,8 @@ class DedupeEval(PipelineStep):
                     key = "train" if m["split"] == "val" else "test"
                     if key not in sets:
                         sets[key] = np.load(self.work / f"dedupe-{key}.npy", mmap_mode="r")
-                    digests = np.array([(digest(i), digest(o)) for i, o in zip(m["inputs"], m["outputs"])],
+                    outs = m["outputs"] if self.text_outputs else m["inputs"]
+                    digests = np.array([(digest(i), digest(o)) for i, o in zip(m["inputs"], outs)],
                                        dtype=np.uint64).reshape(-1, 2)
                     seen = _member(digests.ravel(), sets[key]).reshape(-1, 2).any(axis=1)
                     if seen.any():
@@ -1242,8 +1260,7 @@ class WriteManifest(PipelineStep):
         kept, _ = stage_stats(job_dir(self.work, "tokens"))
         tok = load_tokenizer(self.work / "tokenizer.json")
         shutil.copyfile(self.work / "tokenizer.json", staged / "tokenizer.json")
-        atomic_write_json(staged / "task.json", {"name": p.task.name, "prompt_template": p.task.prompt_template,
-                                                 "end_marker": p.task.end_marker, "window_chars": p.task.window_chars})
+        atomic_write_json(staged / "task.json", task_fingerprint(p.task))
         fit = None
         if p.noise.calibrate_on:
             fit = json.loads((self.work / "noise_fit.json").read_text(encoding="utf-8"))

@@ -22,6 +22,7 @@ import io
 import json
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
 from pathlib import Path
@@ -72,8 +73,12 @@ def read_documents(
     text_field: str = "text",
     id_field: str | None = None,
     gold_path: Path | None = None,
+    meta_fields: Sequence[str] = (),
 ) -> list[Document]:
     """Read one source into Documents; raise UserError on anything the user must fix.
+
+    meta_fields: jsonl fields / csv columns copied into each Document's meta (a csv document: from its
+    first row); a record without one simply lacks it.
 
     Documents whose gold side is empty are dropped (nothing to learn from them);
     a source left with no document at all is an error, since it almost always
@@ -87,9 +92,9 @@ def read_documents(
     if fmt == "text":
         docs = _read_text_docs(path)
     elif fmt == "jsonl":
-        docs = _read_jsonl(_require_file(path, fmt), input_field, output_field, id_field)
+        docs = _read_jsonl(_require_file(path, fmt), input_field, output_field, id_field, meta_fields)
     elif fmt == "csv":
-        docs = _read_csv(_require_file(path, fmt), input_field, output_field, text_field, id_field)
+        docs = _read_csv(_require_file(path, fmt), input_field, output_field, text_field, id_field, meta_fields)
     elif fmt == "icdar":
         docs = _read_icdar(path)
     else:
@@ -190,18 +195,19 @@ def _read_text_docs(path: Path) -> list[Document]:
 # --------------------------------------------------------------------------- jsonl
 
 
-def _read_jsonl(path: Path, input_field: str, output_field: str, id_field: str | None) -> list[Document]:
+def _read_jsonl(path: Path, input_field: str, output_field: str, id_field: str | None,
+                meta_fields: Sequence[str] = ()) -> list[Document]:
     """One Document per JSON line; a line without `input_field` is clean text."""
     docs, seen = [], set()
     for lineno, line in enumerate(_lines(_read_text(path)), 1):
-        doc = jsonl_document(line, lineno, path, input_field, output_field, id_field, seen)
+        doc = jsonl_document(line, lineno, path, input_field, output_field, id_field, seen, meta_fields)
         if doc is not None:
             docs.append(doc)
     return docs
 
 
 def jsonl_document(line: str, lineno: int, path, input_field: str, output_field: str, id_field: str | None,
-                   seen: set) -> Document | None:
+                   seen: set, meta_fields: Sequence[str] = ()) -> Document | None:
     """One jsonl line (without its line end) as a Document, or None for a blank line; a bad line is a
     UserError naming path:lineno. `seen` holds the ids met so far (id_field). The one parser of a
     jsonl line: readers read whole files with it, prepare's pipeline reads pieces of big files."""
@@ -229,7 +235,7 @@ def jsonl_document(line: str, lineno: int, path, input_field: str, output_field:
             raise UserError(f"{path}:{lineno}: duplicate id {doc_id!r} in field {id_field!r}; ids must be unique")
         seen.add(doc_id)
     segments = _line_segments(output) if inp is None else [Segment(inp, output)]
-    return Document(doc_id, segments, {"line": lineno})
+    return Document(doc_id, segments, {"line": lineno, **{k: obj[k] for k in meta_fields if k in obj}})
 
 
 def _json_str(obj: dict, key: str, path: Path, lineno: int, *, required: bool) -> str | None:
@@ -269,7 +275,8 @@ def _text_or_error(value: str, key: str, path: Path, lineno: int) -> str:
 
 
 def _read_csv(
-    path: Path, input_field: str, output_field: str, text_field: str, id_field: str | None
+    path: Path, input_field: str, output_field: str, text_field: str, id_field: str | None,
+    meta_fields: Sequence[str] = (),
 ) -> list[Document]:
     """Rows grouped into Documents by id column (BLN600: one row per sentence).
 
@@ -297,7 +304,9 @@ def _read_csv(
         id_col = _column(header, id_field, "id_field", path)
     else:
         id_col = header.index(_BLN_ID) if _BLN_ID in header else None
-    need = max(c for c in (in_col, out_col, id_col) if c is not None)
+    meta_cols = {name: _column(header, name, "meta_fields", path) for name in meta_fields}
+    need = max(c for c in (in_col, out_col, id_col, *meta_cols.values()) if c is not None)
+    meta: dict[str, dict] = {}
 
     groups: dict[str, list[tuple[str | None, str]]] = {}
     first_row: dict[str, int] = {}
@@ -314,11 +323,14 @@ def _read_csv(
                 )
             doc_id = row[id_col] if id_col is not None else str(rowno)
             groups.setdefault(doc_id, []).append((None if clean else row[in_col], row[out_col]))
+            if doc_id not in first_row:
+                meta[doc_id] = {name: row[c] for name, c in meta_cols.items()}
             first_row.setdefault(doc_id, rowno)
     except csv.Error as e:
         raise UserError(f"{path}:{reader.line_num}: bad CSV ({e}); check quoting") from None
     return [
-        Document(doc_id, _rows_to_segments(rows), {"row": first_row[doc_id]}) for doc_id, rows in groups.items()
+        Document(doc_id, _rows_to_segments(rows), {"row": first_row[doc_id], **meta[doc_id]})
+        for doc_id, rows in groups.items()
     ]
 
 

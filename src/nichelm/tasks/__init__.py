@@ -24,21 +24,37 @@ TASK_TYPES: dict[str, type[Task]] = {"correction": CorrectionTask, "classificati
 DEFAULT_TYPE = "correction"       # task.json and project files from before task types
 
 
-def get_task(config, where: str = "task") -> Task:
+def get_task(config, where: str = "task", prefix: str = "") -> Task:
     """The task a config describes: a task.json / [task] table dict, a dataclass such as
     config.TaskConfig (its fields), or a Task (returned as it is). No "type": correction.
-    `where` (e.g. "project.toml: [task]") starts every error message."""
+    `where` (e.g. "project.toml: [task]") starts every error message; `prefix` ("task.") goes before
+    the keys they name."""
     if isinstance(config, Task):
         return config
+    given = None
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                  if not f.metadata.get("internal")}
+        given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                 if not f.metadata.get("internal")}
+        config = given
     if not isinstance(config, dict):
         raise UserError(f"{where}: a task is a table of settings, not {type(config).__name__}")
     kind = config.get("type", DEFAULT_TYPE)
     if kind not in TASK_TYPES:
-        raise UserError(f"{where}: 'type' is {kind!r}; use one of {', '.join(TASK_TYPES)}")
-    return TASK_TYPES[kind].from_json(config, where)
+        raise UserError(f"{where}: '{prefix}type' is {kind!r}; use one of {', '.join(TASK_TYPES)}")
+    cls = TASK_TYPES[kind]
+    if given is not None:           # a settings dataclass holds every type's fields: keep this type's own
+        known = {f.name for f in dataclasses.fields(cls)}
+        config = {k: v for k, v in given.items() if k in known or k == "type"}
+    return cls.from_json(config, where, prefix)
 
 
-__all__ = ["Task", "CorrectionTask", "ClassificationTask", "TASK_TYPES", "get_task"]
+def task_fingerprint(task: Task) -> dict:
+    """The task's settings as a project fingerprint holds them: task.json without "type" for the default
+    type, so runs prepared before task types keep their fingerprint (and their data)."""
+    d = task.to_json()
+    if d["type"] == DEFAULT_TYPE:
+        del d["type"]
+    return d
+
+
+__all__ = ["Task", "CorrectionTask", "ClassificationTask", "TASK_TYPES", "get_task", "task_fingerprint"]

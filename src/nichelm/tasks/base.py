@@ -28,12 +28,24 @@ from nichelm.data.readers import Document, pair_segments_to_windows
 from nichelm.errors import UserError
 
 
+# The model card's note on encoding user text (every task's prompt is built the same way)
+USAGE_INTRO = [
+    "## Usage", "",
+    "The markers are special tokens, and a tokenizer matches special tokens inside any text it is "
+    "given: `tok(template.format(input=text))` turns a marker string quoted in the text into the "
+    "marker itself, and the model then reads a different prompt. So build the prompt from the "
+    "markers' ids and the text encoded with `split_special_tokens=True` (task.json: "
+    "`\"user_text_encoding\": \"split_special_tokens\"`); `text` is one window:", ""]
+
+
 @dataclasses.dataclass
 class Task:
     """Fields every task has; subclasses add their own (dataclass fields) and set `type`/`decoding`."""
 
     type: ClassVar[str] = ""
     decoding: ClassVar[str] = "free"          # "free": text up to end_marker | "labels": one of a fixed set
+    # outputs are text (deduped against train like inputs), not one of a few labels every split shares
+    text_outputs: ClassVar[bool] = True
 
     name: str = "task"
     prompt_template: str = "### Text ###\n{input}\n### Output ###\n"
@@ -78,6 +90,11 @@ class Task:
         """(input, output) pairs of one document; input None: clean text, noise is made later."""
         raise NotImplementedError
 
+    def valued_examples(self, doc: Document) -> list[tuple[str | None, str, float | None]]:
+        """examples() with the number behind each output, where there is one (banded labels: the value the
+        label is the band of, which evaluate correlates with); None elsewhere."""
+        return [(i, o, None) for i, o in self.examples(doc)]
+
     def windows(self, doc: Document):
         """The document cut into windows of at most window_chars output characters (readers' rule)."""
         return pair_segments_to_windows(doc, self.window_chars)
@@ -97,6 +114,17 @@ class Task:
     def metrics(self, predictions: Sequence[str], references: Sequence[str], **extra) -> dict:
         raise NotImplementedError
 
+    # ------------------------------------------------------------ model card (nichelm export)
+
+    def card(self, prompt_code: str) -> list[str]:
+        """The model card's "Prompt format" and "Usage" sections (markdown lines). `prompt_code`: Python
+        computing the prompt ids `ids` of one window `text` with transformers' tokenizer `tok`."""
+        raise NotImplementedError
+
+    def card_metrics(self, report: dict) -> list[str]:
+        """The model card's evaluation lines, from RUN/eval/report.json (written by nichelm evaluate)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------ task.json
 
     def to_json(self) -> dict:
@@ -107,40 +135,59 @@ class Task:
         return {**self.extra, **d}
 
     @classmethod
-    def from_json(cls, d: dict, where: str = "task") -> "Task":
-        """The task a task.json (or a project file's [task] table) describes; `where` names it in errors."""
+    def from_json(cls, d: dict, where: str = "task", prefix: str = "") -> "Task":
+        """The task a task.json (or a project file's [task] table) describes; `where` names it in errors,
+        `prefix` goes before the keys they name."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known and k != "type"}
         for f in dataclasses.fields(cls):
             if f.name in kwargs:
-                kwargs[f.name] = _typed(kwargs[f.name], f, where)
+                kwargs[f.name] = _typed(kwargs[f.name], f, where, prefix)
         task = cls(**kwargs, extra=extra)
-        task.check(where)
+        task.check(where, prefix)
         return task
 
-    def check(self, where: str = "task") -> None:
-        """One-line UserError for a template or marker prepare and train could not use."""
+    def check(self, where: str = "task", prefix: str = "") -> None:
+        """One-line UserError for a template or marker prepare and train could not use. `prefix` goes
+        before every key a message names ("task." in a project file: 'task.prompt_template')."""
+        template, end = f"'{prefix}prompt_template'", f"'{prefix}end_marker'"
         try:
             self.prompt_template.format(input="")
         except (KeyError, IndexError, ValueError) as e:
-            raise UserError(f"{where}: 'prompt_template' must contain {{input}} and no other {{...}} field "
+            raise UserError(f"{where}: {template} must contain {{input}} and no other {{...}} field "
                             f"(write {{{{ and }}}} for literal braces): {type(e).__name__} {e}") from None
         if self.prompt_template.count("{input}") != 1:
-            raise UserError(f"{where}: 'prompt_template' must contain {{input}} exactly once")
+            raise UserError(f"{where}: {template} must contain {{input}} exactly once")
         try:
             markers = tokmod.template_markers(self.prompt_template)
         except ValueError:
-            raise UserError(f"{where}: 'prompt_template' needs a marker before and after {{input}}, e.g. "
-                            "\"### Text ###\\n{input}\\n### Label ###\\n\"") from None
-        if not self.end_marker.strip() or self.end_marker in markers or min(map(len, (*markers, self.end_marker))) < 2:
-            raise UserError(f"{where}: markers {(*markers, self.end_marker)!r} must be distinct and at least two "
-                            "characters long; change 'prompt_template' or 'end_marker'")
-        if self.window_chars < 1:
-            raise UserError(f"{where}: 'window_chars' is {self.window_chars}; give a positive number of characters")
+            raise UserError(f"{where}: {template} needs a marker before and after {{input}}, e.g. "
+                            "\"### Text ###\\n{input}\\n### Output ###\\n\"") from None
+        if not self.end_marker.strip():
+            raise UserError(f"{where}: {end} is {self.end_marker!r}; give a marker of its own, e.g. \"<|endoftext|>\"")
+        if self.end_marker in markers or markers[0] == markers[1]:
+            raise UserError(f"{where}: markers {(*markers, self.end_marker)!r} must be distinct; change "
+                            f"{template} or {end}")
+        for key, marker in ((template, markers[0]), (template, markers[1]), (end, self.end_marker)):
+            if len(marker) < 2:       # one character is also a byte of ordinary text: the tokenizer cannot tell them apart
+                raise UserError(f"{where}: {key} uses the one-character marker {marker!r}; markers need at least "
+                                "two characters, e.g. \"### Text ###\"")
+        if isinstance(self.window_chars, int) and self.window_chars < 1:
+            raise UserError(f"{where}: '{prefix}window_chars' is {self.window_chars}; it must be at least 1 "
+                            "(characters per example window)")
+
+    # ------------------------------------------------------------ read access as a task.json dict
+
+    def __getitem__(self, key: str):
+        """task["end_marker"]: the task.json view, for callers written when a task was a dict."""
+        return self.to_json()[key]
+
+    def get(self, key: str, default=None):
+        return self.to_json().get(key, default)
 
 
-def _typed(value: Any, f: dataclasses.Field, where: str) -> Any:
+def _typed(value: Any, f: dataclasses.Field, where: str, prefix: str = "") -> Any:
     """A task.json value checked against its field's type (str, int, float, bool, list, dict)."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     want = {"str": str, "int": int, "float": (int, float), "bool": bool}.get(kind.split(" ")[0])
@@ -152,5 +199,5 @@ def _typed(value: Any, f: dataclasses.Field, where: str) -> Any:
     if value is None and "None" in kind:
         ok = True
     if not ok:
-        raise UserError(f"{where}: '{f.name}' is {value!r}; give a value of type {kind}")
+        raise UserError(f"{where}: '{prefix}{f.name}' is {value!r}; give a value of type {kind}")
     return value

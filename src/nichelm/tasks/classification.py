@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -25,7 +26,7 @@ from nichelm.data import tokenizer as tokmod
 from nichelm.data.readers import Document
 from nichelm.errors import UserError
 from nichelm.metrics import char_distance
-from nichelm.tasks.base import Task
+from nichelm.tasks.base import USAGE_INTRO, Task
 
 WINDOW_CER = "window_cer"        # label_field: the window's own CER (paired documents)
 TEXT_SIDES = ("input", "output")
@@ -41,6 +42,7 @@ class Labelled(NamedTuple):
 class ClassificationTask(Task):
     type = "classification"
     decoding = "labels"
+    text_outputs = False
 
     name: str = "classification"
     prompt_template: str = "### Text ###\n{input}\n### Label ###\n"
@@ -56,30 +58,30 @@ class ClassificationTask(Task):
         if self.bands is not None:
             self.ordered = True
 
-    def check(self, where: str = "task") -> None:
-        super().check(where)
+    def check(self, where: str = "task", prefix: str = "") -> None:
+        super().check(where, prefix)
         if not self.labels:
-            raise UserError(f"{where}: 'labels' is empty; list the labels, e.g. labels = [\"yes\", \"no\"]")
+            raise UserError(f"{where}: '{prefix}labels' is empty; list the labels, e.g. labels = [\"yes\", \"no\"]")
         if not all(isinstance(x, str) and x.strip() for x in self.labels):
-            raise UserError(f"{where}: 'labels' {self.labels!r} must be non-blank strings")
+            raise UserError(f"{where}: '{prefix}labels' {self.labels!r} must be non-blank strings")
         dup = [x for x, n in Counter(self.labels).items() if n > 1]
         if dup:
-            raise UserError(f"{where}: label {dup[0]!r} appears twice in 'labels'; give each label once")
+            raise UserError(f"{where}: label {dup[0]!r} appears twice in '{prefix}labels'; give each label once")
         if self.bands is not None:
             if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.bands):
-                raise UserError(f"{where}: 'bands' {self.bands!r} must be numbers (the edges between labels)")
+                raise UserError(f"{where}: '{prefix}bands' {self.bands!r} must be numbers (the edges between labels)")
             if len(self.bands) != len(self.labels) - 1 or any(b >= c for b, c in zip(self.bands, self.bands[1:])):
-                raise UserError(f"{where}: 'bands' needs {len(self.labels) - 1} ascending edges for "
+                raise UserError(f"{where}: '{prefix}bands' needs {len(self.labels) - 1} ascending edges for "
                                 f"{len(self.labels)} labels (got {self.bands!r})")
         if self.text not in TEXT_SIDES:
-            raise UserError(f"{where}: 'text' is {self.text!r}; use one of {', '.join(TEXT_SIDES)}")
+            raise UserError(f"{where}: '{prefix}text' is {self.text!r}; use one of {', '.join(TEXT_SIDES)}")
 
     # ------------------------------------------------------------ examples
 
     def label_of(self, value) -> str:
         """The label of a metadata value: its band with `bands`, else the value itself (must be a label)."""
         if self.bands is not None:
-            return self.labels[bisect.bisect_right(self.bands, float(value))]
+            return self.labels[bisect.bisect_right(self.bands, number(value))]
         label = str(value)
         if label not in self.labels:
             raise ValueError(f"label {label!r} is not one of {self.labels}")
@@ -105,12 +107,14 @@ class ClassificationTask(Task):
                 raise UserError(f"document {doc.doc_id!r}: field {self.label_field!r} = {value!r}: {e}; "
                                 "fix the data or task.labels / task.bands") from None
             text = w.input if self.text == "input" and w.input is not None else w.output
-            number = float(value) if self.bands is not None else None
-            out.append(Labelled(text, label, number))
+            out.append(Labelled(text, label, number(value) if self.bands is not None else None))
         return out
 
     def examples(self, doc: Document) -> list[tuple[str, str]]:
         return [(x.text, x.label) for x in self.labelled(doc)]
+
+    def valued_examples(self, doc: Document) -> list[tuple[str, str, float | None]]:
+        return [(x.text, x.label, x.value) for x in self.labelled(doc)]
 
     # ------------------------------------------------------------ decoding
 
@@ -127,6 +131,61 @@ class ClassificationTask(Task):
 
     def postprocess(self, text: str) -> str:
         return text.strip()
+
+    # ------------------------------------------------------------ model card
+
+    def describe(self) -> str:
+        """What the labels mean, in a sentence."""
+        source = ("the measured character error rate of the OCR text against its gold text"
+                  if self.label_field == WINDOW_CER else f"the documents' `{self.label_field}` field")
+        how = (f"the band of {source} (edges {', '.join(f'{b:g}' for b in self.bands)})" if self.bands is not None
+               else source)
+        return f"one label of {', '.join(f'`{x}`' for x in self.labels)}: {how}"
+
+    def card(self, prompt_code: str) -> list[str]:
+        return ["## Task", "",
+                f"Classification: the model reads at most ~{self.window_chars} characters of "
+                f"{'the OCR' if self.text == 'input' else 'the'} text and answers {self.describe()}.", "",
+                "## Prompt format", "",
+                "The model reads the prompt below with `{input}` replaced by one window of text, then writes "
+                f"a label and the end marker `{self.end_marker}`. Do not generate freely: score every label "
+                "(its tokens followed by the end marker, teacher-forced after the prompt) and take the "
+                "highest total log-probability, so the answer is always one of the labels. A longer text is "
+                "cut into windows and its label is the best sum of the windows' scores (`nichelm apply` and "
+                "`nichelm.load(PATH).classify(texts)` do both).", "",
+                "```", self.prompt_template.rstrip("\n"), "```", "",
+                "`task.json` holds the template, the end marker and the labels for programs.", "",
+                *USAGE_INTRO,
+                "```python", "import torch",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                "tok = AutoTokenizer.from_pretrained(PATH)",
+                "model = AutoModelForCausalLM.from_pretrained(PATH)",
+                f"labels = {self.labels!r}",
+                prompt_code,
+                "def score(label):",
+                "    cont = tok(label, split_special_tokens=True).input_ids + [tok.eos_token_id]",
+                "    x = torch.tensor([ids + cont])",
+                "    with torch.no_grad():",
+                "        logp = model(x).logits[0, len(ids) - 1:-1].log_softmax(-1)",
+                "    return logp.gather(1, torch.tensor(cont)[:, None]).sum().item()",
+                "print(max(labels, key=score))", "```", "",
+                "Or with nichelm: `nichelm apply --model PATH --input records.jsonl --output labelled/` "
+                "(adds a label field to each record).", ""]
+
+    def card_metrics(self, report: dict) -> list[str]:
+        m = report.get("metrics") or {}
+        lines = [f"Held-out test documents ({report.get('n_documents', '?')}), {m.get('n', '?')} windows; "
+                 "the baselines are trained and scored on the same split.", "",
+                 "| model | accuracy | macro-F1 |" + (" Spearman |" if self.ordered else ""),
+                 "|---|---|---|" + ("---|" if self.ordered else "")]
+        rows = [("this model", m), *((f"baseline: {k}", v) for k, v in (report.get("baselines") or {}).items())]
+        for name, r in rows:
+            if "accuracy" not in r:
+                continue
+            rho = r.get("spearman")
+            lines.append(f"| {name} | {100 * r['accuracy']:.1f}% | {r['macro_f1']:.3f} |"
+                         + ((f" {rho:.3f} |" if rho is not None else " – |") if self.ordered else ""))
+        return lines
 
     # ------------------------------------------------------------ metrics
 
@@ -154,6 +213,20 @@ class ClassificationTask(Task):
         if self.ordered and values is not None:
             out["spearman"] = spearman([self.labels.index(p) for p in predictions], values)
         return out
+
+
+_LEADING_NUMBER = re.compile(r"\s*([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+
+
+def number(value) -> float:
+    """A metadata value as the number bands are cut on: a number, or a string starting with one (a date
+    "1882-05-27" gives its year, 1882; a CSV cell "0.031" gives 0.031)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = _LEADING_NUMBER.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError("not a number, nor text starting with one")
+    return float(m[1])
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:

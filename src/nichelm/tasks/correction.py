@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from nichelm.data.readers import Document
 from nichelm.metrics import score_pairs
-from nichelm.tasks.base import Task
+from nichelm.tasks.base import USAGE_INTRO, Task
 
 
 @dataclasses.dataclass
@@ -43,6 +43,37 @@ class CorrectionTask(Task):
             before = score_pairs(zip(inputs, references))
             out.update(cer_before=before.cer, wer_before=before.wer)
         return out
+
+    def card(self, prompt_code: str) -> list[str]:
+        return ["## Prompt format", "",
+                "The model reads the prompt below with `{input}` replaced by at most "
+                f"~{self.window_chars} characters of text, writes its output, then the end "
+                f"marker `{self.end_marker}`. Decode greedily. Longer texts must be cut into windows "
+                "(`nichelm apply` does this, and keeps the input where the output drifts too far).", "",
+                "```", self.prompt_template.rstrip("\n"), "```", "",
+                "`task.json` holds the template and end marker for programs.", "",
+                *USAGE_INTRO,
+                "```python", "import torch",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                "tok = AutoTokenizer.from_pretrained(PATH)",
+                "model = AutoModelForCausalLM.from_pretrained(PATH)",
+                prompt_code,
+                "x = torch.tensor([ids])",
+                "out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2 * len(ids),",
+                "                     do_sample=False)",
+                "print(tok.decode(out[0, len(ids):], skip_special_tokens=True))", "```", "",
+                "Or with nichelm: `nichelm apply --model PATH --input texts/ --output corrected/`.", ""]
+
+    def card_metrics(self, report: dict) -> list[str]:
+        rows = [("CER (corpus)", "cer_before", "cer_after"), ("WER (corpus)", "wer_before", "wer_after")]
+        lines = [f"Held-out test split, {report.get('n_examples', '?')} examples.", "",
+                 "| metric | input | model output |", "|---|---|---|"]
+        for name, before, after in rows:
+            if before in report and after in report:
+                lines.append(f"| {name} | {100 * report[before]:.2f}% | {100 * report[after]:.2f}% |")
+        if "worse_fraction" in report:
+            lines.append(f"| share of examples made worse | | {100 * report['worse_fraction']:.1f}% |")
+        return lines
 
     def to_json(self) -> dict:
         d = super().to_json()
