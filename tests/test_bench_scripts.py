@@ -126,3 +126,54 @@ def test_apply_e2e_smoke_on_cpu(tiny_run, tmp_path):
     assert len(chunks) == inp["windows"]
     kinds = {c.kept_input for c in corrector.correct_windows(chunks) if c.source.strip()}
     assert {"", "hit_limit"} <= kinds, kinds
+
+
+def test_task_bln600_runs_a_task_end_to_end_and_reports_its_evaluation(tmp_path):
+    """bench/task_bln600.py at a tiny step budget on a BLN600-layout CSV made here (the real one is in
+    ../shared): prepare, train and evaluate run as the commands it prints; steps and tokens are what the
+    budget gives; the figures are evaluate's report.json, model beside both baselines; a project whose
+    data is absent is skipped with the reason, not failed."""
+    import csv
+    import json
+
+    from tests.conftest import SENTENCES
+    bench = _import("task_bln600")
+    data = tmp_path / "bln.csv"
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Sample ID", "Date", "Publication", "OCR Text", "Ground Truth", "CER"])
+        for doc in range(24):                       # 3 lines a document, its decade named in its text
+            for line in range(3):
+                gold = f"{SENTENCES[(doc + line) % len(SENTENCES)]} In the year {1835 + 10 * (doc % 4)}, No. {doc}."
+                ocr = gold.replace("e", "c", doc % 3)           # CER from 0 to a few % per line
+                w.writerow([str(9000 + doc), f"{1835 + 10 * (doc % 4)}-05-27", "Gazette", ocr, gold, 0.0])
+    project = tmp_path / "dating.toml"
+    project.write_text(
+        'run_dir = "unused"\nseed = 7\n[task]\ntype = "classification"\nname = "tiny-dating"\n'
+        'prompt_template = "### Text ###\\n{input}\\n### Decade ###\\n"\nwindow_chars = 120\n'
+        'labels = ["1830s", "1840s", "1850s", "1860s"]\nbands = [1840, 1850, 1860]\nlabel_field = "Date"\n'
+        'text = "input"\n[[sources]]\nname = "bln"\npath = "bln.csv"\nformat = "csv"\nrole = "pairs"\n'
+        'meta_fields = ["Date"]\n[split]\nval_fraction = 0.2\ntest_fraction = 0.2\n[tokenizer]\nvocab_size = 320\n'
+        '[model]\narch = "llama"\npreset = "nano"\nblock_size = 64\n[train]\nbatch_size = 4\neval_every = 100\n')
+    absent = tmp_path / "absent.toml"
+    absent.write_text(project.read_text().replace('path = "bln.csv"', 'path = "shared/none.csv"'))
+
+    done, skipped = bench.main([str(project), str(absent), "--work", str(tmp_path / "work"), "--minutes", "0",
+                                "--steps", "3"])
+    assert "shared/none.csv is absent" in skipped["skipped"] and "test" not in skipped
+    assert "error" not in done, done.get("stages")
+    assert all(s["rc"] == 0 and s["cpu_s"] > 0 for s in done["stages"].values())
+    assert done["commands"][1].endswith("--set train.max_minutes=0.0 --set train.max_steps=3")
+    assert done["train"]["steps"] == 3 and done["train"]["tokens"] == 3 * 4 * 64
+    assert done["model"]["preset"] == "nano" and done["model"]["params"] > 100_000
+    report = json.loads((tmp_path / "work" / "dating" / "eval" / "report.json").read_text())
+    test = done["test"]
+    assert test["windows"] == report["n_examples"] > 0
+    assert test["model"]["accuracy"] == report["metrics"]["accuracy"]
+    assert test["model"]["macro_f1"] == report["metrics"]["macro_f1"]
+    assert test["tfidf_logreg"]["accuracy"] == report["baselines"]["tfidf_logreg"]["accuracy"]
+    assert test["majority"]["accuracy"] == report["baselines"]["majority"]["accuracy"]
+    docs = done["test_by_document"]                   # a date per document: documents are scored too
+    assert docs["model"]["accuracy"] == report["by_document"]["metrics"]["accuracy"]
+    assert done["model_beats_tfidf_logreg"]["accuracy"] == (test["model"]["accuracy"]
+                                                          > test["tfidf_logreg"]["accuracy"])
