@@ -12,7 +12,7 @@ import pytest
 
 from nichelm.evaluate import per_example_scores, score_corrections
 from nichelm.metrics import char_distance
-from nichelm.report import excerpt, read_metrics, render_html, write_report_html
+from nichelm.report import SHOWN_LABEL_EXAMPLES, excerpt, read_metrics, render_html, write_report_html
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "screenshot_report.py"
@@ -218,3 +218,104 @@ def test_perplexity_only_report_renders_its_section_alone(tmp_path):
     path = write_report_html({"perplexity": _perplexity({"news": 1.0})}, tmp_path / "report.html")
     page = path.read_text(encoding="utf-8")
     assert "Specialized perplexity" in page and "2.718" in page and "CER (corpus)" not in page
+
+
+# --------------------------------------------------------------------------- label tasks (evaluate_labels)
+
+QUALITY = ["<1%", "1–3%", "3–10%", "≥10% & worse"]      # label text that must come out escaped
+
+
+def make_label_report() -> dict:
+    """A report shaped like evaluate_labels', its figures computed by the task's own metrics and baselines."""
+    from nichelm.tasks import ClassificationTask
+    from nichelm.tasks.baselines import majority
+    task = ClassificationTask(name="quality", labels=QUALITY, bands=[0.01, 0.03, 0.1], label_field="window_cer")
+    refs = [QUALITY[i] for i in (0, 0, 0, 1, 1, 1, 2, 2, 3, 3)]
+    preds = [QUALITY[i] for i in (0, 1, 0, 1, 2, 1, 2, 3, 3, 0)]
+    values = [0.001, 0.005, 0.008, 0.012, 0.02, 0.025, 0.05, 0.08, 0.2, 0.4]
+    tfidf = [QUALITY[i] for i in (0, 0, 1, 1, 1, 1, 1, 2, 3, 3)]
+    docs = [f"d{i // 2}" for i in range(10)]
+    doc_refs, doc_preds = refs[::2], [QUALITY[i] for i in (0, 1, 1, 2, 0)]
+    return {"task": task.to_json(), "decoding": "labels", "unit": "window", "n_examples": 10, "n_documents": 5,
+            "sample": {"split": "test", "windows_in_split": 14, "windows": 10, "max_windows": 10, "seed": 0},
+            "metrics": task.metrics(preds, refs, values=values),
+            "baselines": {"majority": majority(task, refs[:6], refs, values),
+                          "tfidf_logreg": {**task.metrics(tfidf, refs, values=values), "C": 4.0}},
+            "by_document": {"metrics": task.metrics(doc_preds, doc_refs, values=values[::2]),
+                            "baselines": {"majority": majority(task, refs[:6], doc_refs, values[::2]),
+                                          "tfidf_logreg": task.metrics(tfidf[::2], doc_refs, values=values[::2])}},
+            "seconds": 2.0, "windows_per_s": 5.0,
+            "examples": [{"id": d, "input": f"window {i} <script>x</script> & more", "reference": r, "output": p}
+                         for i, (d, r, p) in enumerate(zip(docs, refs, preds))]}
+
+
+def score_row(name: str, m: dict) -> str:
+    rho = "n/a" if m["spearman"] is None else f"{m['spearman']:.4f}"      # a constant answer has no rank correlation
+    return f"<tr><td>{name}</td><td>{100 * m['accuracy']:.2f}%</td><td>{m['macro_f1']:.4f}</td><td>{rho}</td></tr>"
+
+
+def test_label_report_shows_the_scores_confusion_and_examples_escaped(tmp_path):
+    report = make_label_report()
+    page = write_report_html(report, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert not EXTERNAL.search(page) and "<script" not in page and "CER (corpus)" not in page
+    # the label text, escaped everywhere (task table, confusion headers, examples), never raw
+    assert "<1%" not in page and "&lt;1%" in page and "≥10% &amp; worse" in page and "& worse" not in page
+    assert "<td>&lt;1%</td><td>&lt; 0.01</td><td>3</td><td>3</td>" in page      # band, true and predicted counts
+    assert "<td>≥10% &amp; worse</td><td>&ge; 0.1</td><td>2</td><td>2</td>" in page
+    # the figures of report.json: model and baselines per window, then per document
+    windows, documents = page.split("Scores per document")
+    m, b = report["metrics"], report["baselines"]
+    assert score_row("this model", m) in windows
+    assert score_row("baseline majority (always &lt;1%)", b["majority"]) in windows
+    assert score_row("baseline tfidf_logreg (C = 4)", b["tfidf_logreg"]) in windows
+    d = report["by_document"]
+    assert score_row("this model", d["metrics"]) in documents
+    assert score_row("baseline tfidf_logreg", d["baselines"]["tfidf_logreg"]) in documents
+    # confusion matrices: rows true, columns predicted, per window then per document
+    assert m["confusion"][0] == [2, 1, 0, 0] and m["confusion"][3] == [1, 0, 0, 1]
+    confusion_w = page.split("Confusion matrix of the model, per window")[1].split("Confusion matrix")[0]
+    assert "<th>true &darr; predicted &rarr;</th><th>&lt;1%</th><th>1–3%</th>" in confusion_w
+    assert "<tr><td>&lt;1%</td><td><b>2</b></td><td>1</td><td>0</td><td>0</td></tr>" in confusion_w
+    assert "<tr><td>≥10% &amp; worse</td><td>1</td><td>0</td><td>0</td><td><b>1</b></td></tr>" in confusion_w
+    confusion_d = page.split("Confusion matrix of the model, per document")[1]
+    assert "<tr><td>&lt;1%</td><td><b>1</b></td><td>1</td><td>0</td><td>0</td></tr>" in confusion_d
+    assert "<tr><td>≥10% &amp; worse</td><td>1</td><td>0</td><td>0</td><td><b>0</b></td></tr>" in confusion_d
+    # example windows: the misclassified first, with their true and predicted labels, the text escaped
+    shown = page.split("Example windows")[1]
+    assert shown.count('class="example"') == 2 * SHOWN_LABEL_EXAMPLES
+    assert re.search(r"d0</b> &middot; true <b>&lt;1%</b> &middot; predicted <b>1–3%</b>.*?wrong", shown)
+    assert shown.index(">wrong<") < shown.index(">right<")
+    assert "window 1 &lt;script&gt;x&lt;/script&gt; &amp; more" in shown
+
+
+def test_label_report_without_documents_spearman_or_examples(tmp_path):
+    """Windows of mixed labels (no per-document scores), unordered labels (no Spearman), no stored examples."""
+    from nichelm.tasks import ClassificationTask
+    task = ClassificationTask(labels=["yes", "no"])
+    m = task.metrics(["yes", "no", "no"], ["yes", "yes", "no"])
+    page = render_html({"task": task.to_json(), "decoding": "labels", "metrics": m, "n_examples": 3,
+                        "baselines": {"majority": {**task.metrics(["yes"] * 3, ["yes", "yes", "no"]), "label": "yes"}}})
+    assert "Scores per document" not in page and "Spearman" not in page and "Example windows" not in page
+    assert f"<tr><td>this model</td><td>66.67%</td><td>{m['macro_f1']:.4f}</td></tr>" in page
+
+
+def test_evaluate_labels_writes_the_page_of_its_report(tmp_path):
+    """`nichelm evaluate` on a classification run writes report.html beside report.json, with its figures."""
+    from nichelm.config import Project
+    from nichelm.evaluate import evaluate_project
+    from tests.test_task_stages import label_run, write_split
+    run = label_run(tmp_path / "run")
+    write_metrics(run)                                   # the run's loss curve goes on the page
+    for split, n, offset in (("train", 12, 0), ("val", 4, 100), ("test", 4, 200)):
+        write_split(run / "data" / f"examples.{split}.jsonl", n, offset)
+    project = Project(run_dir=str(run))
+    project.eval.max_examples = 0
+    report = evaluate_project(project)
+    page = (run / "eval" / "report.html").read_text(encoding="utf-8")
+    assert report == json.loads((run / "eval" / "report.json").read_text())
+    assert score_row("this model", report["metrics"]) in page
+    assert score_row("this model", report["by_document"]["metrics"]) in page.split("Scores per document")[1]
+    assert f"(C = {report['baselines']['tfidf_logreg']['C']:g})" in page
+    assert "<th>true &darr; predicted &rarr;</th><th>1830s</th><th>1840s</th>" in page
+    assert "Training" in page and len(DATA_URI.findall(page)) == 1          # the loss curve
+    assert "Example windows" in page and not EXTERNAL.search(page)

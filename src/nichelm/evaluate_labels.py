@@ -8,7 +8,7 @@ logistic regression (tasks.baselines), trained on the train split (C chosen on v
 same windows, so the report says whether the model beats them. Where every document's windows share one
 label (e.g. a date), documents are scored too: the model by the sum of its windows' label scores, the
 TF-IDF baseline by a vote of its windows. eval.max_examples caps the test windows (whole documents,
-drawn with the project seed). Writes RUN/eval/report.json.
+drawn with the project seed). Writes RUN/eval/report.json and report.html (nichelm.report).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from nichelm.config import Project
 from nichelm.errors import UserError
 from nichelm.io import atomic_write_json
+from nichelm.report import write_report_html
 from nichelm.tasks import baselines
 from nichelm.tasks.classification import ClassificationTask, by_document
 
@@ -127,6 +128,7 @@ def evaluate_labels(project: Project, task: ClassificationTask, device: str = "c
                    "examples": [{"id": r["doc_id"], "input": r["input"], "reference": r["output"], "output": p}
                                 for r, p in zip(rows[:50], predicted[:50])]})
     atomic_write_json(run / "eval" / "report.json", report)
+    write_report_html(report, run / "eval" / "report.html", run_dir=run)
     return report
 
 

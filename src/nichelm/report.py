@@ -12,7 +12,9 @@ per-example CER change, the worst and best examples with the model's edits and
 the remaining errors marked, and the per-example table; the specialized perplexity when
 `evaluate --perplexity` has run (that section alone when nothing else was evaluated); when the
 run selected generic text (`nichelm select`), the selection section, which select also writes as
-a page of its own.
+a page of its own. A label task's report (classification, nichelm.evaluate_labels) gets its own sections
+instead of the CER ones: the task and its labels, the model beside the baselines, the confusion matrix
+and a few classified windows.
 """
 
 from __future__ import annotations
@@ -72,7 +74,11 @@ def render_html(report: dict, run_dir: Path | None = None) -> str:
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>{_e(title)}</h1>", _meta_line(report, run_dir)]
-    if "cer_before" in report:
+    if report.get("decoding") == "labels":  # a label task (evaluate_labels): the model beside the baselines
+        loss = run_dir is not None and read_metrics(Path(run_dir) / "metrics.jsonl")
+        parts += [label_sections(report), "<h2>Training</h2>" + _charts(report, run_dir) if loss else "",
+                  perplexity_section(report.get("perplexity")), _run_selection(run_dir)]
+    elif "cer_before" in report:
         parts += ["<h2>Corpus scores</h2>", _headline_table(report),
                   "<h2>Charts</h2>", _charts(report, run_dir),
                   "<h2>Per source</h2>", _source_table(report),
@@ -179,6 +185,101 @@ def perplexity_section(ppl: dict | None) -> str:
     return ("<h2>Specialized perplexity</h2>" + (f"<p class=\"meta\">{meta}</p>" if meta else "") +
             "<table><tr><th>domain / source</th><th>documents</th><th>tokens</th><th>perplexity</th>"
             f"<th>bits/byte</th></tr>{body}</table>{note}")
+
+
+# --------------------------------------------------------------------------- label tasks (evaluate_labels)
+
+SHOWN_LABEL_EXAMPLES = 3  # misclassified windows shown, and as many correct ones
+
+
+def label_sections(report: dict) -> str:
+    """A label task's report.json (nichelm.evaluate_labels): the task, the scores of the model and the
+    baselines on the same windows (and documents, when each document has one label), the model's
+    confusion matrices and a few windows with their true and predicted labels."""
+    task = report.get("task") or {}
+    labels = task.get("labels") or (report.get("metrics") or {}).get("labels") or []
+    sample = report.get("sample") or {}
+    facts = [("task", f"{_e(task.get('name'))} ({_e(task.get('type'))}), label from "
+                      f"<code>{_e(task.get('label_field'))}</code>, reading the {_e(task.get('text', 'input'))} text"),
+             ("test windows scored", f"{report.get('n_examples', 0):,} of {sample.get('windows_in_split', 0):,} "
+                                     f"in the split ({report.get('n_documents', 0):,} documents)")]
+    if report.get("windows_per_s"):
+        facts.append(("throughput", f"{report['windows_per_s']:,.1f} windows/s ({report['seconds']:.1f} s)"))
+    parts = ["<h2>Task</h2>", "<table>" + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in facts)
+             + "</table>", _label_table(labels, task.get("bands"), report.get("metrics") or {}),
+             "<h2>Scores per window</h2>", _label_scores(report)]
+    docs = report.get("by_document")
+    if docs:
+        parts += ["<h2>Scores per document</h2>", "<p class=\"note\">every window of a document has its label: "
+                  "the model sums its windows' label scores, TF-IDF + LR takes a vote of its windows</p>",
+                  _label_scores(docs)]
+    parts += ["<h2>Confusion matrix of the model, per window</h2>", _confusion_table(report.get("metrics") or {})]
+    if docs:
+        parts += ["<h2>Confusion matrix of the model, per document</h2>", _confusion_table(docs.get("metrics") or {})]
+    parts.append(_label_examples(report.get("examples") or []))
+    return "\n".join(p for p in parts if p)
+
+
+def _label_table(labels: list, bands: list | None, metrics: dict) -> str:
+    """Each label, the values it stands for (banded labels), and how many test windows have it / got it."""
+    confusion = metrics.get("confusion") or []
+    true = [sum(row) for row in confusion] if len(confusion) == len(labels) else None
+    predicted = [sum(col) for col in zip(*confusion)] if true else None
+    edges = [None, *bands, None] if bands and len(bands) == len(labels) - 1 else None
+
+    def band(i: int) -> str:
+        lo, hi = edges[i], edges[i + 1]
+        return f"&lt; {hi:g}" if lo is None else f"&ge; {lo:g}" if hi is None else f"{lo:g} to &lt; {hi:g}"
+    rows = "".join(f"<tr><td>{_e(label)}</td>" + (f"<td>{band(i)}</td>" if edges else "")
+                   + (f"<td>{true[i]:,}</td><td>{predicted[i]:,}</td>" if true else "") + "</tr>"
+                   for i, label in enumerate(labels))
+    head = ("<tr><th>label</th>" + ("<th>values</th>" if edges else "")
+            + ("<th>test windows</th><th>predicted by the model</th>" if true else "") + "</tr>")
+    return f"<table>{head}{rows}</table>"
+
+
+def _label_scores(part: dict) -> str:
+    """The model and each baseline: accuracy, macro-F1, Spearman (a column only where some row has it)."""
+    rows = [("this model", part.get("metrics") or {})]
+    for name, m in (part.get("baselines") or {}).items():
+        how = (f" (always {_e(m['label'])})" if "label" in m else f" (C = {m['C']:g})" if "C" in m else "")
+        rows.append((f"baseline {_e(name)}{how}", m))
+    with_rho = any("spearman" in m for _, m in rows)
+    body = "".join(f"<tr><td>{name}</td><td>{_pct(m.get('accuracy'))}</td><td>{_num(m.get('macro_f1'))}</td>"
+                   + (f"<td>{_num(m.get('spearman'))}</td>" if with_rho else "") + "</tr>" for name, m in rows)
+    n = (part.get("metrics") or {}).get("n", 0)
+    return (f"<table class=\"headline\"><tr><th>{n:,} scored</th><th>accuracy</th><th>macro-F1</th>"
+            + ("<th>Spearman</th>" if with_rho else "") + f"</tr>{body}</table>")
+
+
+def _confusion_table(metrics: dict) -> str:
+    """Rows: the true label; columns: the predicted one; the diagonal (correct answers) in bold."""
+    labels, confusion = metrics.get("labels") or [], metrics.get("confusion") or []
+    if not labels or len(confusion) != len(labels):
+        return "<p class=\"note\">no confusion matrix in report.json</p>"
+    head = "<tr><th>true &darr; predicted &rarr;</th>" + "".join(f"<th>{_e(x)}</th>" for x in labels) + "</tr>"
+    body = "".join(f"<tr><td>{_e(label)}</td>" + "".join(f"<td><b>{n:,}</b></td>" if i == j else f"<td>{n:,}</td>"
+                                                          for j, n in enumerate(row)) + "</tr>"
+                   for i, (label, row) in enumerate(zip(labels, confusion)))
+    return f"<table>{head}{body}</table>"
+
+
+def _label_examples(examples: list[dict]) -> str:
+    """The first few stored windows the model got wrong, then as many it got right."""
+    stored = [e for e in examples if {"input", "output", "reference"} <= e.keys()]
+    if not stored:
+        return ""
+    wrong = [e for e in stored if e["output"] != e["reference"]][:SHOWN_LABEL_EXAMPLES]
+    right = [e for e in stored if e["output"] == e["reference"]][:SHOWN_LABEL_EXAMPLES]
+
+    def one(e: dict) -> str:
+        verdict = "better\">right" if e["output"] == e["reference"] else "worse\">wrong"
+        return (f"<div class=\"example\"><b>{_e(e.get('id', ''))}</b> &middot; true <b>{_e(e['reference'])}</b>"
+                f" &middot; predicted <b>{_e(e['output'])}</b> <span class=\"{verdict}</span>"
+                f"<div class=\"text\">{_e(e['input'])}</div></div>")
+    return "\n".join(["<h2>Example windows</h2>", f"<p class=\"note\">{len(wrong)} misclassified and "
+                      f"{len(right)} correct of the {len(stored):,} windows stored in report.json</p>",
+                      *map(one, wrong + right)])
 
 
 # --------------------------------------------------------------------------- selection (nichelm select)
