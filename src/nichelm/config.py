@@ -24,7 +24,7 @@ class TaskConfig:
     """[task], as the TOML gives it. load_project turns it into the Task it describes (nichelm.tasks):
     project.task is then a CorrectionTask or a ClassificationTask, built from the keys the file gives, so
     keys left out take their own type's defaults (the defaults below are the correction task's)."""
-    type: str = "correction"         # correction | classification (nichelm.tasks.TASK_TYPES)
+    type: str = "correction"         # correction | classification | language-model (nichelm.tasks.TASK_TYPES)
     name: str = "ocr"
     # The model sees prompt_template.format(input=...) and learns to write the output then end_marker.
     prompt_template: str = "### Text ###\n{input}\n### Correction ###\n"

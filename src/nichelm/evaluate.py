@@ -231,6 +231,8 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     from nichelm.checkpoint import latest_checkpoint
     ev, run = project.eval, project.run_path
     task = read_task(run / "task.json") if (run / "task.json").is_file() else get_task(project.task)
+    if task.runner_error:                  # nothing to decode (a pre-training task): perplexity is its measure
+        raise UserError(f"{project.source_file}: {task.runner_error}")
     if task.decoding == "labels":          # a label set: the model against the baselines (evaluate_labels)
         from nichelm.evaluate_labels import evaluate_labels
         return evaluate_labels(project, task, device)

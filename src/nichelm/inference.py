@@ -488,7 +488,10 @@ def load_runner(path: str | Path, device: str = "cpu", backend: str = "torch", *
     classifier.Classifier for a label set; the task's `decoding` picks it."""
     from nichelm.classifier import load_classifier
     runners = {"free": load_corrector, "labels": load_classifier}
-    return runners[open_model(path).task.decoding](path, device=device, backend=backend, **kwargs)
+    task = open_model(path).task
+    if task.runner_error:                  # a task whose models decode nothing for users (pre-training)
+        raise UserError(f"{path}: {task.runner_error}")
+    return runners[task.decoding](path, device=device, backend=backend, **kwargs)
 
 
 # ---------------------------------------------------------------- stitching windows back

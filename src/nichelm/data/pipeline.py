@@ -523,7 +523,7 @@ class MakeWindows(PipelineStep):
 class AddNoise(PipelineStep):
     """Clean windows get a synthetic OCR input, seeded per example exactly as before
     (key "SOURCE\\0DOC_ID\\0W"; metadata["synthetic"] says which); examples with an empty side are
-    dropped (counted)."""
+    dropped (counted), except the empty input of a task that reads none (Task.reads_input)."""
 
     name = "synthetic noise"
     type = "nichelm"
@@ -551,7 +551,9 @@ class AddNoise(PipelineStep):
                     noise = noise or self.make_noise()
                     for j in (j for j, syn in enumerate(synthetic) if syn):
                         inputs[j] = noise.corrupt(outputs[j], f"{name}\x00{m['doc_ids'][j]}\x00{m['ws'][j]}")
-                keep = [bool(i.strip() and o.strip()) for i, o in zip(inputs, outputs)]
+                # plain text (Task.reads_input False) has no input: only an empty output is dropped
+                keep = [bool((i.strip() or not self.project.task.reads_input) and o.strip())
+                        for i, o in zip(inputs, outputs)]
                 if not all(keep):
                     counts[name, "windows_empty_dropped"] += keep.count(False)
                     for key in (*EXAMPLE_LISTS, "synthetic", "values"):
@@ -680,8 +682,9 @@ class _PieceWriter:
             line = example_line(inp, out, source, doc_id, synthetic, value)
             # a label is shared by every split: only text is deduped (the input stands in for a label output)
             seen_out = out if self.text_outputs else inp
+            seen_in = inp or seen_out              # an empty input (plain text: Task.reads_input) matches nothing
             if split == "train":
-                self.train_digests += digest_bytes(inp)
+                self.train_digests += digest_bytes(seen_in)
                 self.train_digests += digest_bytes(seen_out)
                 if self.rate > 0:                  # 0: no tokenizer to train (tokenizer.from)
                     u = sample_priority(self.seed, source, doc_id, w)
@@ -694,7 +697,7 @@ class _PieceWriter:
                     self._flush()
             else:
                 if split == "val":
-                    self.val_digests += digest_bytes(inp)
+                    self.val_digests += digest_bytes(seen_in)
                     self.val_digests += digest_bytes(seen_out)
                 lines = self.lines[split]
                 lines.append(line)

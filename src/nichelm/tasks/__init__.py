@@ -7,8 +7,9 @@
     task.to_json()                         # task.json; get_task(task.to_json()) gives it back
 
 Types: "correction" (tasks.correction: text -> corrected text; the default, and what a task.json
-without "type" is) and "classification" (tasks.classification: text -> one label of a fixed set,
-label-constrained decoding). The interface is tasks.base.Task.
+without "type" is), "classification" (tasks.classification: text -> one label of a fixed set,
+label-constrained decoding) and "language-model" (tasks.language_model: plain text windows, loss on
+every token, for pre-training; scored by perplexity). The interface is tasks.base.Task.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from nichelm.errors import UserError
 from nichelm.tasks.base import Task
 from nichelm.tasks.classification import ClassificationTask
 from nichelm.tasks.correction import CorrectionTask
+from nichelm.tasks.language_model import LanguageModelTask
 
-TASK_TYPES: dict[str, type[Task]] = {"correction": CorrectionTask, "classification": ClassificationTask}
+TASK_TYPES: dict[str, type[Task]] = {"correction": CorrectionTask, "classification": ClassificationTask,
+                                     "language-model": LanguageModelTask}
 DEFAULT_TYPE = "correction"       # task.json and project files from before task types
 
 
@@ -57,4 +60,5 @@ def task_fingerprint(task: Task) -> dict:
     return d
 
 
-__all__ = ["Task", "CorrectionTask", "ClassificationTask", "TASK_TYPES", "get_task", "task_fingerprint"]
+__all__ = ["Task", "CorrectionTask", "ClassificationTask", "LanguageModelTask", "TASK_TYPES", "get_task",
+           "task_fingerprint"]

@@ -46,6 +46,11 @@ class Task:
     decoding: ClassVar[str] = "free"          # "free": text up to end_marker | "labels": one of a fixed set
     # outputs are text (deduped against train like inputs), not one of a few labels every split shares
     text_outputs: ClassVar[bool] = True
+    # examples have an input the model reads: prepare drops one whose input is empty (False: plain text,
+    # every input is "", as in the language-model task)
+    reads_input: ClassVar[bool] = True
+    # set: why nichelm.load gives no runner for this task's models (a one-line UserError); None: it does
+    runner_error: ClassVar[str | None] = None
 
     name: str = "task"
     prompt_template: str = "### Text ###\n{input}\n### Output ###\n"
