@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from select_reference import SHARED, _key, read_domain, split_domain, write_jsonl  # noqa: E402
+from select_reference import SHARED, _key, read_domain, skipped_without, split_domain, write_jsonl  # noqa: E402
 
 CRITERIA = {"dsir": 0.95, "clusters": 0.90}
 
@@ -97,10 +97,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default=str(SHARED), help="the shared generic corpus folder")
     args = ap.parse_args(argv)
     root = Path(args.data)
-    if not root.is_dir():
-        result = {"skipped": f"{root} not present (fresh clone without ../shared): nothing to measure"}
-        print(json.dumps(result))
-        return result
+    skipped = skipped_without(root)
+    if skipped:
+        return skipped
     names = sorted(p.name.removesuffix(".jsonl.gz") for p in root.glob("*.jsonl.gz"))
     docs = {d: read_domain(d, root) for d in names}
     targets = names if args.domains == "all" else args.domains.split(",")

@@ -41,7 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "generic"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from select_reference import SHARED, skipped_without  # noqa: E402
+
 ARMS = ("clusters", "dsir", "random")
 
 
@@ -301,10 +303,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
     root = Path(args.data)
-    if not root.is_dir():
-        result = {"skipped": f"{root} not present (fresh clone without ../shared): nothing to measure"}
-        print(json.dumps(result))
-        return result
+    skipped = skipped_without(root)
+    if skipped:
+        return skipped
     names = sorted(p.name.removesuffix(".jsonl.gz") for p in root.glob("*.jsonl.gz"))
     all_docs = {d: read_domain(d, root, args.seed) for d in names}
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "work", "data")}

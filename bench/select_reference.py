@@ -35,6 +35,15 @@ def _key(seed: int, doc_id: str) -> str:
     return hashlib.sha256(f"{seed}\x00{doc_id}".encode()).hexdigest()
 
 
+def skipped_without(root: Path) -> dict | None:
+    """What a selection bench prints and returns when the shared generic corpus is absent; None when present."""
+    if root.is_dir():
+        return None
+    result = {"skipped": f"{root} not present (fresh clone without ../shared): nothing to measure"}
+    print(json.dumps(result))
+    return result
+
+
 def read_domain(domain: str, root: Path = SHARED) -> list[dict]:
     with gzip.open(root / f"{domain}.jsonl.gz", "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -90,10 +99,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default=str(SHARED), help="the shared generic corpus folder")
     args = ap.parse_args(argv)
     root = Path(args.data)
-    if not root.is_dir():
-        result = {"skipped": f"{root} not present (fresh clone without ../shared): nothing to measure"}
-        print(json.dumps(result))
-        return result
+    skipped = skipped_without(root)
+    if skipped:
+        return skipped
     per = args.docs // len(POOL_DOMAINS)
     halves = {d: split_domain(read_domain(d, root), args.seed) for d in POOL_DOMAINS}
     pool = [doc for d in POOL_DOMAINS for doc in halves[d][0][:per]]

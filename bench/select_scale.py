@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prepare_scale import run_measured  # noqa: E402
+from select_reference import SHARED, skipped_without  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "generic"
 TARGET_BYTES = 2_000_000
 MAX_RATIO, MAX_MB = 1.5, 4096
 
@@ -100,10 +100,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=0, help="nichelm select --workers (default 0: all cores)")
     args = ap.parse_args(argv)
     root = Path(args.data)
-    if not root.is_dir():
-        result = {"skipped": f"{root} not present (fresh clone without ../shared): nothing to measure"}
-        print(json.dumps(result))
-        return result
+    skipped = skipped_without(root)
+    if skipped:
+        return skipped
     sizes = [float(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
     out = Path(args.out or tempfile.mkdtemp(prefix="select_scale_"))
