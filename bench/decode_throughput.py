@@ -47,7 +47,7 @@ def prompts_for(rm, tokenizer, n: int) -> list[list[int]]:
     texts = [json.loads(line)["input"] for line in test.read_text().splitlines()] if test.is_file() else []
     texts = texts or ["Tlie committee met at the town liall on Monday evening to consider the ncw road."]
     from nichelm.data.tokenizer import prompt_ids_batch
-    return prompt_ids_batch(tokenizer, rm.task["prompt_template"], [texts[i % len(texts)] for i in range(n)])
+    return prompt_ids_batch(tokenizer, rm.task.prompt_template, [texts[i % len(texts)] for i in range(n)])
 
 
 def timed(fn, prompts, budgets, batch) -> dict:

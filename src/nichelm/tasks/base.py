@@ -182,15 +182,6 @@ class Task:
             raise UserError(f"{where}: '{prefix}window_chars' is {self.window_chars}; it must be at least 1 "
                             "(characters per example window)")
 
-    # ------------------------------------------------------------ read access as a task.json dict
-
-    def __getitem__(self, key: str):
-        """task["end_marker"]: the task.json view, for callers written when a task was a dict."""
-        return self.to_json()[key]
-
-    def get(self, key: str, default=None):
-        return self.to_json().get(key, default)
-
 
 def _typed(value: Any, f: dataclasses.Field, where: str, prefix: str = "") -> Any:
     """A task.json value checked against its field's type (str, int, float, bool, list, dict)."""
