@@ -1,5 +1,6 @@
 """The decoder and its KV-cache decoding."""
 
+import collections
 import itertools
 
 import numpy as np
@@ -95,6 +96,41 @@ def test_copy_drafts_never_change_the_output(arch):
             assert [g.hit_limit for g in gens] == [g.hit_limit for g in plain], (k, name)
             if name == "exact":
                 assert len(calls) < len(one_token) * {1: 0.6, 3: 0.35, 8: 0.25}[k], (k, len(calls), len(one_token))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_copy_the_model_agrees_with_comes_from_the_prompts_own_forward(arch):
+    """With score=True each row's source follows its prompt in the prefill (the guard scores the copy there),
+    and the leading source tokens the model would write itself are taken from that forward, as drafts are.
+    Sources equal to the greedy outputs: every row is done by its prompt's forward, no decoding step at all;
+    sources cut short or edited: the same outputs and the same log-probs, however much is taken."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch=arch, vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
+    prompts, budgets = random_prompts(23, seed=2)
+    unended = generate(model, prompts, budgets, end_id=-1, device=CPU, batch_size=5)
+    end = collections.Counter(t for g in unended for t in g.tokens).most_common(1)[0][0]   # so some rows end
+    plain = generate(model, prompts, budgets, end_id=end, device=CPU, batch_size=5)
+    truth = [g.tokens for g in plain]
+    assert {g.hit_limit for g in plain} == {True, False}
+    logprobs = None
+    for k in (0, 3):
+        for name, sources in (("exact", truth), ("half", [t[:len(t) // 2] for t in truth]),
+                              ("edited", [t[:len(t) // 2] + [7] + t[len(t) // 2:] for t in truth])):
+            steps, calls = counting_steps()
+            gens = generate(model, prompts, budgets, end_id=end, device=CPU, batch_size=5, draft_tokens=k,
+                            sources=sources, score=True, step=steps)
+            assert [(g.tokens, g.hit_limit) for g in gens] == [(g.tokens, g.hit_limit) for g in plain], (k, name)
+            if name == "exact":
+                assert calls == [], (k, len(calls))
+                logprobs = [g.logprob for g in gens]
+            else:
+                assert calls, (k, name)
+                assert [g.logprob for g in gens] == pytest.approx(logprobs, abs=1e-4), (k, name)
+                # what the prefill took is never decoded again, and drafts go on from where it stopped
+                unscored_steps, unscored_calls = counting_steps()
+                generate(model, prompts, budgets, end_id=end, device=CPU, batch_size=5, draft_tokens=k,
+                         sources=sources, step=unscored_steps)
+                assert len(calls) < len(unscored_calls), (k, name, len(calls), len(unscored_calls))
 
 
 def test_the_longest_draft_allowed_decodes_like_one_token_steps():

@@ -98,21 +98,23 @@ def align_to_source(src, src_ok, last, prev, expect, token_chars=None):
 
 def prefill_step(model: GPT, cache: SlotCache, rows: torch.Tensor, tokens: torch.Tensor, at: torch.Tensor,
                  scored: torch.Tensor):
-    """Run prompts `tokens` (R, L, right-padded) into cache rows `rows`: returns each prompt's first
-    output token (the argmax at at[:, 0], the prompt's last token), its log-prob, and the summed
-    log-probs of the `scored` (R,) tokens after the prompt (at (R, K): the positions that predict
-    them, from the prompt's last token on; 0: none). Padding and scored tokens write slots past a
-    prompt's end, which its own output tokens overwrite before any query could see them (causal)."""
+    """Run prompts `tokens` (R, L, right-padded) into cache rows `rows`. at (R, K): the prompt's last
+    position, then those of the `scored` (R,) tokens after it (the source copy and the end marker; 0:
+    none). Returns the greedy token and its log-prob at every `at` (R, K), the token each `at` is
+    followed by in `tokens` (R, K), and the summed log-probs of the scored tokens (R,). Padding and
+    scored tokens write slots past a prompt's end, which its own output tokens overwrite before any
+    query could see them (causal), unless the output is that copy (see _admit)."""
     R, L = tokens.shape
     positions = torch.arange(L, device=tokens.device)[None].expand(R, L)
     cache.rows, cache.slots, cache.prefill = rows[:, None], positions, True
     logits, _ = model(tokens, positions=positions, cache=cache, logits_at=at)       # (R, K, V)
     cache.rows, cache.prefill = cache.all_rows, False
-    targets = tokens.gather(1, (at + 1).clamp(max=L - 1))
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+    following = tokens.gather(1, (at + 1).clamp(max=L - 1))
+    logp = torch.log_softmax(logits, dim=-1)
     counted = torch.arange(at.shape[1], device=at.device)[None] < scored[:, None]
-    first = logits[:, 0]
-    return first.argmax(dim=-1), first.max(dim=-1).values - first.logsumexp(dim=-1), (logp * counted).sum(dim=1)
+    top, pred = logp.max(dim=-1)
+    copy_logp = (logp.gather(-1, following[..., None])[..., 0] * counted).sum(dim=1)
+    return pred, top, following, copy_logp
 
 
 def decode_step(model: GPT, cache: SlotCache, rows: Rows, keys: int, end_id: int, draft_len: int):
@@ -219,8 +221,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
             take = [(r, next(queue)) for r in free[:waiting]]
             waiting -= len(take)
             _admit(steps.prefill, model, cache, rows, take, prompts, max_new, sources, end_id, source_logp)
+            admitted_done, admitted_pos = rows.done.tolist(), rows.pos.tolist()   # after accepted copies
             for r, i in take:
-                holds[r], done[r], pos[r] = i, False, len(prompts[i])
+                holds[r], done[r], pos[r] = i, admitted_done[r], admitted_pos[r]
         running = [r for r in range(B) if holds[r] is not None and not done[r]]
         if running:                                 # keys: past every running row's last fed slot
             steps.decode(model, cache, rows, min(max(pos[r] for r in running) + k + 1, capacity), end_id, k)
@@ -272,18 +275,28 @@ def _admit(prefill, model, cache, rows: Rows, take, prompts, max_new, sources, e
         length = torch.tensor(lengths, device=device)
         at = (length[:, None] - 1 + torch.arange(K, device=device)).clamp(max=width - 1)
         limits = torch.tensor([max_new[i] for _, i in part], device=device)
-        first, first_logp, scores = prefill(model, cache, idx, tokens, at, torch.tensor(n, device=device))
-        rows.out[idx, 0] = first
-        rows.n_out[idx] = 1
+        pred, top, following, scores = prefill(model, cache, idx, tokens, at, torch.tensor(n, device=device))
+        # The copy in the prefill is a draft of the whole output, checked in the same forward: the
+        # leading copy tokens the model would write itself are accepted, with its own token after them,
+        # as a decoding step accepts drafts; their cache slots already hold them. Same greedy output.
+        j = torch.arange(K, device=device)[None]
+        agrees = (pred == following) & (j < torch.tensor(n, device=device)[:, None])
+        accepted = agrees.long().cumprod(dim=1).sum(dim=1)
+        is_end = (pred == end_id) & (j <= accepted[:, None])
+        until_end = torch.where(is_end.any(dim=1), is_end.long().argmax(dim=1) + 1, K + 1)
+        emit = torch.minimum(torch.minimum(accepted + 1, until_end), limits).clamp(min=1)
+        w = min(K, rows.out.shape[1])
+        rows.out[idx, :w] = pred[:, :w]
+        rows.n_out[idx] = emit
         rows.limits[idx] = limits
-        rows.done[idx] = (first == end_id) | (limits <= 1)
-        rows.last[idx] = first
-        rows.pos[idx] = length
+        rows.done[idx] = (until_end <= emit) | (emit >= limits)
+        rows.last[idx] = pred.gather(1, emit[:, None] - 1)[:, 0]
+        rows.pos[idx] = length + emit - 1
         rows.src[idx], rows.src_ok[idx] = src, src_ok
-        rows.prev[idx] = tokens[torch.arange(len(part), device=device), length - 1]
-        rows.expect[idx] = 0
+        rows.prev[idx] = tokens.gather(1, (length + emit - 2)[:, None])[:, 0]
+        rows.expect[idx] = emit - 1
         if source_logp is not None:
-            rows.logp[idx] = first_logp
+            rows.logp[idx] = (top * (j < emit[:, None])).sum(dim=1)
             for (_, i), k, v in zip(part, n, scores.tolist()):
                 source_logp[i] = v if k else None
 
