@@ -31,7 +31,7 @@ CRITERIA = {"dsir": 0.95, "clusters": 0.90}
 
 
 def run_domain(domain: str, docs: dict[str, list[dict]], others: int, method: str, seed: int,
-               min_tokens: int = 0, buckets: int = 0) -> dict:
+               min_tokens: int = 0, buckets: int = 0, mode: str = "sample") -> dict:
     from nichelm.config import SelectConfig
     from nichelm.selection import Record, list_corpus, select_corpus, write_selection
     pool_half, target_half = split_domain(docs[domain], seed)
@@ -41,7 +41,7 @@ def run_domain(domain: str, docs: dict[str, list[dict]], others: int, method: st
             pool += sorted(items, key=lambda d: _key(seed, d["id"]))[:others]
     records = [Record("pool", d["id"], d["text"], d.get("licence", ""), d["domain"]) for d in pool]
     corpus = list_corpus(records)
-    cfg = SelectConfig(method=method, documents=len(pool_half), min_tokens=min_tokens)
+    cfg = SelectConfig(method=method, documents=len(pool_half), min_tokens=min_tokens, mode=mode)
     if buckets:                                   # else select.buckets' default
         cfg.buckets = buckets
     t0 = time.process_time()
@@ -93,6 +93,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--min-tokens", type=int, default=0, help="documents shorter than this are never chosen")
     ap.add_argument("--buckets", type=int, default=0, help="dsir's hashed n-gram buckets (default 0: "
                                                           "select.buckets' default)")
+    ap.add_argument("--mode", default="sample", choices=("sample", "top_k"),
+                    help="dsir's select.mode: Gumbel top-k sampling (default) or deterministic top_k")
     ap.add_argument("--reference", action="store_true", help="also run data-selection's DSIR on each pool (slow)")
     ap.add_argument("--data", default=str(SHARED), help="the shared generic corpus folder")
     args = ap.parse_args(argv)
@@ -103,11 +105,13 @@ def main(argv=None) -> dict:
     names = sorted(p.name.removesuffix(".jsonl.gz") for p in root.glob("*.jsonl.gz"))
     docs = {d: read_domain(d, root) for d in names}
     targets = names if args.domains == "all" else args.domains.split(",")
-    result = {"others_per_domain": args.others, "seed": args.seed, "min_tokens": args.min_tokens, "methods": {}}
+    result = {"others_per_domain": args.others, "seed": args.seed, "min_tokens": args.min_tokens,
+              "mode": args.mode, "methods": {}}
     for method in args.methods.split(","):
         rows = {}
         for domain in targets:
-            rows[domain] = run_domain(domain, docs, args.others, method, args.seed, args.min_tokens, args.buckets)
+            rows[domain] = run_domain(domain, docs, args.others, method, args.seed, args.min_tokens, args.buckets,
+                                        args.mode)
             if args.reference and method == "dsir":
                 rows[domain]["reference_share"] = reference_share(domain, docs, args.others, args.seed,
                                                                   args.min_tokens)
