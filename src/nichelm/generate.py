@@ -15,9 +15,11 @@ forward passes.
 Scores (score=True, for the guard of nichelm.inference): each output's log-probability comes
 from the decoding itself (the greedy token's log-softmax at every step), and the log-probability
 of the row's source copied unchanged from the prompt's own forward (the source and the end marker
-follow the prompt in the prefill; their cache slots are overwritten by the output before any
-query sees them, as padding is). The guard then needs no second, teacher-forced pass for most
-windows: on the quickstart model that pass cost as much CPU as decoding (BENCHMARKS.md).
+follow the prompt in the prefill). The guard then needs no second, teacher-forced pass for most
+windows: on the quickstart model that pass cost as much CPU as decoding (BENCHMARKS.md). That copy
+is also a draft of the whole output checked in the same forward: its leading tokens the model would
+write itself are the output's first tokens, already in the cache; the slots after them are
+overwritten by the output before any query sees them, as padding is.
 """
 
 from __future__ import annotations
