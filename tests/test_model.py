@@ -305,3 +305,15 @@ def test_training_loss_is_over_the_real_vocabulary_only(arch):
     _, loss = model(x, y, torch.ones_like(y, dtype=torch.bool))
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), y.reshape(-1))
     assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_projected_network_costs_per_token_what_its_plain_model_does(arch):
+    """FLOPs per token (MFU, nichelm plan) count one expert's MLP, not the basis tensors it is made from."""
+    from nichelm.model import Projection, instantiate
+    cfg = ModelConfig(arch=arch, vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64,
+                      projected=Projection(clusters=3, m=2, h=4))
+    projected = GPT(cfg)
+    plain = instantiate(projected, cluster=1)
+    assert projected.num_params() > plain.num_params()                     # the basis is stored ...
+    assert projected.flops_per_token(64) == plain.flops_per_token(64)      # ... but not run per token

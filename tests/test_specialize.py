@@ -276,13 +276,22 @@ def test_mixed_batches_say_which_part_each_row_comes_from(projected_run):
                 assert [bytes(row) in val_rows for row in x] == [k == 1 for k in of]
 
 
-def test_a_projected_network_trains_on_one_data_folder_per_cluster_and_resumes_bit_exact(projected_run, tmp_path):
+def test_a_projected_network_trains_on_one_data_folder_per_cluster_and_resumes_bit_exact(projected_run, tmp_path,
+                                                                                           monkeypatch):
     """Joint training (issue 14, SLM-pn): a phase mixes one data folder per cluster, each row runs its cluster's
-    expert; a run stopped and resumed ends with the same weights as a straight one; a projected run without
-    per-cluster data is refused in one line, and so is exporting it before `nichelm specialize`."""
+    expert, and its val loss is the mean of every cluster's val split run with that cluster's expert; a run
+    stopped and resumed ends with the same weights as a straight one; a projected run without per-cluster data
+    is refused in one line, and so is exporting it before `nichelm specialize`."""
+    import nichelm.train
     from nichelm.export import export
     from nichelm.specialize import specialize
     from nichelm.train import train
+    validations, evaluate_loss = [], nichelm.train.evaluate_loss
+
+    def recording(model, data, *args, cluster=None):
+        validations.append((cluster, evaluate_loss(model, data, *args, cluster=cluster)))
+        return validations[-1][1]
+    monkeypatch.setattr(nichelm.train, "evaluate_loss", recording)
     prepared = projected_run["prepared"]
     other = tmp_path / "other"                            # cluster 1's data: another prepared folder
     (other / "data" / "shards").mkdir(parents=True)
@@ -305,7 +314,10 @@ steps = 6
         return load_project(pn, [f"run_dir={tmp_path / run}", "model.projected.clusters=2",
                                                     "model.projected.m=4", "model.projected.h=8", "train.eval_every=3"])
     torch.set_num_threads(1)
-    train(project("straight"))
+    result = train(project("straight"))
+    assert [c for c, _ in validations[-2:]] == [0, 1] and {c for c, _ in validations} == {0, 1}
+    assert result["val_loss"] == pytest.approx((validations[-2][1] + validations[-1][1]) / 2, abs=1e-9)
+    assert validations[-2][1] != validations[-1][1]             # two experts, on the same val text here
     train(project("resumed"), stop_after_steps=4)
     train(project("resumed"))
     a = load_file(str(tmp_path / "straight/checkpoints/step_0000006/model.safetensors"))

@@ -388,10 +388,19 @@ class GPT(nn.Module):
                                reduction=reduction)
         return logits, loss
 
+    def params_per_token(self) -> int:
+        """The (non-embedding) parameters one token's forward multiplies by: a projected network runs one
+        expert's plain MLP, made from its basis tensors once per forward, so it counts as its plain model."""
+        n = self.num_params()
+        for mlp in self.modules():
+            if isinstance(mlp, ProjectedMLP):
+                n += sum(b[0].numel() for b in mlp.basis.values()) - sum(p.numel() for p in mlp.parameters())
+        return n - (self.experts.numel() if self.experts is not None else 0)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (6N + attention), as in the PaLM appendix and nanoGPT's MFU."""
         cfg = self.cfg
-        n = self.num_params()
+        n = self.params_per_token()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 

@@ -258,8 +258,11 @@ def _load_data(project: Project, setup: Setup) -> Data:
             decay_fraction=ph.decay_fraction or cfg.decay_fraction)
         describe = " + ".join((entry or "this project's data") + (f" ({counts[k]} rows/step)" if len(dirs) > 1 else "")
                               for k, entry in enumerate(entries))
-        phases.append(Phase(name=ph.name, steps=steps, cfg=pcfg, train=batches, val=split(dirs[0], "val", seed),
-                            patience=ph.patience, describe=describe))
+        # a projected network validates every cluster's val split with that cluster's expert (part k = cluster k)
+        by_cluster = [split(d, "val", seed) for d in dirs] if mcfg.projected is not None else None
+        phases.append(Phase(name=ph.name, steps=steps, cfg=pcfg, train=batches,
+                            val=by_cluster[0] if by_cluster else split(dirs[0], "val", seed),
+                            val_by_cluster=by_cluster, patience=ph.patience, describe=describe))
     return Data(mcfg, vocab, grad_accum, tokens_per_step, Plan(phases, named=True))
 
 
@@ -304,6 +307,8 @@ class Phase:
     cfg: TrainConfig             # lr, schedule, warmup_steps, min_lr_ratio, decay_fraction of this phase
     train: TaskBatches | MixedBatches
     val: TaskBatches             # the val split of the phase's (first) data: validation and early stopping
+    val_by_cluster: list[TaskBatches] | None = None   # a projected network: each cluster's val split; the val
+                                                      # loss is their mean, each run with its cluster's expert
     describe: str = ""           # its data, for the log
     patience: int = 0            # validations without a new best before the phase ends early; 0 = never
 
@@ -614,6 +619,10 @@ class MetricsSink:
 # ---------------------------------------------------------------- validation and checkpoints
 
 def _evaluate(setup: Setup, phase: Phase, trainee: Trainee) -> float:
+    if phase.val_by_cluster:
+        losses = [evaluate_loss(trainee.raw_model, val, setup.cfg, setup.device, setup.autocast, cluster=c)
+                  for c, val in enumerate(phase.val_by_cluster)]
+        return sum(losses) / len(losses)
     return evaluate_loss(trainee.raw_model, phase.val, setup.cfg, setup.device, setup.autocast)
 
 
@@ -782,13 +791,14 @@ def shard_model(model: GPT, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: TaskBatches, cfg, device, autocast) -> float:
+def evaluate_loss(model, data: TaskBatches, cfg, device, autocast, cluster: int | None = None) -> float:
+    """Mean loss over train.eval_batches fixed batches of `data`; cluster: the expert a projected network runs."""
     model.eval()
     losses = []
     for i in range(cfg.eval_batches):
         x, y, mask = (t.to(device) for t in data.fixed(i, cfg.batch_size))
-        with autocast:      # a projected network: its val split is the first part's, cluster 0
-            _, loss = model(x, y, mask, **({"cluster": 0} if getattr(model, "experts", None) is not None else {}))
+        with autocast:
+            _, loss = model(x, y, mask, **({} if cluster is None else {"cluster": cluster}))
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
