@@ -101,9 +101,12 @@ def cmd_export(args):
 
 
 def cmd_specialize(args):
-    from nichelm.specialize import specialize
-    print(specialize(_project(args), cluster=args.cluster, target=args.target, mixture=args.mixture,
-                     out=Path(args.out) if args.out else None))
+    from nichelm.specialize import pick_expert, specialize
+    out = Path(args.out) if args.out else None
+    if args.pick_expert:
+        print(pick_expert(_project(args), Path(args.pick_expert), out=out))
+        return
+    print(specialize(_project(args), cluster=args.cluster, target=args.target, mixture=args.mixture, out=out))
 
 
 def _weights(value: str) -> list[float]:
@@ -300,14 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=["hf", "gguf", "ct2"])
     p.add_argument("--out", help="output folder (default RUN/export/FORMAT)")
     p.set_defaults(func=cmd_export)
-    p = with_project(sub.add_parser("specialize", help="a projected network's expert (model.projected) as a plain "
-                                                       "run, to fine-tune (train.init_from) or export"))
+    p = with_project(sub.add_parser("specialize", help="a projected network's expert (model.projected), or the "
+                                                       "target's expert among one model per cluster (--pick-expert), "
+                                                       "as a plain run, to fine-tune (train.init_from) or export"))
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--cluster", type=_count, metavar="I", help="the expert of cluster I")
     which.add_argument("--target", action="store_true", help="the mixture of experts the target's cluster histogram "
                                                              "gives (RUN/select/selection.json, method clusters)")
     which.add_argument("--mixture", type=_weights, metavar="W0,W1,...", help="one weight per cluster (normalised)")
-    p.add_argument("--out", help="the run folder to write (default RUN/specialized/cluster_I, target or mixture)")
+    which.add_argument("--pick-expert", metavar="EXPERTS",
+                       help="SLM-mix: of the runs EXPERTS/cluster-NNNN, each trained on one file of the project's "
+                            "partition (select.partition), the one of the target's most frequent cluster")
+    p.add_argument("--out", help="the run folder to write (default RUN/specialized/cluster_I, target, mixture or "
+                                 "expert_I)")
     p.set_defaults(func=cmd_specialize)
     p = sub.add_parser("apply", help="correct files or folders of .txt/.jsonl/.parquet with a model, resumably")
     p.add_argument("--model", required=True, help="a run directory, a project file or an hf export folder "

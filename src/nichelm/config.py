@@ -216,6 +216,8 @@ class SelectConfig:
     fit_chars: int = 50_000_000      # the generic distribution / clusters are fit on a seeded sample this size
     embedding: str = "tfidf"         # clusters: tfidf (hashed n-grams + SVD) | path of a local sentence-transformers model
     window_chars: int = 2000         # clusters: long documents are embedded as the mean of windows this long
+    partition: bool = False          # clusters: also write every generic document (min_tokens) into its cluster's
+                                     # file, RUN/select/clusters/cluster-NNNN.jsonl (SLM-mix experts, SLM-pn data)
 
 
 @dataclass
@@ -672,6 +674,9 @@ def _check_select(p: Project, file: str) -> None:
         raise UserError(f"{file}: 'select.method' is {_short(c.method)}; use dsir or clusters")
     if c.mode not in ("sample", "top_k"):
         raise UserError(f"{file}: 'select.mode' is {_short(c.mode)}; use sample (Gumbel top-k) or top_k")
+    if c.partition and c.method != "clusters":
+        raise UserError(f"{file}: select.partition = true needs select.method = \"clusters\" (one file per k-means "
+                        "cluster); set method = \"clusters\" or remove partition")
     if c.method == "clusters" and c.mode == "top_k":
         raise UserError(f"{file}: select.mode = \"top_k\" is for method dsir; clusters always resample "
                         "(seeded): remove select.mode or use method = \"dsir\"")

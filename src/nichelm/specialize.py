@@ -1,4 +1,5 @@
-"""`nichelm specialize`: a projected network's expert made a plain model, in closed form (SLM-pn).
+"""`nichelm specialize`: a projected network's expert made a plain model, in closed form (SLM-pn), or
+the expert model of the target's cluster picked among one small model per cluster (SLM-mix).
 
 PROJECT's run holds a projected network (model.projected: one MLP expert per cluster of the generic
 data, attention and embeddings shared). One expert (--cluster I), or the mixture of experts a target's
@@ -14,11 +15,20 @@ weights), becomes a plain GPT of the base architecture (model.instantiate) writt
 A fine-tuning project starts from it with train.init_from = OUT; `nichelm export OUT` exports it as it is.
 OUT is built in a staging folder and swapped in whole, so a run folder already there is replaced only
 once the new one is complete.
+
+SLM-mix (--pick-expert EXPERTS): PROJECT's `nichelm select` wrote a partition (select.partition: one
+jsonl per k-means cluster, RUN/select/clusters), and EXPERTS/cluster-NNNN is a plain run trained on cluster
+NNNN's file (the experts are trained by `nichelm prepare` + `nichelm train`, one project each:
+examples/slm_mix). pick_expert takes the cluster holding the largest share of the target (selection.json's
+target_share), checks that its expert's data is that cluster's file (sha256 in its data manifest), and
+writes the expert as OUT the same way, with its tokenizer, task and manifest; specialized.json says which
+cluster and why.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -34,9 +44,7 @@ def specialize(project: Project, cluster: int | None = None, target: bool = Fals
     """Write the plain run of one expert (cluster), of the target's histogram (target) or of `mixture`
     (one weight per cluster) of PROJECT's projected network; returns its folder."""
     from nichelm.artifacts import open_run
-    from nichelm.checkpoint import save_checkpoint
     from nichelm.model import instantiate
-    from nichelm.train import Optimizers
 
     if [cluster is not None, bool(target), mixture is not None].count(True) != 1:
         raise UserError("specialize: give one of --cluster I, --target and --mixture W0,W1,...")
@@ -62,6 +70,17 @@ def specialize(project: Project, cluster: int | None = None, target: bool = Fals
     provenance = {"from_run": str(run), "checkpoint": source.checkpoint.name, "step": source.trainer.get("step"),
                   "projected": source.cfg.to_dict()["projected"], "cluster": cluster, "mixture": mixture,
                   "mixture_from": str(run / "select" / "selection.json") if target else None}
+    return _write_plain_run(out, plain, provenance, {rel: run / rel for rel in COPIED})
+
+
+COPIED = ("tokenizer/tokenizer.json", "task.json", "data/manifest.json", "select/selection.json")
+
+
+def _write_plain_run(out: Path, plain, provenance: dict, files: dict[str, Path]) -> Path:
+    """OUT as a run at step 0: the model's weights (no optimizer state), its config, specialized.json, and
+    `files` (relative path in OUT -> file, where it exists); staged and swapped in whole."""
+    from nichelm.checkpoint import save_checkpoint
+    from nichelm.train import Optimizers
     staged = staging_dir(out.parent, f".{out.name}.tmp-")
     try:
         state = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "model_config": plain.cfg.to_dict(),
@@ -69,16 +88,88 @@ def specialize(project: Project, cluster: int | None = None, target: bool = Fals
         save_checkpoint(staged, 0, plain, Optimizers([]), state, keep=0)     # weights only: no optimizer state
         atomic_write_text(staged / "model_config.json", json.dumps(plain.cfg.to_dict(), indent=2) + "\n")
         atomic_write_json(staged / SPECIALIZED_JSON, provenance)
-        for rel in ("tokenizer/tokenizer.json", "task.json", "data/manifest.json", "select/selection.json"):
-            if (run / rel).is_file():
+        for rel, path in files.items():
+            if path.is_file():
                 (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(run / rel, staged / rel)
+                shutil.copyfile(path, staged / rel)
         fsync_tree(staged)
         replace_dir(staged, out)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return out
+
+
+EXPERT_DIR = re.compile(r"cluster-(\d{4,})")       # EXPERTS/cluster-NNNN: the partition's file names, less .jsonl
+
+
+def pick_expert(project: Project, experts: Path, out: Path | None = None) -> Path:
+    """SLM-mix: the expert run of the cluster holding the largest share of PROJECT's target, among EXPERTS/cluster-NNNN
+    (one plain run per cluster of PROJECT's partition), written as a plain run OUT (default
+    RUN/specialized/expert_I); returns OUT."""
+    from nichelm.artifacts import open_run
+    run = project.run_path
+    path = run / "select" / "selection.json"
+    partition, histogram = _partition(path)
+    k = len(partition["clusters"])
+    experts = Path(experts)
+    if not experts.is_dir():
+        raise UserError(f"--pick-expert {experts}: no such folder; give the folder of the expert runs "
+                        "(EXPERTS/cluster-NNNN, one per cluster: examples/slm_mix)")
+    found = {int(m[1]): d for d in experts.iterdir() if d.is_dir() and (m := EXPERT_DIR.fullmatch(d.name))}
+    if not found:
+        raise UserError(f"--pick-expert {experts}: no expert run in it (folders cluster-0000 ... cluster-{k - 1:04d}, "
+                        "one per cluster: examples/slm_mix)")
+    beyond = sorted(i for i in found if i >= k)
+    if beyond:
+        raise UserError(f"{found[beyond[0]]}: an expert of cluster {beyond[0]}, but {path} has k = {k} clusters "
+                        f"(0..{k - 1}): these experts come from another partition; train one per cluster of this one "
+                        "(examples/slm_mix)")
+    cluster = max(range(k), key=lambda c: (histogram[c], -c))        # the most frequent; a tie: the lower cluster
+    row = partition["clusters"][cluster]
+    data = Path(partition["folder"]) / row["file"]
+    share = f"cluster {cluster} holds {histogram[cluster]:.1%} of the target, the most of {k} clusters"
+    if cluster not in found:
+        raise UserError(f"{experts / f'cluster-{cluster:04d}'}: no such expert run; {share}: train its expert on "
+                        f"{data} (examples/slm_mix)")
+    source = open_run(found[cluster])               # the newest complete checkpoint, checked
+    if source.cfg.projected is not None:
+        raise UserError(f"{source.checkpoint}: a projected network, not a plain expert; SLM-pn's experts are made "
+                        "with `nichelm specialize --cluster I | --target` on that run")
+    manifest = _read(source.path / "data" / "manifest.json")
+    if row["sha256"] not in {s.get("sha256") for s in (manifest or {}).get("sources", [])}:
+        raise UserError(f"{source.path}: its data (data/manifest.json) is not {data} (sha256 {row['sha256'][:12]}...), "
+                        f"cluster {cluster} of {path}: prepare and train this expert on that file, or select again "
+                        "as its partition was made")
+    provenance = {"method": "slm-mix", "from_run": str(source.path), "checkpoint": source.checkpoint.name,
+                  "step": source.trainer.get("step"), "experts": str(experts), "cluster": cluster,
+                  "why": f"{share} (target_share of {path})", "target_histogram": histogram,
+                  "cluster_data": {"path": str(data), "sha256": row["sha256"], "documents": row["documents"],
+                                   "tokens": row["tokens"]}}
+    files = {rel: source.path / rel for rel in COPIED}
+    files["select/selection.json"] = path            # the selection the expert's data came from (the expert has none)
+    return _write_plain_run(Path(out) if out else run / "specialized" / f"expert_{cluster}", source.load_model(),
+                            provenance, files)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _partition(path: Path) -> tuple[dict, list[float]]:
+    """selection.json's partition (select.partition) and the target's histogram over its clusters."""
+    report = _read(path)
+    if report is None:
+        raise UserError(f"{path}: missing or unreadable; --pick-expert needs the partition of `nichelm select` with "
+                        "select.method = \"clusters\" and select.partition = true: run it for this project")
+    partition = report.get("partition") if isinstance(report, dict) else None
+    if not partition:
+        raise UserError(f"{path}: no partition; set select.partition = true (select.method = \"clusters\") in "
+                        "[select] and run `nichelm select` again")
+    return partition, target_histogram(path.parents[1], len(partition["clusters"]))
 
 
 def target_histogram(run: Path, clusters: int) -> list[float]:

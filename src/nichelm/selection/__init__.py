@@ -14,6 +14,10 @@ Early!": k-means clusters, the target's cluster histogram). This module ties the
   "ID~COPY") and RUN/select/selection.json (settings, per-source / per-domain / per-cluster shares,
   DSIR's KL reduction, samples), drawn as RUN/select/selection.html (nichelm.report; the evaluation
   report of the run shows the same section). A re-run with the same settings and sources reuses them.
+- with select.partition (method clusters), RUN/select/clusters/: every generic document that passes
+  min_tokens in its cluster's file, cluster-NNNN.jsonl (selected.jsonl's fields; the data of SLM-mix's
+  experts and of SLM-pn's per-cluster parts), and the k-means fit (clusters.ClusterFit); selection.json's
+  "partition" lists each file's documents, tokens and sha256 beside the target's histogram (target_share).
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ import numpy as np
 from nichelm.config import Project, SelectConfig, SourceConfig, source_name
 from nichelm.errors import UserError
 from nichelm.io import atomic_file, atomic_write_json
-from nichelm.selection.core import BATCH_CHARS, Pick, Selection, iter_picks, select_corpus
+from nichelm.selection.core import BATCH_CHARS, WORK, Pick, Selection, iter_picks, select_corpus
 from nichelm.selection.features import NgramBatch, TokenHashes, kl
-from nichelm.selection.records import Corpus, Cursor, Record, iter_records, list_corpus
+from nichelm.selection.records import Corpus, Cursor, Record, iter_records, list_corpus, record_row
 
 __all__ = ["Record", "Selection", "list_corpus", "select_corpus", "select_project", "selected_source",
            "target_records", "generic_corpus", "write_selection"]
@@ -44,6 +48,7 @@ SAMPLE_CHARS = 300          # characters of each sample document shown in select
 SAMPLES = 3                 # sample documents per top cluster (dsir: top documents)
 TOP = 5                     # top clusters / documents shown
 TOP_GENERIC_DOMAINS = 50    # domains listed that the selection has no document of
+PARTITION = "clusters"      # RUN/select/clusters: the partition (select.partition)
 
 
 def _sources(project: Project, role: str) -> list[tuple[int, SourceConfig]]:
@@ -173,7 +178,10 @@ def _fingerprint(project: Project) -> str:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     used = [s for s in project.sources if s.role in ("generic", "target", "pairs", "clean")]
-    data = {"select": project.to_dict()["select"], "seed": project.seed, "split": project.to_dict()["split"],
+    select = project.to_dict()["select"]
+    if not select["partition"]:
+        del select["partition"]          # selections made before the setting existed stay up to date
+    data = {"select": select, "seed": project.seed, "split": project.to_dict()["split"],
             "sources": [{**vars(s), "files": state(project.resolve(s.path))} for s in used]}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -191,7 +199,9 @@ def select_project(project: Project, force: bool = False, log=None, options=None
     out = project.run_path / "select"
     fp = _fingerprint(project)
     done = out / "selection.json"
-    if not force and done.is_file() and (out / "selected.jsonl").is_file():
+    partition = out / PARTITION if project.select.partition else None
+    if (not force and done.is_file() and (out / "selected.jsonl").is_file()
+            and (partition is None or partition.is_dir())):
         report = json.loads(done.read_text(encoding="utf-8"))
         if report.get("fingerprint") == fp:
             if not (out / "selection.html").is_file():
@@ -204,6 +214,7 @@ def select_project(project: Project, force: bool = False, log=None, options=None
         raise UserError(f"{project.source_file}: the target has no train-split document (role = \"target\" sources, "
                         "else pairs / clean sources); add target text or lower split.val_fraction / test_fraction")
     kwargs = {"log": log} if log else {}
+    kwargs["partition"] = partition
     if options is not None:
         from nichelm.selection.parallel import Submitted, TaskScorer
         kwargs["scorer"] = TaskScorer(project, options, sum(_size(project.resolve(s.path))
@@ -226,7 +237,10 @@ def select_project(project: Project, force: bool = False, log=None, options=None
                                           for d, n in domains.most_common()}
     atomic_write_json(done, report)
     _write_html(report, out / "selection.html")
-    shutil.rmtree(out / ".work", ignore_errors=True)       # the scoring tasks' files (selection.parallel)
+    # the scoring tasks' files (selection.parallel) and a partition's parts: the completion markers first, so
+    # that an interrupted removal leaves no task marked done without its files
+    shutil.rmtree(out / WORK / "logs", ignore_errors=True)
+    shutil.rmtree(out / WORK, ignore_errors=True)
     return report
 
 
@@ -268,14 +282,9 @@ def selected_source(project: Project) -> SourceConfig | None:
 
 
 def _row(rec: Record, pick: Pick, copy: int) -> dict:
-    row = {"id": rec.id if copy == 1 else f"{rec.id}~{copy}", "text": rec.text, "source": rec.source,
-           "licence": rec.licence or "unspecified", "cluster": pick.cluster if pick.cluster >= 0 else None,
-           "weight": pick.weight}
-    if rec.domain:
-        row["domain"] = rec.domain
-    if rec.origin:
-        row["origin"] = rec.origin
+    row = record_row(rec, pick.cluster if pick.cluster >= 0 else None, pick.weight)
     if copy > 1:
+        row["id"] = f"{rec.id}~{copy}"          # keeps its place, first
         row["copy"] = copy
     return row
 
@@ -365,6 +374,8 @@ def write_selection(corpus: Corpus, selection: Selection, path: Path | None, cfg
     else:
         best = sorted(samples[-1], reverse=True)[:TOP]
         report["top_documents"] = [{"id": i, "log_weight": w, "text": t} for w, i, t in best]
+    if selection.partition is not None:
+        report["partition"] = selection.partition
     return report
 
 

@@ -10,20 +10,35 @@ Assigning runs on select's tasks too (nichelm.selection.parallel): ClusterScorin
 once the parent has fit (the TF-IDF + SVD as arrays, applied with numpy and scipy exactly as
 scikit-learn applies them; the k-means centres; the quotas), and a document's cluster (nearest())
 depends on that document only, so every task assigns it the same one.
+
+The partition (select.partition): every document that passes min_tokens also goes, as a line like
+selected.jsonl's, into its cluster's file. Each process appends its documents to part files of its own
+(PartWriter: RUN/select/.work/parts/PART/cluster-NNNN.jsonl, in the order it reads them, a bounded buffer
+between), the parts travel with the shares (ClusterShare.parts: the parent's first, then the tasks' in
+rank order) and write_partition concatenates them into RUN/select/clusters/cluster-NNNN.jsonl, staged and
+swapped in whole, beside the fit (fit.npz + fit.json) that assigns a new text to the same clusters
+(ClusterFit). The parent's part holds the fit sample, then (in one process) the rest: each file holds the
+fit sample's documents of its cluster, then the others', each in corpus order, whatever the tasks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections import Counter
+import shutil
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from nichelm.config import SelectConfig
 from nichelm.errors import UserError
+from nichelm.io import atomic_write_json, fsync_tree, replace_dir, staging_dir
 from nichelm.selection.core import BudgetHeap, Pick, Progress, _log, chunks, uniform
 from nichelm.selection.features import NgramBatch, TokenHashes, tokenize
+from nichelm.selection.records import Record, record_row
 
 EMBED_BUCKETS = 1 << 15      # hashed n-gram features of the TF-IDF embedding (the SVD costs in proportion)
 EMBED_DIMS = 64               # SVD components (the SVD costs about dims squared)
@@ -208,13 +223,59 @@ def nearest(emb: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return labels
 
 
+PART_FLUSH_BYTES = 8 << 20       # a PartWriter holds at most this much before appending to its files
+
+
+def cluster_file(c: int) -> str:
+    return f"cluster-{c:04d}.jsonl"
+
+
+class PartWriter:
+    """One process's part of the partition: per cluster, its documents as jsonl lines in the order they come,
+    appended to FOLDER/cluster-NNNN.jsonl. Lines wait in memory up to PART_FLUSH_BYTES in all; each flush
+    opens a file only to append to it (k may pass the limit of open files). The folder is emptied first, so a
+    task run again starts afresh; close() puts the files on disk before the task's heaps say it is done."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self.lines: defaultdict[int, list[bytes]] = defaultdict(list)
+        self.held = 0
+
+    def add(self, c: int, rec: Record) -> None:
+        # the weight is the cluster's, known once every part is counted: write_partition sets it
+        line = (json.dumps(record_row(rec, c, None), ensure_ascii=False) + "\n").encode("utf-8")
+        self.lines[c].append(line)
+        self.held += len(line)
+        if self.held >= PART_FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        for c in sorted(self.lines):
+            with open(self.folder / cluster_file(c), "ab") as f:
+                f.writelines(self.lines[c])
+        self.lines.clear()
+        self.held = 0
+
+    def close(self) -> None:
+        self.flush()
+        fsync_tree(self.folder)
+
+
 class ClusterShare:
     """What assigning documents adds up: per cluster with a quota, a heap of its documents with the
-    smallest uniform draws (BudgetHeap of the quota), and the generic units (documents or tokens) per cluster."""
+    smallest uniform draws (BudgetHeap of the quota); per cluster the generic units (documents or tokens), and
+    its eligible documents and tokens; with a partition, the writer of this process's part and the names of
+    the parts (under the partition's parts folder) that hold the documents counted here, in corpus order."""
 
-    def __init__(self, quota: np.ndarray):
+    def __init__(self, quota: np.ndarray, writer: PartWriter | None = None):
         self.heaps = {c: BudgetHeap(q) for c, q in enumerate(quota) if q > 0}
         self.units = np.zeros(len(quota))
+        self.documents = np.zeros(len(quota))
+        self.tokens = np.zeros(len(quota))
+        self.writer = writer
+        self.parts = [writer.folder.name] if writer else []
 
 
 @dataclass
@@ -232,6 +293,7 @@ class ClusterScoring:
     seed: int
     min_tokens: int
     by_tokens: bool
+    parts: str = ""                 # select.partition: the folder of the processes' part files; "" = no partition
     embedder: object = field(default=None, repr=False, compare=False)    # the fitted one, in the parent
 
     def arrays(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -239,27 +301,34 @@ class ClusterScoring:
                   "skip": np.asarray(self.skip, np.int64), **{f"embed_{k}": v for k, v in self.embed.items()}}
         settings = {"method": self.method, "embedding": self.embedding, "window_chars": self.window_chars,
                     "seed": self.seed, "min_tokens": self.min_tokens, "by_tokens": self.by_tokens}
+        if self.parts:
+            settings["parts"] = self.parts
         return arrays, settings
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], settings: dict) -> "ClusterScoring":
         embed = {k.removeprefix("embed_"): v for k, v in arrays.items() if k.startswith("embed_")}
         return cls(settings["embedding"], settings["window_chars"], embed, arrays["centres"], arrays["quota"],
-                   arrays["skip"], settings["seed"], settings["min_tokens"], settings["by_tokens"])
+                   arrays["skip"], settings["seed"], settings["min_tokens"], settings["by_tokens"],
+                   settings.get("parts", ""))
 
-    def new_share(self) -> ClusterShare:
-        return ClusterShare(self.quota)
+    def new_share(self, part: str = "main") -> ClusterShare:
+        """An empty share; with a partition, its documents go to the part file folder PARTS/part."""
+        return ClusterShare(self.quota, PartWriter(Path(self.parts) / part) if self.parts else None)
 
-    def consider(self, share: ClusterShare, stats: Counter, ordinal: int, source: str, doc_id: str, c: int,
-                 n: int) -> None:
+    def consider(self, share: ClusterShare, stats: Counter, ordinal: int, rec: Record, c: int, n: int) -> None:
         if n < self.min_tokens:
             stats["too_short"] += 1
             return
         stats["scored"] += 1
         units = n if self.by_tokens else 1
         share.units[c] += units
+        share.documents[c] += 1
+        share.tokens[c] += n
+        if share.writer is not None:
+            share.writer.add(c, rec)
         if c in share.heaps:
-            share.heaps[c].push(uniform(self.seed, "cluster", source, doc_id), ordinal, units, Pick(0.0, n, c))
+            share.heaps[c].push(uniform(self.seed, "cluster", rec.source, rec.id), ordinal, units, Pick(0.0, n, c))
 
     def score(self, items, log=_log, into: ClusterShare | None = None,
               what: str = "embedding and assigning clusters") -> tuple[ClusterShare, Counter]:
@@ -277,8 +346,10 @@ class ClusterScoring:
             emb = embedder.embed(texts)
             n_tokens = embedder.last_tokens if embedder.last_tokens is not None else [len(tokenize(t)) for t in texts]
             for (o, r), c, n in zip(chunk, nearest(emb, self.centres), n_tokens):
-                self.consider(share, stats, o, r.source, r.id, int(c), int(n))
+                self.consider(share, stats, o, r, int(c), int(n))
             progress.add(len(chunk), sum(len(t) for t in texts))
+        if share.writer is not None:
+            share.writer.close()
         return share, stats
 
     def share_arrays(self, share: ClusterShare, stats: Counter) -> dict[str, np.ndarray]:
@@ -288,13 +359,18 @@ class ClusterScoring:
                 "sizes": np.array([s for _, _, s, _ in items], np.float64),
                 "tokens": np.array([p.n_tokens for _, _, _, p in items], np.int64),
                 "clusters": np.array([p.cluster for _, _, _, p in items], np.int64),
-                "units": share.units, "stats": np.array([stats["scored"], stats["too_short"]], np.int64)}
+                "units": share.units, "documents": share.documents, "cluster_tokens": share.tokens,
+                "parts": np.array(share.parts, dtype=str),
+                "stats": np.array([stats["scored"], stats["too_short"]], np.int64)}
 
     def merge_share(self, z, share: ClusterShare) -> Counter:
         """Add a share saved by share_arrays (an npz, or the dict) into `share`; its counts."""
         for k, o, s, n, c in zip(z["keys"], z["ordinals"], z["sizes"], z["tokens"], z["clusters"]):
             share.heaps[int(c)].push(float(k), int(o), float(s), Pick(0.0, int(n), int(c)))
         share.units += z["units"]               # whole numbers in float64: exact in any order
+        share.documents += z["documents"]
+        share.tokens += z["cluster_tokens"]
+        share.parts.extend(str(p) for p in z["parts"])      # the tasks are merged in rank order: corpus order
         scored, too_short = (int(x) for x in z["stats"])
         return Counter(scored=scored, too_short=too_short)
 
@@ -333,3 +409,98 @@ def repeat_to_quota(items: list[tuple], quota: float) -> list[tuple[int, object]
         if pick.copies:
             out.append((ordinal, pick))
     return out
+
+
+# ------------------------------------------------------------------ the partition (select.partition)
+
+FIT_NPZ, FIT_JSON = "fit.npz", "fit.json"
+
+
+def write_partition(spec: ClusterScoring, share: ClusterShare, log_w: np.ndarray, out: Path) -> dict:
+    """RUN/select/clusters (out): cluster-NNNN.jsonl, the parts of share.parts joined in order, each line with
+    its cluster's log weight (known only now, from every part's counts), and the fit (fit.npz + fit.json);
+    staged and swapped in whole. Returns the partition's table for selection.json."""
+    parts = Path(spec.parts)
+    for part in share.parts:
+        if not (parts / part).is_dir():
+            raise UserError(f"{parts / part}: a part of the partition is missing (an interrupted run?); remove "
+                            f"{parts.parent} and run `nichelm select` again")
+    weights = [float(w) if np.isfinite(w) else None for w in log_w]
+    staged = staging_dir(out.parent, f".{out.name}.tmp-")
+    try:
+        rows = []
+        for c in range(len(spec.centres)):
+            digest, docs = hashlib.sha256(), 0
+            with open(staged / cluster_file(c), "wb") as f:
+                for part in share.parts:
+                    path = parts / part / cluster_file(c)
+                    if not path.is_file():                  # no document of this cluster in that part
+                        continue
+                    with open(path, "rb") as lines:
+                        for line in lines:
+                            row = json.loads(line)
+                            row["weight"] = weights[c]
+                            data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+                            f.write(data)
+                            digest.update(data)
+                            docs += 1
+            if docs != share.documents[c]:
+                raise UserError(f"{parts}: cluster {c} has {docs} documents in the part files but "
+                                f"{int(share.documents[c])} were assigned (files changed during the run?); remove "
+                                f"{parts.parent} and run `nichelm select` again")
+            rows.append({"cluster": c, "file": cluster_file(c), "documents": docs, "tokens": int(share.tokens[c]),
+                         "sha256": digest.hexdigest()})
+        ClusterFit(spec.embedding, spec.window_chars, spec.seed, spec.by_tokens, spec.embed,
+                   np.asarray(spec.centres)).save(staged)
+        fsync_tree(staged)
+        replace_dir(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return {"folder": str(out), "documents": int(share.documents.sum()), "tokens": int(share.tokens.sum()),
+            "clusters": rows}
+
+
+@dataclass
+class ClusterFit:
+    """The k-means fit of a partition (its folder's fit.npz + fit.json): the embedding and the centres.
+    A text's cluster, and a target's histogram, are computed with it as select computed them, so a new
+    target (another project) can be placed among the clusters its experts were trained on."""
+    embedding: str
+    window_chars: int
+    seed: int
+    by_tokens: bool                 # the histogram's unit: tokens (select.tokens) or documents
+    embed: dict[str, np.ndarray]
+    centres: np.ndarray
+
+    def save(self, folder: Path) -> None:
+        with open(folder / FIT_NPZ, "wb") as f:      # inside a staged folder: fsync'd with it
+            np.savez(f, centres=self.centres, **{f"embed_{k}": v for k, v in self.embed.items()})
+        atomic_write_json(folder / FIT_JSON, {"embedding": self.embedding, "window_chars": self.window_chars,
+                                              "seed": self.seed, "by_tokens": self.by_tokens,
+                                              "k": len(self.centres)})
+
+    @classmethod
+    def load(cls, folder: Path) -> "ClusterFit":
+        folder = Path(folder)
+        try:
+            settings = json.loads((folder / FIT_JSON).read_text(encoding="utf-8"))
+            with np.load(folder / FIT_NPZ, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+        except (OSError, ValueError) as e:
+            raise UserError(f"{folder}: no readable k-means fit ({FIT_JSON}, {FIT_NPZ}: {e}); run `nichelm select` "
+                            "with select.partition = true again") from None
+        embed = {k.removeprefix("embed_"): v for k, v in arrays.items() if k.startswith("embed_")}
+        return cls(settings["embedding"], settings["window_chars"], settings["seed"], settings["by_tokens"], embed,
+                   arrays["centres"])
+
+    def clusters(self, texts: list[str]) -> np.ndarray:
+        embedder = _embedder(self.embedding, self.window_chars, self.seed, TokenHashes()).load(self.embed)
+        return nearest(embedder.embed(texts), self.centres) if texts else np.zeros(0, np.int64)
+
+    def histogram(self, texts: list[str]) -> np.ndarray:
+        """Each cluster's share of the texts, in documents or (by_tokens) wordpunct tokens: select's target_share."""
+        from nichelm.selection.core import featurize_counts
+        tokens = featurize_counts(texts, 16, TokenHashes())[1] if self.by_tokens else None
+        units = np.bincount(self.clusters(texts), weights=tokens, minlength=len(self.centres)).astype(np.float64)
+        return units / max(units.sum(), 1e-12)

@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -44,6 +45,7 @@ from nichelm.selection.records import Corpus, Record
 # every scoring task holds one (peak of one scoring process: 210 MB with 4 MB batches, 99 MB with 1 MB)
 BATCH_CHARS = 1_000_000
 LOG_EVERY_S = 30.0
+WORK = ".work"           # RUN/select/.work: the tasks' files and the partition's parts, removed once select is done
 
 
 @dataclass(slots=True)
@@ -99,6 +101,7 @@ class Selection:
     target_counts: np.ndarray | None = None   # ... and of the target: DSIR's KL measure compares them
     facts: dict = field(default_factory=dict)
     clusters: list[dict] | None = None   # clusters: per cluster target/generic shares, weight, quota
+    partition: dict | None = None        # select.partition: the cluster files written (clusters.write_partition)
 
 
 class Progress:
@@ -191,14 +194,20 @@ def featurize_counts(texts: list[str], n_buckets: int, hashes: TokenHashes) -> t
 # ------------------------------------------------------------------ the two methods
 
 def select_corpus(corpus: Corpus, target: list[str], cfg: SelectConfig, seed: int, log=_log,
-                  scorer=None) -> Selection:
+                  scorer=None, partition: Path | None = None) -> Selection:
     """Choose documents of `corpus` (re-readable) that look like the `target` texts.
 
     cfg gives the method, size (documents / tokens / fraction), mode, buckets, k and the rest
     (config.SelectConfig); `seed` is the seed to use (the caller resolves select.seed = -1).
     `scorer(corpus, spec, into, log) -> stats` scores the documents outside the fit sample into `into`
     (spec: DsirScoring, into its heap; clusters.ClusterScoring, into its per-cluster heaps) (default
-    local_scorer: this process; nichelm.selection.parallel: datatrove tasks)."""
+    local_scorer: this process; nichelm.selection.parallel: datatrove tasks).
+    partition (method clusters only): a folder to write every document that passes min_tokens into, one
+    jsonl per cluster (clusters.write_partition); the processes' parts wait in partition.parent/.work/parts,
+    which the caller removes (select_project removes .work)."""
+    if partition is not None and cfg.method != "clusters":
+        raise UserError("select.partition = true needs select.method = \"clusters\" (the partition is by k-means "
+                        "cluster): set method = \"clusters\" or remove partition")
     t0 = time.monotonic()
     hashes = TokenHashes()
     target_counts, target_tokens = featurize_counts(target, cfg.buckets, hashes)
@@ -220,7 +229,7 @@ def select_corpus(corpus: Corpus, target: list[str], cfg: SelectConfig, seed: in
                           scorer or local_scorer)
     else:
         selection = _clusters(corpus, sample, target, target_tokens, cfg, seed, size, by_tokens, hashes, log,
-                              scorer or local_scorer)
+                              scorer or local_scorer, partition)
     selection.target_counts = target_counts
     selection.facts = {**facts, **selection.facts, "seconds": round(time.monotonic() - t0, 3)}
     return selection
@@ -252,8 +261,8 @@ class DsirScoring:
         return cls(arrays["log_diff"], arrays["skip"], settings["seed"], settings["mode"], settings["min_tokens"],
                    settings["size"], settings["by_tokens"])
 
-    def new_share(self) -> BudgetHeap:
-        return BudgetHeap(self.size)
+    def new_share(self, part: str = "") -> BudgetHeap:
+        return BudgetHeap(self.size)         # part: a partition's, which only clusters writes
 
     def score(self, items: Iterable[tuple[int, Record]], log=_log, into: BudgetHeap | None = None,
               what: str = "scoring") -> tuple[BudgetHeap, Counter]:
@@ -338,10 +347,11 @@ def _dsir(corpus: Corpus, sample, target_counts, cfg: SelectConfig, seed: int, s
 
 
 def _clusters(corpus: Corpus, sample, target: list[str], target_tokens: np.ndarray, cfg: SelectConfig, seed: int,
-              size: float, by_tokens: bool, hashes: TokenHashes, log, scorer) -> Selection:
+              size: float, by_tokens: bool, hashes: TokenHashes, log, scorer, partition: Path | None) -> Selection:
     from sklearn.cluster import MiniBatchKMeans
 
-    from nichelm.selection.clusters import ClusterScoring, default_k, make_embedder, nearest, quotas, repeat_to_quota
+    from nichelm.selection.clusters import (ClusterScoring, default_k, make_embedder, nearest, quotas, repeat_to_quota,
+                                            write_partition)
     texts = [r.text for _, r in sample]
     generic_counts, sample_tokens = featurize_counts(texts, cfg.buckets, hashes)
     embedder = make_embedder(cfg, seed, hashes)
@@ -358,10 +368,12 @@ def _clusters(corpus: Corpus, sample, target: list[str], target_tokens: np.ndarr
     quota = quotas(target_units * selectable, size, integer=not by_tokens)
     spec = ClusterScoring(cfg.embedding, cfg.window_chars, embedder.arrays(), centres, quota,
                           np.array(sorted(o for o, _ in sample), np.int64), seed, cfg.min_tokens, by_tokens,
-                          embedder=embedder)
+                          str(partition.parent / WORK / "parts") if partition is not None else "", embedder=embedder)
     share, stats = spec.new_share(), Counter()
     for (o, r), c, n in zip(sample, sample_clusters, sample_tokens):
-        spec.consider(share, stats, o, r.source, r.id, int(c), int(n))
+        spec.consider(share, stats, o, r, int(c), int(n))
+    if share.writer is not None:
+        share.writer.flush()             # the fit sample's part, before the tasks write theirs
     sample.clear()                       # the caller's list too: the sample's texts are not needed any more
     del texts, emb
     stats.update(scorer(corpus, spec, share, log))
@@ -377,7 +389,10 @@ def _clusters(corpus: Corpus, sample, target: list[str], target_tokens: np.ndarr
     table = [{"cluster": c, "target_share": float(p_target[c]), "generic_share": float(p_generic[c]),
               "log_weight": float(log_w[c]) if np.isfinite(log_w[c]) else None, "quota": float(quota[c])}
              for c in range(k)]
+    if partition is not None:
+        log(f"writing the partition: {int(share.documents.sum()):,} documents into {k} cluster files in {partition}")
     return Selection(picks, generic_counts, clusters=table,
+                     partition=write_partition(spec, share, log_w, partition) if partition is not None else None,
                      facts={"k": k, "embedding": cfg.embedding, "eligible_documents": stats["scored"],
                             "too_short_documents": stats["too_short"]})
 

@@ -40,9 +40,8 @@ from nichelm.config import Project
 from nichelm.errors import UserError
 from nichelm.io import atomic_file, atomic_write_json
 from nichelm.selection.clusters import ClusterScoring
-from nichelm.selection.core import DsirScoring, local_scorer
+from nichelm.selection.core import WORK, DsirScoring, local_scorer
 
-WORK = ".work"
 TASK_BYTES = 256 << 20          # slurm/ray without --tasks or --workers: a task per this much generic input
 SPECS = {"dsir": DsirScoring, "clusters": ClusterScoring}
 
@@ -100,6 +99,7 @@ class ScoreShare(PipelineStep):
         what = "scoring" if spec.method == "dsir" else "embedding and assigning clusters"
         share, stats = spec.score(generic_corpus(self.project).read_from(checkpoint, count),
                                   log=lambda msg: print(f"select: {msg}", file=sys.stderr, flush=True),
+                                  into=spec.new_share(f"task-{rank:05d}"),      # its part of a partition
                                   what=f"{what} (share {rank + 1} of {world_size})")
         with atomic_file(heap_path(work, rank)) as f:
             np.savez(f, **spec.share_arrays(share, stats))

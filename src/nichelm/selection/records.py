@@ -48,6 +48,18 @@ class Record:
     origin: str = ""     # the record's own "source" field (where it came from), if any
 
 
+def record_row(rec: Record, cluster: int | None, weight: float | None) -> dict:
+    """A record as a line of select's outputs (selected.jsonl, the partition's cluster files): id, text,
+    source, licence, cluster, weight, and the record's domain and origin when it has them."""
+    row = {"id": rec.id, "text": rec.text, "source": rec.source, "licence": rec.licence or "unspecified",
+           "cluster": cluster, "weight": weight}
+    if rec.domain:
+        row["domain"] = rec.domain
+    if rec.origin:
+        row["origin"] = rec.origin
+    return row
+
+
 def _files(path: Path, fmt: str) -> list[tuple[str, Path]]:
     """(name relative to the source path, file) of a source, sorted; a single file is itself."""
     if path.is_file():
