@@ -342,11 +342,15 @@ tokens = {pretrain}
 
 
 def _phases_pn(pretrain: int, finetune: int, clusters: int) -> str:
-    return f"""# 1. once: cluster the generic corpus (select.method = "clusters", select.k = {clusters}) and
-#    train a projected network on it, each example through its cluster's expert, for {pretrain} tokens
-#    (issue 14 items 2-3; SLM-mix instead: one small model per cluster, {pretrain // clusters} tokens each).
-# 2. each specialization: `nichelm specialize` its target's mix of experts into a plain model
-#    (SLM-mix: the expert of its most frequent cluster), set init_from = that run in [train], then
+    return f"""# 1. once: cluster the generic corpus into one file per cluster (select.method = "clusters",
+#    select.k = {clusters}, select.partition = true: RUN/select/clusters/cluster-NNNN.jsonl), prepare each,
+#    and train a projected network ([model.projected] clusters = {clusters}) for {pretrain} tokens with one
+#    phase whose data lists the {clusters} prepared folders, cluster 0 first (each row runs its cluster's
+#    expert). SLM-mix instead: one small model per cluster file, {pretrain // clusters} tokens each
+#    (examples/slm_mix).
+# 2. each specialization: `nichelm specialize PROJECT --target` makes its target's mix of experts a plain
+#    model (SLM-mix: `--pick-expert EXPERTS`, the expert of its most frequent cluster); set init_from =
+#    that run in [train], then
 """ + _finetune(finetune)
 
 
