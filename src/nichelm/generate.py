@@ -24,7 +24,7 @@ overwritten by the output before any query sees them, as padding is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -69,6 +69,21 @@ class Rows:
     expect: torch.Tensor     # (B,) where in src `last` is expected
     token_chars: torch.Tensor | None = None    # (vocab,) characters of each token, for re-aligning
     logp: torch.Tensor | None = None           # (B,) summed log-probs of the output so far (score=True)
+
+
+    def take(self, rows: torch.Tensor) -> "Rows":
+        """These rows' state (copies), for a step of only them; put() writes it back."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rows(**{name: v[rows] if torch.is_tensor(v) and name not in SHARED else v for name, v in state.items()})
+
+    def put(self, rows: torch.Tensor, part: "Rows") -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if torch.is_tensor(v) and f.name not in SHARED:
+                v[rows] = getattr(part, f.name)
+
+
+SHARED = {"token_chars"}     # Rows fields that are not per row
 
 
 def align_to_source(src, src_ok, last, prev, expect, token_chars=None):
@@ -119,7 +134,8 @@ def prefill_step(model: GPT, cache: SlotCache, rows: torch.Tensor, tokens: torch
     return pred, top, following, copy_logp
 
 
-def decode_step(model: GPT, cache: SlotCache, rows: Rows, keys: int, end_id: int, draft_len: int):
+def decode_step(model: GPT, cache: SlotCache, rows: Rows, keys: int, end_id: int, draft_len: int,
+                active: torch.Tensor | None = None):
     """One step for every row, in one function so torch.compile makes it one graph.
 
     Each row feeds its last token and, with draft_len > 0, a draft of draft_len tokens copied
@@ -127,7 +143,15 @@ def decode_step(model: GPT, cache: SlotCache, rows: Rows, keys: int, end_id: int
     argmax at each fed position is its greedy next token there, so the leading drafts it agrees
     with are accepted and its token after them comes free: 1 to draft_len + 1 new tokens a row.
     `keys` is how many cache slots the step may see (past every row's last fed slot).
-    Updates `rows` in place."""
+    active: the rows that step, when the others are idle (end of a batch): the forward then runs
+    only those, with the same results. Updates `rows` in place."""
+    if active is not None:
+        part = rows.take(active)
+        cache.rows = active[:, None]
+        decode_step(model, cache, part, keys, end_id, draft_len)
+        cache.rows = cache.all_rows
+        rows.put(active, part)
+        return
     j = torch.arange(draft_len + 1, device=rows.last.device)
     if draft_len:
         anchor = align_to_source(rows.src, rows.src_ok, rows.last, rows.prev, rows.expect, rows.token_chars)
@@ -181,6 +205,7 @@ def compile_for_decoding() -> Steps:
 
 
 REFILL_SHARE = 8      # refill finished rows once 1/REFILL_SHARE of the batch (or all of it) is free
+IDLE_SHARE = 4        # a step runs only the busy rows once 1/IDLE_SHARE of the batch is idle
 
 
 @torch.no_grad()
@@ -228,7 +253,10 @@ def generate(model: GPT, prompts: list[list[int]], max_new: list[int], end_id: i
                 holds[r], done[r], pos[r] = i, admitted_done[r], admitted_pos[r]
         running = [r for r in range(B) if holds[r] is not None and not done[r]]
         if running:                                 # keys: past every running row's last fed slot
-            steps.decode(model, cache, rows, min(max(pos[r] for r in running) + k + 1, capacity), end_id, k)
+            # a quarter or more of the rows idle (the batch's tail): step only the others (BENCHMARKS.md)
+            active = torch.tensor(running, device=device) if len(running) * IDLE_SHARE <= B * (IDLE_SHARE - 1) \
+                else None
+            steps.decode(model, cache, rows, min(max(pos[r] for r in running) + k + 1, capacity), end_id, k, active)
         elif all(h is None for h in holds):
             break
         done, pos = rows.done.tolist(), rows.pos.tolist()       # the one wait for the device per step

@@ -132,8 +132,8 @@ class SlotCache:
 
     A row's entry for position p lives in slot p. Before each forward the caller says which rows
     write (`rows`, (R, 1)) and where (`slots`, (R, T)): a step writes each row's new tokens at its
-    own positions, and prompts are written into the rows that take them while the other rows keep
-    theirs. Attention then sees the whole cache and the mask decides which slots count; slots
+    own positions (a step of some rows only attends over those rows' caches), and prompts are written
+    into the rows that take them while the other rows keep theirs. Attention then sees the whole cache and the mask decides which slots count; slots
     past a row's position may hold stale entries, which a causal mask never shows. With
     `prefill`, attention uses only the forward's own entries (a whole prompt, causal).
     """
@@ -151,7 +151,9 @@ class SlotCache:
         self.v[layer][self.rows, :, self.slots] = v.transpose(1, 2)
         if self.prefill:
             return k, v
-        return self.k[layer], self.v[layer]
+        if self.rows is self.all_rows:
+            return self.k[layer], self.v[layer]
+        return self.k[layer][self.rows[:, 0]], self.v[layer][self.rows[:, 0]]    # a step of some rows only
 
 
 def decode_attention(q, k, v, bias):
