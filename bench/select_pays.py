@@ -4,26 +4,25 @@ random generic sample of the same size, then compare their specialized perplexit
     python bench/select_pays.py [--domains arxiv,health,legislation] [--steps 60] [--out FILE]
 
 The defaults are the recorded run (BENCHMARKS.md): 9 trainings of 60 steps x 16 rows x 128 tokens, about
-30 minutes on a busy 2-core CPU (1-4 minutes a training there; far less alone).
+2 minutes on a 2-core CPU with one torch thread (~9 s a training); up to 30 minutes when the machine is busy.
 
 For each target domain D of ../shared/data/generic (README there), from D's documents in a seeded order:
 --heldout documents of held-out target text (perplexity only), --target-chars of target text (the
 `role = "target"` source select matches), then --pool-chars of D in the generic pool; every other domain
-adds --pool-chars of its own documents to the pool. Three training sets of the same size are drawn from
-the pool: `nichelm select` with method clusters and with method dsir (a project file with the pool as the
-`role = "generic"` source and the target as the `role = "target"` source, select.tokens = --select-tokens),
-and a seeded random sample of the pool's documents (those of at least select.min_tokens words, as select
-requires) with as many wordpunct tokens as the dsir selection. Each set then trains the same model for the
-same steps of the same rows (--steps x batch_size x block_size tokens) through the normal path (a project
-file, nichelm.prepare.prepare, nichelm.train.train) and is scored with nichelm.perplexity on the held-out
-text: token perplexity (each run has its own tokenizer, trained on its own data, as prepare does) and
-bits per byte of the text (comparable across tokenizers; the criterion).
+adds --pool-chars of its own documents to the pool.
 
-Plain-text pre-training through the project format: a project has no language-model task (every example is
-prompt(input) + output, and prepare drops examples with an empty input), so each document is cut into
-windows of about --window-chars characters at whitespace and each window becomes a `pairs` example whose
-input is a unique 6-character tag (meaningless, no domain in it) and whose output is the text: the loss
-counts output tokens only, so the model learns p(text | tag), language-model pre-training on the text.
+Each arm is one pre-training project, run as a user runs it (nichelm.selection.select_project, then
+nichelm.prepare.prepare and nichelm.train.train): task type "language-model" (plain text, every window
+of --window-chars characters an example with an empty input, the loss on all of its tokens), and the same
+tokenizer size, model, steps and rows (--steps x batch_size x block_size tokens) for all. The two selection
+arms give the pool as the `role = "generic"` source and the target as the `role = "target"` source with
+[select] method = clusters or dsir, select.tokens = --select-tokens: select writes RUN/select/selected.jsonl
+and prepare reads that selection as the project's one clean source (prepare.with_selection; the target
+itself is not training text). The random arm's one clean source is a seeded random sample of the pool's
+documents (those of at least select.min_tokens words, as select requires) with as many wordpunct tokens as
+the dsir selection. Each run is scored with nichelm.perplexity on the held-out text: token perplexity (each
+run has its own tokenizer, trained on its own data, as prepare does) and bits per byte of the text
+(comparable across tokenizers; the criterion).
 
 Criterion (issue 13, "It pays"): for >= 3 target domains, clusters and dsir both below random in bits per
 byte. Prints one JSON object (also written to --out).
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from select_reference import SHARED, skipped_without  # noqa: E402
 
 ARMS = ("clusters", "dsir", "random")
+LICENCE = "per document (shared generic corpus)"
 
 
 def _key(seed: int, doc_id: str) -> str:
@@ -70,7 +70,8 @@ def take_chars(docs: list[dict], start: int, chars: int) -> tuple[list[dict], in
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write the rows, unless the file already holds exactly them (its mtime then stays, so a re-run of
-    the bench in the same --work folder reuses the selections: select's fingerprint includes mtimes)."""
+    the bench in the same --work folder reuses the selections and prepared data: their fingerprints
+    include mtimes)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
@@ -78,43 +79,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def windows(text: str, size: int) -> list[str]:
-    """The text cut into pieces of at most about `size` characters, at whitespace when there is some."""
-    out, start = [], 0
-    text = text.strip()
-    while start < len(text):
-        end = min(start + size, len(text))
-        if end < len(text):
-            cut = text.rfind(" ", start + size // 2, end)
-            cut = max(cut, text.rfind("\n", start + size // 2, end))
-            end = cut if cut > start else end
-        piece = text[start:end].strip()
-        if piece:
-            out.append(piece)
-        start = end
-    return out
-
-
-def lm_examples(docs: list[dict], size: int) -> list[dict]:
-    """`pairs` rows of plain-text pre-training: input a unique tag, output a window of the text."""
-    rows = []
-    for d in docs:
-        for w, piece in enumerate(windows(d["text"], size)):
-            tag = hashlib.blake2b(f"{d['id']}\x00{w}".encode(), digest_size=3).hexdigest()
-            rows.append({"id": f"{d['id']}#{w}", "input": tag, "output": piece})
-    return rows
-
-
-SELECT_TOML = """run_dir = "{run}"
-seed = {seed}
-
-[[sources]]
+# the two selection arms: select reads the pool and the target, prepare then reads only the selection
+SELECTED_SOURCES = f"""[[sources]]
 name = "pool"
 path = "pool.jsonl"
 format = "jsonl"
 role = "generic"
 id_field = "id"
-licence = "per document (shared generic corpus)"
+licence = "{LICENCE}"
 
 [[sources]]
 name = "target"
@@ -123,27 +95,33 @@ format = "jsonl"
 role = "target"
 split = "train"
 id_field = "id"
-licence = "per document (shared generic corpus)"
+licence = "{LICENCE}"
 
 [select]
-method = "{method}"
-tokens = {tokens}
+method = "{{method}}"
+tokens = {{tokens}}
+"""
+
+# the random arm: its sample, as clean text (the fields select's output is read with)
+RANDOM_SOURCES = f"""[[sources]]
+name = "random"
+path = "random.jsonl"
+format = "jsonl"
+role = "clean"
+input_field = ""
+output_field = "text"
+id_field = "id"
+licence = "{LICENCE}"
 """
 
 LM_TOML = """run_dir = "{run}"
 seed = {seed}
 
 [task]
+type = "language-model"
 window_chars = {window}
 
-[[sources]]
-name = "{arm}"
-path = "{data}"
-format = "jsonl"
-role = "pairs"
-id_field = "id"
-licence = "per document (shared generic corpus)"
-
+{sources}
 [split]
 val_fraction = {val}
 test_fraction = 0.0
@@ -170,17 +148,27 @@ compile = false
 """
 
 
-def select_arm(work: Path, method: str, tokens: int, seed: int) -> tuple[list[dict], dict]:
-    """`nichelm select` on the pool: the chosen documents (copies included) and selection.json."""
+def write_project(work: Path, arm: str, sources: str, args) -> Path:
+    """RUN's project file of one arm (relative source paths are read beside it, in `work`)."""
+    toml = work / f"lm-{arm}.toml"
+    toml.write_text(LM_TOML.format(run=work / f"lm-{arm}", seed=args.seed, window=args.window_chars,
+                                   sources=sources, val=args.val_fraction, vocab=args.vocab, preset=args.preset,
+                                   block=args.block, steps=args.steps, batch=args.batch,
+                                   warmup=max(1, args.steps // 10), threads=args.threads),
+                    encoding="utf-8")
+    return toml
+
+
+def select_arm(work: Path, method: str, args) -> tuple[Path, list[dict], dict]:
+    """The arm's project file, the documents `nichelm select` chose from the pool (copies included) and
+    selection.json. prepare, run next on the same project, finds this selection up to date and reuses it."""
     from nichelm.config import load_project
     from nichelm.selection import select_project
-    toml = work / f"select-{method}.toml"
-    toml.write_text(SELECT_TOML.format(run=work / f"select-{method}", seed=seed, method=method, tokens=tokens),
-                    encoding="utf-8")
+    toml = write_project(work, method, SELECTED_SOURCES.format(method=method, tokens=args.select_tokens), args)
     report = select_project(load_project(toml), log=lambda msg: None)
     with open(report["output"], encoding="utf-8") as f:
         docs = [json.loads(line) for line in f]
-    return docs, report
+    return toml, docs, report
 
 
 def random_arm(pool: list[dict], tokens: int, min_tokens: int, seed: int) -> list[dict]:
@@ -200,20 +188,12 @@ def random_arm(pool: list[dict], tokens: int, min_tokens: int, seed: int) -> lis
     return out
 
 
-def train_arm(work: Path, arm: str, docs: list[dict], heldout: list[str], domain: str, args) -> dict:
-    """prepare + train the LM project of one training set; its perplexity on the held-out text."""
+def train_arm(toml: Path, docs: list[dict], heldout: list[str], domain: str) -> dict:
+    """prepare + train one arm's language-model project; its perplexity on the held-out text."""
     from nichelm.config import load_project
     from nichelm.perplexity import load_model, perplexity_report
     from nichelm.prepare import prepare
     from nichelm.train import train
-    data = work / f"lm-{arm}.jsonl"
-    write_jsonl(data, lm_examples(docs, args.window_chars))
-    toml = work / f"lm-{arm}.toml"
-    toml.write_text(LM_TOML.format(run=work / f"lm-{arm}", seed=args.seed, window=args.window_chars + 200, arm=arm,
-                                   data=data.name, vocab=args.vocab, preset=args.preset, block=args.block,
-                                   steps=args.steps, batch=args.batch, warmup=max(1, args.steps // 10),
-                                   threads=args.threads, val=args.val_fraction),
-                    encoding="utf-8")
     project = load_project(toml)
     t0 = time.monotonic()
     manifest = prepare(project)                  # reused when the data and settings are unchanged
@@ -243,7 +223,10 @@ def _last(summary, key):
     return round(value, 4) if isinstance(value, (int, float)) else None
 
 
-def run_domain(domain: str, all_docs: dict[str, list[dict]], root: Path, args) -> dict:
+KEEP = ("id", "text", "domain", "licence", "source")
+
+
+def run_domain(domain: str, all_docs: dict[str, list[dict]], args) -> dict:
     work = Path(args.work) / domain
     work.mkdir(parents=True, exist_ok=True)
     mine = all_docs[domain]
@@ -253,28 +236,28 @@ def run_domain(domain: str, all_docs: dict[str, list[dict]], root: Path, args) -
     for other, docs in all_docs.items():
         if other != domain:
             pool += take_chars(docs, 0, args.pool_chars)[0]
-    keep = ("id", "text", "domain", "licence", "source")
-    write_jsonl(work / "pool.jsonl", [{k: d[k] for k in keep if k in d} for d in pool])
-    write_jsonl(work / "target.jsonl", [{k: d[k] for k in keep if k in d} for d in target])
+    write_jsonl(work / "pool.jsonl", [{k: d[k] for k in KEEP if k in d} for d in pool])
+    write_jsonl(work / "target.jsonl", [{k: d[k] for k in KEEP if k in d} for d in target])
     heldout_texts = [d["text"][:args.heldout_chars] for d in heldout]
     row = {"pool_documents": len(pool), "pool_chars": sum(len(d["text"]) for d in pool),
            "pool_domain_share": round(sum(d["domain"] == domain for d in pool) / len(pool), 4),
            "target_documents": len(target), "heldout_documents": len(heldout),
            "heldout_chars": sum(len(t) for t in heldout_texts), "arms": {}}
-    sets = {}
+    projects, sets = {}, {}
     for method in ("clusters", "dsir"):
-        docs, report = select_arm(work, method, args.select_tokens, args.seed)
-        sets[method] = docs
+        projects[method], sets[method], report = select_arm(work, method, args)
         row["arms"][method] = {"selected_tokens": report["selected"]["tokens"],
                                "domain_share": round(report["per_domain"].get(domain, {}).get("share", 0.0), 4),
                                "kl_reduction": round(report["kl"]["reduction"], 4)}
     sets["random"] = random_arm(pool, row["arms"]["dsir"]["selected_tokens"], 100, args.seed)
+    write_jsonl(work / "random.jsonl", [{k: d[k] for k in KEEP if k in d} for d in sets["random"]])
+    projects["random"] = write_project(work, "random", RANDOM_SOURCES, args)
     from nichelm.selection.features import tokenize
     row["arms"]["random"] = {"selected_tokens": sum(len(tokenize(d["text"])) for d in sets["random"]),
                              "domain_share": round(sum(d["domain"] == domain for d in sets["random"])
                                                    / max(len(sets["random"]), 1), 4)}
     for arm in ARMS:
-        row["arms"][arm].update(train_arm(work, arm, sets[arm], heldout_texts, domain, args))
+        row["arms"][arm].update(train_arm(projects[arm], sets[arm], heldout_texts, domain))
         print(f"{domain} {arm}: {row['arms'][arm]}", file=sys.stderr, flush=True)
     rnd = row["arms"]["random"]["bits_per_byte"]
     row["pays"] = {m: row["arms"][m]["bits_per_byte"] < rnd for m in ("clusters", "dsir")}
@@ -290,13 +273,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--target-chars", type=int, default=400_000, help="target text select matches")
     ap.add_argument("--pool-chars", type=int, default=1_000_000, help="characters of each domain in the pool")
     ap.add_argument("--select-tokens", type=int, default=100_000, help="select.tokens (wordpunct tokens)")
-    ap.add_argument("--window-chars", type=int, default=400, help="characters of text per training example")
+    ap.add_argument("--window-chars", type=int, default=400, help="task.window_chars: characters per example")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--preset", default="nano")
     ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--val-fraction", type=float, default=0.02, help="training windows kept for the val loss")
+    # the split is by document (the tag trick's was by window): 10% keeps 9+ val documents in every arm of the
+    # recorded run (at 2% or 5% of its ~130 documents the random arm of health had none: prepare refuses that)
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="documents kept for the val loss")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of training (0: torch's default)")
     ap.add_argument("--work", default="/tmp/select-pays")
     ap.add_argument("--data", default=str(SHARED), help="the shared generic corpus folder")
@@ -314,7 +299,7 @@ def main(argv=None) -> dict:
                         "token perplexity beside it", "domains": {}}
     t0 = time.monotonic()
     for domain in args.domains.split(","):
-        result["domains"][domain] = run_domain(domain, all_docs, root, args)
+        result["domains"][domain] = run_domain(domain, all_docs, args)
     result["criterion"] = {m: sum(r["pays"][m] for r in result["domains"].values()) for m in ("clusters", "dsir")}
     result["pays"] = all(n >= min(3, len(result["domains"])) for n in result["criterion"].values())
     result["seconds"] = round(time.monotonic() - t0, 1)

@@ -625,6 +625,10 @@ def test_select_pays_bench_runs_end_to_end_small(tmp_path):
     assert abs(arms["random"]["selected_tokens"] / arms["dsir"]["selected_tokens"] - 1) < 0.2
     assert min(a["selected_tokens"] for a in arms.values()) >= 4000
     assert all(a["bits_per_byte"] > 0 and a["heldout_tokens"] > 0 for a in arms.values())
+    for arm in ("dsir", "random"):           # plain-text pre-training: the language-model task, the selection as
+        assert json.loads((tmp_path / "health" / f"lm-{arm}" / "task.json").read_text())["type"] == "language-model"
+    manifest = json.loads((tmp_path / "health" / "lm-dsir" / "data" / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["sources"]] == ["selected"]         # its one clean source
 
 
 def test_select_scale_bench_runs_end_to_end_small(tmp_path):
