@@ -199,3 +199,130 @@ def test_format_names_every_finding_it_uses():
     text = format_plan(plan)
     for r in plan.reasons:
         assert FINDINGS[r.finding][1] in text
+
+
+# --- --pilot: measured on the project's own generic corpus and target ------------------------------------------
+
+def _pilot_project(tmp_path, target_docs=30, generic=True, target=True):
+    """A generic pool of three synthetic domains (law, med, code) and a target that is clearly one of them (med)."""
+    import gzip
+    import random
+    from tests.test_select import make_doc, make_pool
+    with gzip.open(tmp_path / "generic.jsonl.gz", "wt") as f:
+        for r in make_pool({"law": 60, "med": 30, "code": 60}):
+            f.write(json.dumps({"id": r.id, "text": r.text, "domain": r.domain}) + "\n")
+    rng = random.Random(5)
+    (tmp_path / "target.jsonl").write_text("".join(json.dumps({"text": make_doc("med", rng)}) + "\n"
+                                                   for _ in range(target_docs)))
+    pool = ('[[sources]]\nname = "web"\npath = "generic.jsonl.gz"\nformat = "jsonl"\nrole = "generic"\n'
+            'id_field = "id"\nlicence = "mixed"\n')
+    mine = '[[sources]]\nname = "mine"\npath = "target.jsonl"\nformat = "jsonl"\nrole = "target"\n'
+    proj = tmp_path / "project.toml"
+    proj.write_text(f"""run_dir = "{tmp_path / 'run'}"
+{pool if generic else ''}
+{mine if target else ''}
+[split]
+val_fraction = 0.1
+test_fraction = 0.1
+[select]
+min_tokens = 0
+k = 3
+tokens = 3000
+""")
+    return proj
+
+
+PILOT = ["--pilot", "--pilot-tokens", "4000", "--pilot-steps", "3"]
+
+
+def test_pilot_measures_both_arms_and_the_plan_cites_them(tmp_path, capsys):
+    """The target is all one domain: the selection beats random generic text on held-out target text, one cluster
+    holds it (so SLM-pn's runner-up is the one expert of SLM-mix), the reasons cite "pilot"; a second run reuses
+    RUN/plan-pilot, --force runs it again."""
+    proj = _pilot_project(tmp_path)
+    assert main(["plan", str(proj), *PILOT, *ARGS[1:], "--json"]) == 0
+    out, err = capsys.readouterr()
+    d = json.loads(out)                                              # progress went to stderr, not into the JSON
+    assert "plan --pilot: selected:" in err and "plan --pilot: random:" in err
+    pilot = d["pilot"]
+    sel, rnd = pilot["arms"]["selected"], pilot["arms"]["random"]
+    assert sel["heldout_tokens"] > 0 and rnd["heldout_tokens"] > 0 and pilot["target"]["heldout_documents"] >= 1
+    assert abs(rnd["tokens"] / sel["tokens"] - 1) < 0.2 and min(sel["tokens"], rnd["tokens"]) >= 4000
+    assert 0 < sel["bits_per_byte"] < rnd["bits_per_byte"]          # the med selection fits med text better
+    assert pilot["gap_bits_per_byte"] == pytest.approx(rnd["bits_per_byte"] - sel["bits_per_byte"])
+    c = pilot["clusters"]
+    assert c["k"] == 3 and c["top_share"] > 0.9 and c["effective_clusters"] < 1.5 and c["kl_target_generic"] > 0.5
+    assert (d["method"], d["alternative"]) == ("slm-pn", "slm-mix")
+    cited = [r["text"] for r in d["reasons"] if r["finding"] == "pilot"]
+    assert len(cited) == 3 and f"{sel['bits_per_byte']:.4f} bits/byte" in cited[0]
+    assert all(r["source"] == "measured here on your data by --pilot" for r in d["reasons"] if r["finding"] == "pilot")
+    folder = tmp_path / "run" / "plan-pilot"
+    assert pilot["folder"] == str(folder) and json.loads((folder / "pilot.json").read_text())["arms"] == pilot["arms"]
+    written = (folder / "pilot.json").stat().st_mtime_ns
+    assert main(["plan", str(proj), *PILOT, *ARGS[1:]]) == 0                # up to date: reused, in the text form
+    out, err = capsys.readouterr()
+    assert "reused" in err and (folder / "pilot.json").stat().st_mtime_ns == written
+    assert "[measured here on your data by --pilot]" in out and "No pilot runs" not in out
+    assert main(["plan", str(proj), *PILOT, *ARGS[1:], "--force"]) == 0
+    assert "reused" not in capsys.readouterr().err and (folder / "pilot.json").stat().st_mtime_ns != written
+
+
+def _pilot(rel_gap, top_share):
+    rnd = 2.0
+    return {"settings": {"preset": "nano", "steps": 60}, "folder": "RUN/plan-pilot",
+            "arms": {"selected": {"bits_per_byte": rnd * (1 - rel_gap), "tokens": 100_000},
+                     "random": {"bits_per_byte": rnd, "tokens": 100_100}},
+            "gap_bits_per_byte": rnd * rel_gap, "relative_gap": rel_gap,
+            "clusters": {"k": 8, "top_cluster": 3, "top_share": top_share, "effective_clusters": 2.0,
+                         "kl_target_generic": 1.0}}
+
+
+@pytest.mark.parametrize("budgets,rel_gap,top_share,alternative,says", [
+    (dict(pretrain_gpu_hours=400, **SMALL_GPU), 0.01, 0.9, "slm", "by less than 2%"),          # SLM-is, no gain
+    (dict(pretrain_gpu_hours=400, **SMALL_GPU), 0.10, 0.9, "slm", "pays for this target"),     # SLM-is, it pays
+    (dict(specializations=100, pretrain_gpu_hours=400, specialize_gpu_hours=0.1, **SMALL_GPU), 0.1, 0.8,
+     "slm-mix", "one cluster holds 80%"),                                                        # concentrated
+    (dict(specializations=100, pretrain_gpu_hours=400, specialize_gpu_hours=0.1, **SMALL_GPU), 0.1, 0.3,
+     "slm", "no cluster holds 50%"),                                                             # spread
+    (dict(specializations=100, pretrain_gpu_hours=1, specialize_gpu_hours=0.01, **SMALL_GPU), 0.1, 0.9,
+     "slm-is", "importance sampling (slm-is) would pay"),                                        # plain SLM
+])
+def test_pilot_figures_decide_the_runner_up_not_the_method(budgets, rel_gap, top_share, alternative, says):
+    from nichelm.plan import with_pilot
+    plan = recommend(scenario(**budgets))
+    piloted = with_pilot(plan, _pilot(rel_gap, top_share))
+    assert piloted.method == plan.method and piloted.alternative == alternative
+    assert piloted.reasons[:len(plan.reasons)] == plan.reasons and piloted.pilot["relative_gap"] == rel_gap
+    added = piloted.reasons[len(plan.reasons):]
+    assert all(r.finding == "pilot" for r in added) and says in added[-1].text
+    assert "measured here on your data by --pilot" in format_plan(piloted)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no project", "plan --pilot: give the project file"),
+    ("no generic", 'needs a generic corpus: add a [[sources]] entry with role = "generic"'),
+    ("small target", "train-split documents; the pilot holds out 20% of the target to score and selects against "
+                     "the rest, so it needs at least 5: add target text"),
+    ("no target", 'every source has role = "generic": select needs text to match; add a source with role = '
+                  '"target"'),
+    ("empty target", "target sources mine: 0 train-split documents;"),
+    ("zero steps", "--pilot-steps 0: give 1 or more"),
+])
+def test_pilot_bad_inputs_are_one_line_errors(tmp_path, capsys, case, match):
+    args = [*PILOT, *ARGS[1:]]
+    if case == "no project":
+        argv = ["plan", *args]
+    elif case == "no generic":
+        argv = ["plan", str(_pilot_project(tmp_path, generic=False)), *args]
+    elif case == "small target":
+        argv = ["plan", str(_pilot_project(tmp_path, target_docs=4)), *args]
+    elif case == "no target":
+        argv = ["plan", str(_pilot_project(tmp_path, target=False)), *args]
+    elif case == "empty target":
+        argv = ["plan", str(_pilot_project(tmp_path, target_docs=0)), *args]
+    else:
+        argv = ["plan", str(_pilot_project(tmp_path)), *args, "--pilot-steps", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nichelm: error: ") and match in err, err
+    assert not (tmp_path / "run" / "plan-pilot" / "pilot.json").exists()

@@ -171,7 +171,10 @@ def cmd_quickstart(args):
 
 
 def cmd_plan(args):
-    from nichelm.plan import Scenario, format_plan, parse_number, recommend
+    from nichelm.plan import Scenario, format_plan, parse_number, recommend, with_pilot
+    if args.pilot and args.project is None:
+        raise UserError("plan --pilot: give the project file (PROJECT) whose generic sources and target the pilot "
+                        "runs on")
     shape = {}
     if args.project is not None:             # the model family and shape settings of the user's project
         project = _project(args)
@@ -184,6 +187,11 @@ def cmd_plan(args):
         specialize_gpu_hours=parse_number("specialize-gpu-hours", args.specialize_gpu_hours),
         inference_tokens_per_s=parse_number("inference-tokens-per-s", args.inference_tokens_per_s),
         hardware=args.hardware, **shape))
+    if args.pilot:                           # measured on the project's data, after the budgets are checked
+        from nichelm.pilot import PilotSettings, run_pilot
+        given = {key: parse_number(f"pilot-{key}", value, integer=True)
+                 for key, value in (("tokens", args.pilot_tokens), ("steps", args.pilot_steps)) if value is not None}
+        plan = with_pilot(plan, run_pilot(project, PilotSettings(**given), force=args.force))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
 
 
@@ -360,7 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU-hours for each specialization once its data is at hand (default 0)")
     p.add_argument("--inference-tokens-per-s", metavar="Z", help="tokens/s one inference device must generate")
     p.add_argument("--hardware", default="cpu", help="the inference device: cpu (default) or gpu")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--pilot", action="store_true",
+                   help="also measure on PROJECT's generic sources and target (a few CPU minutes, RUN/plan-pilot/): "
+                        "a tiny model pre-trained on a selection vs random generic text, the target's clusters")
+    p.add_argument("--pilot-tokens", metavar="N",
+                   help="--pilot: the selection's size in words, the random sample's too (default 100k)")
+    p.add_argument("--pilot-steps", metavar="N", help="--pilot: training steps of each run (default 60)")
+    p.add_argument("--force", action="store_true", help="--pilot: run it again even when RUN/plan-pilot is up to date")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (with --pilot: its figures, \"pilot\")")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("quickstart", help="prepare, train and evaluate the embedded default on CPU")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")

@@ -27,8 +27,13 @@ when their data is at hand before pre-training ("Plan early!"): the number of sp
 
 Budgets become tokens through one FLOPs-per-token estimate (model.GPT.flops_per_token: 6N + attention for
 training, a third of it for a forward pass) and the throughputs INFERENCE_FLOPS and TRAIN_FLOPS. The model
-is built on torch's meta device to count it: no memory, no weights. Pilot runs on the user's own generic
-corpus and target (issue 14 item 4, second half) are not done yet: the plan comes from the findings alone.
+is built on torch's meta device to count it: no memory, no weights.
+
+With `--pilot` (nichelm.pilot), a few minutes of CPU measure on the project's own generic corpus and target
+what the choice hinges on, and `with_pilot` adds them to the reasons (finding "pilot"): whether a selection
+beats random generic text for a tiny model (bits per byte on held-out target text; under PILOT_MIN_GAP of the
+random arm's, SLM-is gets the runner-up SLM for a reason), and how concentrated the target is among the
+selection's clusters (a top share of MIX_TOP_SHARE or more: one expert, SLM-mix, is SLM-pn's runner-up).
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ FINDINGS = {
     "cap": ("a plan spends at most 2,000 pre-training tokens per parameter, about what Llama 3 8B was trained on "
             "(15T tokens); past it the budget is left unspent (a cap nichelm sets; not from the paper)",
             "nichelm; Meta, Llama 3 model card"),
+    "pilot": ("pilot runs on this project's own generic corpus and target: a tiny model pre-trained on a "
+              "clusters selection and on random generic text, scored on held-out target text",
+              "measured here on your data by --pilot"),
     "epochs": ("up to about 4 epochs of repeated data are worth nearly as much as fresh data (a rule of thumb "
                "nichelm adds; not from the paper)", "Muennighoff et al. 2023, arXiv 2305.16264"),
 }
@@ -81,6 +89,9 @@ IS_SHARE = 0.5              # SLM-is when one specialization's own pre-training 
 MAX_TOKENS_PER_PARAM = 2000 # pre-training spends at most this (Llama 3 8B: 15T tokens, ~1,900 per parameter);
                             # past it a budget is left unspent rather than spent on ever smaller returns
 MAX_CLUSTERS = 64
+PILOT_MIN_GAP = 0.02        # a selection pays when it beats random generic text by at least 2% of the random
+                            # arm's bits/byte in the pilot (a tiny model, a few steps: less is within its noise)
+MIX_TOP_SHARE = 0.5         # one expert (SLM-mix) covers a target when its largest cluster holds half of it
 
 
 @dataclass
@@ -122,6 +133,7 @@ class Plan:
     alternative: str = ""                # the runner-up method, when the findings name one
     gpu_hours: float = 0.0               # what the plan spends in all (pre-training + K x specialization)
     scenario: Scenario | None = None
+    pilot: dict | None = None            # nichelm.pilot's figures, when the plan was made with --pilot
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -298,6 +310,51 @@ def recommend(s: Scenario) -> Plan:
     return plan("slm", pretrain, finetune, _phases_slm(pretrain, finetune), cap=useful)
 
 
+def with_pilot(plan: Plan, pilot: dict) -> Plan:
+    """The plan with the pilot's measurements (nichelm.pilot.run_pilot) among its reasons: the method stays
+    the findings' choice; the runner-up follows what the pilot measured on this project's data."""
+    sel, rnd = pilot["arms"]["selected"], pilot["arms"]["random"]
+    gap, rel, c = pilot["gap_bits_per_byte"], pilot["relative_gap"], pilot["clusters"]
+    s = pilot["settings"]
+    pays = rel >= PILOT_MIN_GAP
+    reasons = [Reason(f"pilot: pre-training a {s['preset']} model for {s['steps']} steps on a clusters selection of "
+                      f"your generic corpus ({sel['tokens']:,} words) reached {sel['bits_per_byte']:.4f} bits/byte "
+                      f"on held-out target text vs {rnd['bits_per_byte']:.4f} for random generic text of the same "
+                      f"size (gap {gap:+.4f}, {rel:+.1%} of random's).", "pilot"),
+               Reason(f"pilot: the target's largest cluster (of {c['k']}) holds {c['top_share']:.0%} of it; effective "
+                      f"number of clusters {c['effective_clusters']:.1f}; KL(target || generic) over clusters "
+                      f"{c['kl_target_generic']:.2f} nats.", "pilot")]
+    threshold = f"nichelm's threshold is {PILOT_MIN_GAP:.0%} of the random arm's bits/byte"
+    alternative = plan.alternative
+    if plan.method == "slm-is" and not pays:
+        alternative = "slm"
+        reasons.append(Reason(f"pilot: the selection beat random text by less than {PILOT_MIN_GAP:.0%} "
+                              f"({threshold}): on this target it may not pay for a pre-training per "
+                              "specialization; the runner-up, one generic pre-training fine-tuned (slm), costs "
+                              "less for nearly as much.", "pilot"))
+    elif plan.method == "slm-is":
+        reasons.append(Reason(f"pilot: the selection beat random text by {rel:.1%} ({threshold}): importance "
+                              "sampling pays for this target, as SLM-is assumes.", "pilot"))
+    elif plan.method == "slm" and pays:
+        alternative = "slm-is"
+        reasons.append(Reason(f"pilot: the selection beat random text by {rel:.1%} ({threshold}): with a "
+                              "pre-training budget per specialization, importance sampling (slm-is) would pay "
+                              "here.", "pilot"))
+    elif plan.method == "slm-pn":           # (recommend names slm-mix only as SLM-pn's runner-up)
+        if c["top_share"] >= MIX_TOP_SHARE:
+            alternative = "slm-mix"
+            why = (f"one cluster holds {c['top_share']:.0%} of the target (at least {MIX_TOP_SHARE:.0%}, nichelm's "
+                   "threshold): its one expert (SLM-mix, `specialize --pick-expert`) covers most of it at a small "
+                   "model's cost")
+        else:
+            alternative = "slm"
+            why = (f"no cluster holds {MIX_TOP_SHARE:.0%} of the target (nichelm's threshold; the largest "
+                   f"{c['top_share']:.0%}): one expert (SLM-mix) would miss most of it, so a mixture "
+                   "(`specialize --target`) fits, and the runner-up is one generic model (slm)")
+        reasons.append(Reason(f"pilot: {why}.", "pilot"))
+    return dataclasses.replace(plan, reasons=plan.reasons + reasons, alternative=alternative, pilot=pilot)
+
+
 # The snippets: paths are placeholders (../NAME/runs/NAME) for the user's own projects.
 FINETUNE_PHASE = """[[train.phases]]
 name = "specialize"            # your specialist data (this project's own sources)
@@ -397,5 +454,10 @@ def format_plan(plan: Plan) -> str:
     lines += [f"  - {r.cite()}" for r in plan.reasons]
     lines.append("\nphases (paste into the project file; ../NAME paths are placeholders)")
     lines += ["  " + line if line else "" for line in plan.phases.rstrip("\n").split("\n")]
-    lines.append("\nNo pilot runs: this plan follows the paper's findings, not measurements on your data.")
+    if plan.pilot is None:
+        lines.append("\nNo pilot runs: this plan follows the paper's findings, not measurements on your data "
+                     "(--pilot measures them).")
+    else:
+        lines.append(f"\npilot     {plan.pilot['folder']} (pilot.json: the figures; selected.toml, random.toml: "
+                     "its two runs)")
     return "\n".join(lines)
