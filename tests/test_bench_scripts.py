@@ -177,3 +177,100 @@ def test_task_bln600_runs_a_task_end_to_end_and_reports_its_evaluation(tmp_path)
     assert docs["model"]["accuracy"] == report["by_document"]["metrics"]["accuracy"]
     assert done["model_beats_tfidf_logreg"]["accuracy"] == (test["model"]["accuracy"]
                                                           > test["tfidf_logreg"]["accuracy"])
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_plan_early_compares_the_five_arms_end_to_end(tmp_path):
+    """bench/plan_early.py --quick on two targets of ../shared/data/generic: the five arms per target, each
+    fine-tuned from the pre-training it names with the one shared tokenizer; the targets held out of the
+    pool; the target-independent pre-trainings done once; SLM-mix's pick by `nichelm specialize
+    --pick-expert` itself where it can; macro figures computed from the per-target ones; a re-run reuses
+    everything and other settings are refused."""
+    import argparse
+    import hashlib
+    import json
+    import math
+    import re
+    import time
+
+    bench = _import("plan_early")
+    if not bench.SHARED.is_dir():
+        pytest.skip(f"{bench.SHARED} not present (fresh clone without ../shared): nothing to compare")
+    assert "skipped" in bench.main(["--data", str(tmp_path / "absent")])
+    torch.set_num_threads(1)
+    work = tmp_path / "work"
+    argv = ["--quick", "--domains", "arxiv,legislation", "--generic", "books,python_docs,health", "--threads", "1",
+            "--work", str(work), "--out", str(tmp_path / "out.json")]
+    result = bench.main(argv)
+    assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(result))
+    arms = ("SLM-nopt", "SLM", "SLM-is", "SLM-mix", "SLM-pn")
+    pool_domains = {json.loads(line)["domain"] for line in (work / "pool.jsonl").read_text().splitlines()}
+    assert pool_domains == {"books", "python_docs", "health"}          # the targets are held out of the pool
+
+    def sha(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    tokenizer = sha(work / "slm" / "tokenizer" / "tokenizer.json")
+    s = result["settings"]
+    for domain, row in result["domains"].items():
+        assert set(row["arms"]) == set(arms)
+        assert 0 < row["specialist_tokens"] and abs(sum(row["target_histogram"]) - 1) < 1e-3
+        tuned = bench.finetune_dir(work / domain, argparse.Namespace(**s))
+        assert tuned.parent == work / domain
+        for arm, figures in row["arms"].items():
+            run = tuned / arm.lower()
+            assert sha(run / "tokenizer" / "tokenizer.json") == tokenizer, (domain, arm)
+            assert figures["finetune"]["tokens"] == s["finetune_steps"] * s["batch"] * s["block"]
+            assert figures["bits_per_byte"] > 0 and figures["perplexity"] > 1
+            init = re.search(r'init_from = "(.*)"', (tuned / f"{arm.lower()}.toml").read_text())
+            assert (init is None) == (arm == "SLM-nopt"), (domain, arm)
+            if arm == "SLM-nopt":
+                continue
+            start = Path(init[1])
+            # fine-tuning moved the model away from where it started (before_finetune scores that start)
+            assert figures["before_finetune"]["nll"] != figures["nll"]
+            if arm == "SLM":
+                assert start == work / "slm"
+            elif arm == "SLM-is":
+                assert start == work / domain / "is"
+                assert figures["pretrain"]["selected_tokens"] >= s["select_tokens"]
+            elif arm == "SLM-mix":
+                picked = figures["picked"]
+                assert picked["cluster"] == max(range(len(row["target_histogram"])),
+                                                key=lambda c: (row["target_histogram"][c], -c))
+                if domain == "arxiv":           # the partition's own target: the command itself picked
+                    assert picked["command_picked"] == picked["cluster"] and start == work / domain / "mix-picked"
+                else:
+                    assert start == work / "experts" / f"cluster-{picked['cluster']:04d}"
+            else:
+                assert figures["picked"]["mixture"] == row["target_histogram"]
+                mixture = json.loads((start / "specialized.json").read_text())["mixture"]
+                assert mixture == pytest.approx(row["target_histogram"], abs=1e-4)
+    assert result["domains"]["arxiv"]["histogram_as_select"] < 1e-9
+    # the target-independent pre-trainings ran once, with the budget each arm is given
+    shared = result["shared_pretraining"]
+    tokens = s["pretrain_steps"] * s["batch"] * s["block"]
+    assert shared["SLM"]["tokens"] == shared["SLM-pn"]["tokens"] == tokens == result["pretrain_tokens_per_arm"]
+    assert len(shared["SLM-mix"]["experts"]) == s["k"]
+    assert all(e["steps"] == s["pretrain_steps"] // s["k"] for e in shared["SLM-mix"]["experts"].values())
+    for arm in arms:
+        nlls = [row["arms"][arm]["nll"] for row in result["domains"].values()]
+        assert result["macro"][arm]["perplexity"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), abs=2e-3)
+    order = result["ordering_worst_to_best"]
+    assert sorted(order) == sorted(arms)
+    assert [result["macro"][a]["perplexity"] for a in order] == sorted(
+        (result["macro"][a]["perplexity"] for a in arms), reverse=True)
+
+    kept = {p: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")}
+    started = time.monotonic()
+    again = bench.main(argv)                             # everything reused: the same figures, nothing redone
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+    assert {p: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")} == kept
+    assert time.monotonic() - started < 60
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv, "--k", "3"])
+    # other fine-tuning settings: new fine-tunings (their own folders) from the same pre-trainings
+    other = bench.main([*argv, "--finetune-lr", "1e-3"])
+    assert other["shared_pretraining"] == result["shared_pretraining"]
+    assert other["macro"] != result["macro"]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
