@@ -1,7 +1,7 @@
 """Do no harm: what the calibrated guard does on text the model was not trained on, and what it costs at home.
 
 Usage: python bench/do_no_harm.py MODEL [--run RUN] [--bln600 CSV] [--icdar DIR] [--max-chars N] [--seed S]
-       [--threads T] [--parts ood,clean,home]
+       [--threads T] [--parts ood,clean,home] [--dtype auto|float32|bfloat16]
 
 MODEL is a run directory or an export (its guard margin is the one `nichelm evaluate PROJECT` chose, read
 from RUN/guard.json or the export's task.json); RUN gives the project's test split (default: MODEL).
@@ -83,18 +83,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--parts", default="ood,clean,home")
+    ap.add_argument("--dtype", default="auto", help="the torch engine's dtype (nichelm.load): auto | float32 | "
+                                                   "bfloat16 (the guard margin stays the stored one)")
     args = ap.parse_args(argv)
     import nichelm
     from nichelm.evaluate import project_documents
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
-    corrector = nichelm.load(args.model, batch_size=args.batch_size)
+    corrector = nichelm.load(args.model, batch_size=args.batch_size, dtype=args.dtype)
     result = {"command": "python bench/do_no_harm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model,
               "margin": None if corrector.guard_margin == float("-inf") else corrector.guard_margin,
               "margin_chosen_on": corrector.guard.get("chosen_on"), "max_change": corrector.guard_max_change,
               "passed_share": corrector.passed_share,
-              "seed": args.seed, "max_chars": args.max_chars, "threads": args.threads}
+              "seed": args.seed, "max_chars": args.max_chars, "threads": args.threads, "dtype": args.dtype}
     bln = Path(args.bln600)
     bln_docs = external_docs(bln, "bln600") if bln.is_file() and parts & {"ood", "clean"} else []
     if "ood" in parts:
