@@ -42,10 +42,10 @@ def main(argv=None) -> dict:
     budgets = [corrector.budget(len(s), len(p)) for p, s in zip(prompts, sources)]
     counts = {"steps": 0, "row_steps": 0}
 
-    def counting(model, cache, rows, keys, end_id, draft_len):
+    def counting(model, cache, rows, keys, end_id, draft_len, active=None):
         counts["steps"] += 1
         counts["row_steps"] += int((~rows.done).sum())
-        return decode_step(model, cache, rows, keys, end_id, draft_len)
+        return decode_step(model, cache, rows, keys, end_id, draft_len, active)
 
     def decode(k, chars):
         counts.update(steps=0, row_steps=0)
