@@ -11,7 +11,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -38,8 +37,8 @@ def _files(folder: Path) -> dict[str, str]:
 
 
 def test_the_partition_puts_every_eligible_document_in_its_cluster_file_once(tmp_path):
-    """Every generic document of min_tokens or more is in exactly one cluster file, as selected.jsonl writes it,
-    with its cluster's log weight; a selected document is in the file of the cluster selected.jsonl gives it;
+    """Every generic document of min_tokens or more is in exactly one cluster file, as selected.jsonl writes it
+    but without the weight (the target's); a selected document is in the file of the cluster selected.jsonl gives it;
     selection.json lists each file's documents, tokens and sha256; the saved fit places the target as select did."""
     from nichelm.selection import target_records
     from nichelm.selection.clusters import ClusterFit
@@ -52,7 +51,6 @@ def test_the_partition_puts_every_eligible_document_in_its_cluster_file_once(tmp
     eligible = {i for i, n in tokens.items() if n >= 150}
     assert 0 < len(eligible) < len(generic)                          # min_tokens keeps some out
 
-    weights = {r["cluster"]: r["log_weight"] for r in report["clusters"]}
     table = report["partition"]["clusters"]
     assert [r["cluster"] for r in table] == [0, 1, 2] and report["partition"]["documents"] == len(eligible)
     seen, cluster_of = Counter(), {}
@@ -65,7 +63,7 @@ def test_the_partition_puts_every_eligible_document_in_its_cluster_file_once(tmp
         for line, d in zip(lines, docs):
             src = generic[d["id"]]
             assert d == {"id": src["id"], "text": src["text"], "source": "web", "licence": src["licence"],
-                         "cluster": row["cluster"], "weight": weights[row["cluster"]], "domain": src["domain"]}
+                         "cluster": row["cluster"], "domain": src["domain"]}
             assert line == json.dumps(d, ensure_ascii=False)          # the key order of selected.jsonl's rows
             cluster_of[d["id"]] = row["cluster"]
         seen.update(d["id"] for d in docs)
@@ -86,7 +84,9 @@ def test_the_partition_puts_every_eligible_document_in_its_cluster_file_once(tmp
 
 def test_the_partition_is_the_same_bytes_on_one_process_and_on_tasks(tmp_path, monkeypatch, capsys):
     """Each task writes its own part files, the parent joins them: the cluster files, the fit and selected.jsonl are
-    byte for byte those of one process, and selected.jsonl those of select without a partition."""
+    byte for byte those of one process. Without a partition the target still takes part in the embedding's fit:
+    selected.jsonl is the bytes it always was (with one the fit is the generic sample's alone: on this corpus
+    it happens to make the same clusters, hence the same selection)."""
     import nichelm.selection as selection
     import nichelm.selection.clusters as clusters
     monkeypatch.setattr(selection, "CHECKPOINT_CHARS", 5000)       # the corpus is 130 kB: shares of ~25 documents
@@ -105,7 +105,39 @@ def test_the_partition_is_the_same_bytes_on_one_process_and_on_tasks(tmp_path, m
     files, partition = outputs[0][0], outputs[0][1]
     assert sorted(files) == ["cluster-0000.jsonl", "cluster-0001.jsonl", "cluster-0002.jsonl", "fit.json", "fit.npz"]
     assert partition["documents"] == 100                                # min_tokens = 0: every document
-    assert outputs[0][3] == BEFORE_PARALLEL[CLUSTERS][0]
+    assert main(["select", str(proj), "--force"]) == 0
+    assert hashlib.sha256((out / "selected.jsonl").read_bytes()).hexdigest() == BEFORE_PARALLEL[CLUSTERS][0]
+
+
+def _other_target(folder: Path, select: str = CLUSTERS) -> Path:
+    """_project's project in `folder` (the same generic sources) with another target: mostly law, some code (so its
+    histogram is not all in one cluster)."""
+    from tests.test_select import make_doc
+    folder.mkdir(parents=True, exist_ok=True)
+    proj = _project(folder, select=select)
+    rng = random.Random(7)
+    docs = [make_doc("law" if i % 3 else "code", rng) for i in range(40)]
+    (folder / "target.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return proj
+
+
+def test_the_partition_is_the_same_bytes_for_two_targets(tmp_path):
+    """Issue 14: the partition depends on the generic sources, the settings and the seed, not on the target: two
+    projects over the same generic corpus with targets of two domains write the same cluster files and fit (and the
+    same partition table), while their histograms and selections differ."""
+    (tmp_path / "a").mkdir()
+    a, b = _project(tmp_path / "a", select=CLUSTERS), _other_target(tmp_path / "b")
+    outputs = []
+    for proj in (a, b):
+        assert main(["select", str(proj), *PARTITION]) == 0
+        out = proj.parent / "run" / "select"
+        report = json.loads((out / "selection.json").read_text())
+        outputs.append((_files(out / "clusters"), report["partition"]["clusters"], report["partition"]["documents"],
+                        [r["target_share"] for r in report["clusters"]], (out / "selected.jsonl").read_bytes()))
+    (files_a, table_a, docs_a, hist_a, sel_a), (files_b, table_b, docs_b, hist_b, sel_b) = outputs
+    assert files_a == files_b and table_a == table_b and docs_a == docs_b == 100
+    assert hist_a != hist_b and sel_a != sel_b
+    assert max(range(3), key=hist_a.__getitem__) != max(range(3), key=hist_b.__getitem__)
 
 
 def test_partition_settings_are_checked_in_one_line(tmp_path, capsys):
@@ -245,6 +277,110 @@ def test_pick_expert_refuses_bad_input_in_one_line(experts, tmp_path):
             load_project(experts["project"], [f"run_dir={tmp_path / 'nothing'}"]))
     code = main(["specialize", str(experts["project"]), "--pick-expert", str(tmp_path / "none")])
     assert code == 2
+
+
+def test_one_partitions_experts_serve_a_new_target(experts, tmp_path):
+    """--pick-expert --partition FOLDER: a project that made no selection (another target: law, where the partition's
+    own target is med) is placed among FOLDER's clusters with its saved fit; the histogram is ClusterFit's of the
+    project's target texts, the expert is that of its argmax (another than the med target's), checked against
+    FOLDER's file. The partition's own project gets, through --partition, what it gets without it."""
+    from nichelm.selection import target_records
+    from nichelm.selection.clusters import ClusterFit
+    folder = experts["folder"] / "run" / "select" / "clusters"
+    law = _other_target(tmp_path / "law")
+    texts = [r.text for r in target_records(load_project(law), "train")]
+    want = ClusterFit.load(folder).histogram(texts).tolist()
+    cluster = max(range(3), key=lambda c: (want[c], -c))
+    assert cluster != experts["top"] and sorted(want)[-2] > 0          # not all in one cluster
+    assert main(["specialize", str(law), "--pick-expert", str(experts["folder"] / "experts"), "--partition",
+                 str(folder), "--out", str(tmp_path / "picked")]) == 0
+    info = json.loads((tmp_path / "picked" / "specialized.json").read_text())
+    assert info["target_histogram"] == want and info["cluster"] == cluster and info["partition"] == str(folder)
+    row = experts["report"]["partition"]["clusters"][cluster]
+    assert info["cluster_data"]["sha256"] == row["sha256"] and info["cluster_data"]["documents"] == row["documents"]
+    got = _weights(tmp_path / "picked")
+    want_w = _weights(experts["runs"][cluster])
+    assert all(torch.equal(got[k], want_w[k]) for k in want_w)
+    assert (tmp_path / "picked" / "select" / "selection.json").read_bytes() == \
+        (folder.parent / "selection.json").read_bytes()
+    # the partition's own target, through --partition: the same expert and histogram as from its selection.json
+    from nichelm.specialize import pick_expert
+    own = json.loads((pick_expert(load_project(experts["project"]), experts["folder"] / "experts", tmp_path / "own",
+                                  partition=folder) / "specialized.json").read_text())
+    assert own["cluster"] == experts["top"]
+    assert own["target_histogram"] == [r["target_share"] for r in experts["report"]["clusters"]]
+
+
+def _projected_run(experts, tmp_path: Path, clusters: int) -> Path:
+    """A run of a projected network of `clusters` experts of the chosen expert's shape (a checkpoint written directly)."""
+    from nichelm.checkpoint import save_checkpoint
+    from nichelm.model import GPT, ModelConfig
+    from nichelm.train import Optimizers
+    run = tmp_path / f"pn{clusters}"
+    shutil.copytree(experts["runs"][experts["top"]], run, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
+    cfg = {**json.loads((run / "model_config.json").read_text()), "projected": {"clusters": clusters, "m": 4, "h": 5}}
+    torch.manual_seed(4)
+    model = GPT(ModelConfig(**cfg))
+    save_checkpoint(run, 3, model, Optimizers([]), {"step": 3, "elapsed_s": 1.0, "tokens": 10,
+                                                    "model_config": model.cfg.to_dict()}, keep=0)
+    return run
+
+
+def test_specialize_target_with_a_partition_mixes_by_the_new_targets_histogram(experts, tmp_path):
+    """--target --partition FOLDER (SLM-pn): the mixture is the new target's histogram over FOLDER's clusters."""
+    from nichelm.model import instantiate
+    from nichelm.selection import target_records
+    from nichelm.selection.clusters import ClusterFit
+    from nichelm.specialize import specialize
+    folder = experts["folder"] / "run" / "select" / "clusters"
+    law = _other_target(tmp_path / "law")
+    run = _projected_run(experts, tmp_path, 3)
+    project = load_project(law, [f"run_dir={run}"])
+    hist = ClusterFit.load(folder).histogram([r.text for r in target_records(project, "train")]).tolist()
+    out = specialize(project, target=True, partition=folder, out=tmp_path / "target")
+    info = json.loads((out / "specialized.json").read_text())
+    assert info["partition"] == str(folder) and info["target_histogram"] == hist
+    assert info["mixture"] == pytest.approx([h / sum(hist) for h in hist])
+    from nichelm.artifacts import open_run
+    want = instantiate(open_run(run).load_model(), mixture=hist).state_dict()
+    got = _weights(out)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_partition_bad_input_is_refused_in_one_line(experts, tmp_path):
+    """--partition: a folder that is not there, one without the fit, one without its cluster files, a partition of
+    another k than the experts' or the projected network's, and --partition without --target / --pick-expert."""
+    from nichelm.specialize import pick_expert, specialize
+    folder = experts["folder"] / "run" / "select" / "clusters"
+    law = load_project(_other_target(tmp_path / "law"))
+    root = experts["folder"] / "experts"
+
+    def refused(match, call):
+        with pytest.raises(UserError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+    refused(r"none: no such folder; give a partition folder", lambda: pick_expert(law, root, partition=tmp_path / "none"))
+    (tmp_path / "empty").mkdir()
+    refused(r"empty: no readable k-means fit \(fit.json, fit.npz: .*run `nichelm select` with select.partition",
+            lambda: pick_expert(law, root, partition=tmp_path / "empty"))
+    (tmp_path / "fit_only").mkdir()
+    for name in ("fit.json", "fit.npz"):
+        shutil.copyfile(folder / name, tmp_path / "fit_only" / name)
+    refused(r"cluster-\d{4}.jsonl: missing; .*fit_only is not a whole partition",
+            lambda: pick_expert(law, root, partition=tmp_path / "fit_only"))
+    fewer = tmp_path / "experts2"                              # experts of a partition of 4 clusters
+    shutil.copytree(root, fewer)
+    (fewer / "cluster-0003").mkdir()
+    refused(r"cluster-0003: an expert of cluster 3, but .*clusters has k = 3 clusters",
+            lambda: pick_expert(law, fewer, partition=folder))
+    pn2 = load_project(law.source_file, [f"run_dir={_projected_run(experts, tmp_path, 2)}"])
+    refused(r"--partition .*: a partition of 3 clusters, but the projected network of .* has 2 experts",
+            lambda: specialize(pn2, target=True, partition=folder))
+    refused(r"--partition places the target .* with --target or --pick-expert",
+            lambda: specialize(pn2, cluster=0, partition=folder))
+    assert main(["specialize", str(law.source_file), "--pick-expert", str(root), "--partition",
+                 str(tmp_path / "empty")]) == 2
 
 
 def test_the_partitions_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch):

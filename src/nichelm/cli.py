@@ -103,10 +103,12 @@ def cmd_export(args):
 def cmd_specialize(args):
     from nichelm.specialize import pick_expert, specialize
     out = Path(args.out) if args.out else None
+    partition = Path(args.partition) if args.partition else None
     if args.pick_expert:
-        print(pick_expert(_project(args), Path(args.pick_expert), out=out))
+        print(pick_expert(_project(args), Path(args.pick_expert), out=out, partition=partition))
         return
-    print(specialize(_project(args), cluster=args.cluster, target=args.target, mixture=args.mixture, out=out))
+    print(specialize(_project(args), cluster=args.cluster, target=args.target, mixture=args.mixture, out=out,
+                     partition=partition))
 
 
 def _weights(value: str) -> list[float]:
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--pick-expert", metavar="EXPERTS",
                        help="SLM-mix: of the runs EXPERTS/cluster-NNNN, each trained on one file of the project's "
                             "partition (select.partition), the one of the target's most frequent cluster")
+    p.add_argument("--partition", metavar="FOLDER",
+                   help="with --target or --pick-expert: the partition the experts were trained on (another run's "
+                        "RUN/select/clusters); the project's target is placed among its clusters with its saved fit")
     p.add_argument("--out", help="the run folder to write (default RUN/specialized/cluster_I, target, mixture or "
                                  "expert_I)")
     p.set_defaults(func=cmd_specialize)

@@ -23,6 +23,12 @@ examples/slm_mix). pick_expert takes the cluster holding the largest share of th
 target_share), checks that its expert's data is that cluster's file (sha256 in its data manifest), and
 writes the expert as OUT the same way, with its tokenizer, task and manifest; specialized.json says which
 cluster and why.
+
+Another target (--partition FOLDER, with --pick-expert or --target): a partition does not depend on the target
+that selected it (its k-means fit is the generic sample's), so one set of experts serves any target. FOLDER is
+the partition (RUN/select/clusters of the run that made it); PROJECT's target texts (select's: target_records)
+are placed with FOLDER's saved fit (ClusterFit) and their histogram takes the place of selection.json's; an
+expert is checked against FOLDER's file itself (sha256). PROJECT needs no selection of its own.
 """
 
 from __future__ import annotations
@@ -40,14 +46,18 @@ SPECIALIZED_JSON = "specialized.json"
 
 
 def specialize(project: Project, cluster: int | None = None, target: bool = False,
-               mixture: list[float] | None = None, out: Path | None = None) -> Path:
-    """Write the plain run of one expert (cluster), of the target's histogram (target) or of `mixture`
-    (one weight per cluster) of PROJECT's projected network; returns its folder."""
+               mixture: list[float] | None = None, out: Path | None = None, partition: Path | None = None) -> Path:
+    """Write the plain run of one expert (cluster), of the target's histogram (target: selection.json's, or over
+    the partition folder `partition` with its fit) or of `mixture` (one weight per cluster) of PROJECT's
+    projected network; returns its folder."""
     from nichelm.artifacts import open_run
     from nichelm.model import instantiate
 
     if [cluster is not None, bool(target), mixture is not None].count(True) != 1:
         raise UserError("specialize: give one of --cluster I, --target and --mixture W0,W1,...")
+    if partition is not None and not target:
+        raise UserError("specialize: --partition places the target among a partition's clusters: give it with "
+                        "--target or --pick-expert")
     run = project.run_path
     source = open_run(run)                          # the newest complete checkpoint, checked
     projected = source.cfg.projected
@@ -57,19 +67,27 @@ def specialize(project: Project, cluster: int | None = None, target: bool = Fals
     k = projected.clusters
     if cluster is not None and not 0 <= cluster < k:
         raise UserError(f"--cluster {cluster}: the projected network of {run} has clusters 0..{k - 1}")
-    if target:
+    if target and partition is not None:
+        mixture = partition_histogram(project, partition)
+        if len(mixture) != k:
+            raise UserError(f"--partition {partition}: a partition of {len(mixture)} clusters, but the projected "
+                            f"network of {run} has {k} experts: give the partition its experts were trained on")
+    elif target:
         mixture = target_histogram(run, k)
     elif mixture is not None:
         _check_mixture(mixture, k, "--mixture")
 
     plain = instantiate(source.load_model(), cluster=cluster, mixture=mixture)
+    histogram = mixture if target else None
     if mixture is not None:
         mixture = [w / sum(mixture) for w in mixture]
     name = f"cluster_{cluster}" if cluster is not None else "target" if target else "mixture"
     out = Path(out) if out else run / "specialized" / name
     provenance = {"from_run": str(run), "checkpoint": source.checkpoint.name, "step": source.trainer.get("step"),
                   "projected": source.cfg.to_dict()["projected"], "cluster": cluster, "mixture": mixture,
-                  "mixture_from": str(run / "select" / "selection.json") if target else None}
+                  "mixture_from": (str(partition) if partition is not None else str(run / "select" / "selection.json"))
+                  if target else None, "partition": str(partition) if partition is not None else None,
+                  "target_histogram": histogram}
     return _write_plain_run(out, plain, provenance, {rel: run / rel for rel in COPIED})
 
 
@@ -103,15 +121,23 @@ def _write_plain_run(out: Path, plain, provenance: dict, files: dict[str, Path])
 EXPERT_DIR = re.compile(r"cluster-(\d{4,})")       # EXPERTS/cluster-NNNN: the partition's file names, less .jsonl
 
 
-def pick_expert(project: Project, experts: Path, out: Path | None = None) -> Path:
+def pick_expert(project: Project, experts: Path, out: Path | None = None, partition: Path | None = None) -> Path:
     """SLM-mix: the expert run of the cluster holding the largest share of PROJECT's target, among EXPERTS/cluster-NNNN
-    (one plain run per cluster of PROJECT's partition), written as a plain run OUT (default
-    RUN/specialized/expert_I); returns OUT."""
+    (one plain run per cluster of PROJECT's partition, or of the partition folder `partition` with PROJECT's
+    target placed by its fit), written as a plain run OUT (default RUN/specialized/expert_I); returns OUT."""
     from nichelm.artifacts import open_run
     run = project.run_path
-    path = run / "select" / "selection.json"
-    partition, histogram = _partition(path)
-    k = len(partition["clusters"])
+    if partition is None:
+        path = run / "select" / "selection.json"
+        table, histogram = _partition(path)
+        folder, rows, where = Path(table["folder"]), table["clusters"], str(path)
+        selection = path
+    else:
+        folder = Path(partition)
+        histogram = partition_histogram(project, folder)
+        rows, where = None, str(folder)
+        selection = folder.parent / "selection.json"     # the selection that made the partition, where it is
+    k = len(histogram)
     experts = Path(experts)
     if not experts.is_dir():
         raise UserError(f"--pick-expert {experts}: no such folder; give the folder of the expert runs "
@@ -122,12 +148,12 @@ def pick_expert(project: Project, experts: Path, out: Path | None = None) -> Pat
                         "one per cluster: examples/slm_mix)")
     beyond = sorted(i for i in found if i >= k)
     if beyond:
-        raise UserError(f"{found[beyond[0]]}: an expert of cluster {beyond[0]}, but {path} has k = {k} clusters "
+        raise UserError(f"{found[beyond[0]]}: an expert of cluster {beyond[0]}, but {where} has k = {k} clusters "
                         f"(0..{k - 1}): these experts come from another partition; train one per cluster of this one "
                         "(examples/slm_mix)")
     cluster = max(range(k), key=lambda c: (histogram[c], -c))        # the most frequent; a tie: the lower cluster
-    row = partition["clusters"][cluster]
-    data = Path(partition["folder"]) / row["file"]
+    row = rows[cluster] if rows is not None else _file_row(folder, cluster)
+    data = folder / row["file"]
     share = f"cluster {cluster} holds {histogram[cluster]:.1%} of the target, the most of {k} clusters"
     if cluster not in found:
         raise UserError(f"{experts / f'cluster-{cluster:04d}'}: no such expert run; {share}: train its expert on "
@@ -139,17 +165,50 @@ def pick_expert(project: Project, experts: Path, out: Path | None = None) -> Pat
     manifest = _read(source.path / "data" / "manifest.json")
     if row["sha256"] not in {s.get("sha256") for s in (manifest or {}).get("sources", [])}:
         raise UserError(f"{source.path}: its data (data/manifest.json) is not {data} (sha256 {row['sha256'][:12]}...), "
-                        f"cluster {cluster} of {path}: prepare and train this expert on that file, or select again "
+                        f"cluster {cluster} of {where}: prepare and train this expert on that file, or select again "
                         "as its partition was made")
     provenance = {"method": "slm-mix", "from_run": str(source.path), "checkpoint": source.checkpoint.name,
                   "step": source.trainer.get("step"), "experts": str(experts), "cluster": cluster,
-                  "why": f"{share} (target_share of {path})", "target_histogram": histogram,
+                  "why": f"{share} ({'placed with the fit of ' if partition is not None else 'target_share of '}"
+                         f"{where})", "partition": str(folder), "target_histogram": histogram,
                   "cluster_data": {"path": str(data), "sha256": row["sha256"], "documents": row["documents"],
-                                   "tokens": row["tokens"]}}
+                                   "tokens": row.get("tokens")}}
     files = {rel: source.path / rel for rel in COPIED}
-    files["select/selection.json"] = path            # the selection the expert's data came from (the expert has none)
+    files["select/selection.json"] = selection       # the selection the expert's data came from (the expert has none)
     return _write_plain_run(Path(out) if out else run / "specialized" / f"expert_{cluster}", source.load_model(),
                             provenance, files)
+
+
+def partition_histogram(project: Project, folder: Path) -> list[float]:
+    """PROJECT's target (the train-split texts `nichelm select` matches) placed among the clusters of the partition
+    FOLDER (any run's RUN/select/clusters) with its saved k-means fit: each cluster's share, in the fit's unit."""
+    from nichelm.selection import target_records
+    from nichelm.selection.clusters import ClusterFit
+    fit = ClusterFit.load(Path(folder))
+    texts = [r.text for r in target_records(project, "train")]
+    if not texts:
+        raise UserError(f"{project.source_file}: the target has no train-split document (role = \"target\" sources, "
+                        "else pairs / clean sources) to place among the partition's clusters; add target text")
+    return [float(h) for h in fit.histogram(texts)]
+
+
+def _file_row(folder: Path, cluster: int) -> dict:
+    """A partition file's row as selection.json lists it (file, documents, sha256), from the file as it is now:
+    an expert is checked against the bytes it must have been trained on."""
+    import hashlib
+    from nichelm.selection.clusters import cluster_file
+    path = folder / cluster_file(cluster)
+    digest, docs = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                digest.update(line)
+                docs += 1
+    except OSError:
+        raise UserError(f"{path}: missing; {folder} is not a whole partition (cluster-NNNN.jsonl beside fit.json): "
+                        "give the folder RUN/select/clusters that `nichelm select` wrote with select.partition = "
+                        "true") from None
+    return {"cluster": cluster, "file": path.name, "documents": docs, "sha256": digest.hexdigest()}
 
 
 def _read(path: Path) -> dict | None:

@@ -15,9 +15,11 @@ Early!": k-means clusters, the target's cluster histogram). This module ties the
   DSIR's KL reduction, samples), drawn as RUN/select/selection.html (nichelm.report; the evaluation
   report of the run shows the same section). A re-run with the same settings and sources reuses them.
 - with select.partition (method clusters), RUN/select/clusters/: every generic document that passes
-  min_tokens in its cluster's file, cluster-NNNN.jsonl (selected.jsonl's fields; the data of SLM-mix's
-  experts and of SLM-pn's per-cluster parts), and the k-means fit (clusters.ClusterFit); selection.json's
-  "partition" lists each file's documents, tokens and sha256 beside the target's histogram (target_share).
+  min_tokens in its cluster's file, cluster-NNNN.jsonl (selected.jsonl's fields but the weight, which is
+  the target's; the data of SLM-mix's experts and of SLM-pn's per-cluster parts), and the k-means fit
+  (clusters.ClusterFit), fit on the generic sample alone: the same files for any target, which the fit places
+  among them (`nichelm specialize --partition`); selection.json's "partition" lists each file's documents,
+  tokens and sha256 beside the target's histogram (target_share).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What cluster importance sampling (SLM-is) needs besides k-means: embeddings and quotas.
 
 Embeddings work offline. The default is a hashed uni+bigram TF-IDF of each window reduced by a
-truncated SVD (scikit-learn), fit on the generic sample and the target; with select.embedding
+truncated SVD (scikit-learn), fit on the generic sample and the target (with select.partition, on the
+generic sample alone, so the clusters do not depend on the target); with select.embedding
 naming the folder of a local sentence-transformers model, that model embeds the windows instead.
 Long documents are cut into windows of select.window_chars at whitespace; a document's embedding
 is the normalised mean of its windows'.
@@ -19,6 +20,8 @@ rank order) and write_partition concatenates them into RUN/select/clusters/clust
 swapped in whole, beside the fit (fit.npz + fit.json) that assigns a new text to the same clusters
 (ClusterFit). The parent's part holds the fit sample, then (in one process) the rest: each file holds the
 fit sample's documents of its cluster, then the others', each in corpus order, whatever the tasks.
+Nothing in a partition depends on the target (its lines have no weight; the fit is the generic sample's):
+two projects with the same generic sources, select settings and seed write the same bytes.
 """
 
 from __future__ import annotations
@@ -244,8 +247,9 @@ class PartWriter:
         self.held = 0
 
     def add(self, c: int, rec: Record) -> None:
-        # the weight is the cluster's, known once every part is counted: write_partition sets it
-        line = (json.dumps(record_row(rec, c, None), ensure_ascii=False) + "\n").encode("utf-8")
+        row = record_row(rec, c, None)
+        del row["weight"]                       # the target's: a partition serves any target
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         self.lines[c].append(line)
         self.held += len(line)
         if self.held >= PART_FLUSH_BYTES:
@@ -416,16 +420,14 @@ def repeat_to_quota(items: list[tuple], quota: float) -> list[tuple[int, object]
 FIT_NPZ, FIT_JSON = "fit.npz", "fit.json"
 
 
-def write_partition(spec: ClusterScoring, share: ClusterShare, log_w: np.ndarray, out: Path) -> dict:
-    """RUN/select/clusters (out): cluster-NNNN.jsonl, the parts of share.parts joined in order, each line with
-    its cluster's log weight (known only now, from every part's counts), and the fit (fit.npz + fit.json);
-    staged and swapped in whole. Returns the partition's table for selection.json."""
+def write_partition(spec: ClusterScoring, share: ClusterShare, out: Path) -> dict:
+    """RUN/select/clusters (out): cluster-NNNN.jsonl, the parts of share.parts joined in order, and the fit
+    (fit.npz + fit.json); staged and swapped in whole. Returns the partition's table for selection.json."""
     parts = Path(spec.parts)
     for part in share.parts:
         if not (parts / part).is_dir():
             raise UserError(f"{parts / part}: a part of the partition is missing (an interrupted run?); remove "
                             f"{parts.parent} and run `nichelm select` again")
-    weights = [float(w) if np.isfinite(w) else None for w in log_w]
     staged = staging_dir(out.parent, f".{out.name}.tmp-")
     try:
         rows = []
@@ -438,11 +440,8 @@ def write_partition(spec: ClusterScoring, share: ClusterShare, log_w: np.ndarray
                         continue
                     with open(path, "rb") as lines:
                         for line in lines:
-                            row = json.loads(line)
-                            row["weight"] = weights[c]
-                            data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-                            f.write(data)
-                            digest.update(data)
+                            f.write(line)
+                            digest.update(line)
                             docs += 1
             if docs != share.documents[c]:
                 raise UserError(f"{parts}: cluster {c} has {docs} documents in the part files but "
@@ -483,16 +482,20 @@ class ClusterFit:
     @classmethod
     def load(cls, folder: Path) -> "ClusterFit":
         folder = Path(folder)
+        again = "give a partition folder RUN/select/clusters, or run `nichelm select` with select.partition = true"
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder; {again}")
         try:
             settings = json.loads((folder / FIT_JSON).read_text(encoding="utf-8"))
             with np.load(folder / FIT_NPZ, allow_pickle=False) as z:
                 arrays = {name: z[name] for name in z.files}
-        except (OSError, ValueError) as e:
-            raise UserError(f"{folder}: no readable k-means fit ({FIT_JSON}, {FIT_NPZ}: {e}); run `nichelm select` "
-                            "with select.partition = true again") from None
-        embed = {k.removeprefix("embed_"): v for k, v in arrays.items() if k.startswith("embed_")}
-        return cls(settings["embedding"], settings["window_chars"], settings["seed"], settings["by_tokens"], embed,
-                   arrays["centres"])
+            embed = {k.removeprefix("embed_"): v for k, v in arrays.items() if k.startswith("embed_")}
+            fit = cls(settings["embedding"], settings["window_chars"], settings["seed"], settings["by_tokens"], embed,
+                      arrays["centres"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{folder}: no readable k-means fit ({FIT_JSON}, {FIT_NPZ}: {str(e).splitlines()[0]}); "
+                            f"{again}") from None
+        return fit
 
     def clusters(self, texts: list[str]) -> np.ndarray:
         embedder = _embedder(self.embedding, self.window_chars, self.seed, TokenHashes()).load(self.embed)

@@ -355,7 +355,10 @@ def _clusters(corpus: Corpus, sample, target: list[str], target_tokens: np.ndarr
     texts = [r.text for _, r in sample]
     generic_counts, sample_tokens = featurize_counts(texts, cfg.buckets, hashes)
     embedder = make_embedder(cfg, seed, hashes)
-    embedder.fit(texts + target)
+    # with a partition the fit is the generic sample's alone: the clusters (and their files) are then the same
+    # for any target, so one set of experts serves every target (ClusterFit places each one); without one the
+    # target helps shape the embedding, as it always has (selected.jsonl's bytes unchanged)
+    embedder.fit(texts if partition is not None else texts + target)
     emb = embedder.embed(texts)
     k = min(cfg.k or default_k(len(sample)), len(sample))
     log(f"k-means: {k} clusters of {len(sample):,} sampled documents ({emb.shape[1]} dimensions)")
@@ -392,7 +395,7 @@ def _clusters(corpus: Corpus, sample, target: list[str], target_tokens: np.ndarr
     if partition is not None:
         log(f"writing the partition: {int(share.documents.sum()):,} documents into {k} cluster files in {partition}")
     return Selection(picks, generic_counts, clusters=table,
-                     partition=write_partition(spec, share, log_w, partition) if partition is not None else None,
+                     partition=write_partition(spec, share, partition) if partition is not None else None,
                      facts={"k": k, "embedding": cfg.embedding, "eligible_documents": stats["scored"],
                             "too_short_documents": stats["too_short"]})
 
