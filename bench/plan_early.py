@@ -30,9 +30,10 @@ Every run is a project file written under --work and run as a user runs it, in-p
 run on the specialist train set with train.init_from = the pre-trained run, --finetune-steps steps (SLM-nopt:
 the same steps from scratch). The k-means partition (select.partition) comes from the first target's
 selection; every target's cluster histogram is computed over those clusters with that partition's k-means fit
-(select fits its embedding on the generic sample and its own target, so another target's selection has other
-clusters): SLM-mix picks by it (`nichelm specialize --pick-expert`'s rule; the command itself for the first
-target) and SLM-pn instantiates its mixture.
+(what `nichelm specialize --partition FOLDER` does for any target; the partition's fit is the generic sample's
+alone since the commit "select.partition is target-independent ...", after the run recorded in BENCHMARKS.md,
+whose partition was fit on the generic sample and the first target): SLM-mix picks by it (`nichelm specialize
+--pick-expert`'s rule; the command itself for the first target) and SLM-pn instantiates its mixture.
 
 Costs are CPU seconds of this process and its children (getrusage), per pre-training (with its selection and
 preparation) and per specialization (picking or instantiating, and fine-tuning). Scores: specialized
@@ -347,9 +348,8 @@ def select_for(work: Path, dwork: Path, tokenizer: Path, args) -> tuple[Path, di
 
 
 def histogram(partition: dict, texts: list[str]) -> list[float]:
-    """The target's share of each cluster of the experts' partition. Its k-means fit (fit.npz) places the
-    text as select placed its own target; each target's own selection fits its own clusters (the embedding
-    is fit on the generic sample and the target), which the shared experts were not trained on."""
+    """The target's share of each cluster of the experts' partition, placed with its k-means fit (fit.npz) as
+    select placed its own target (nichelm.specialize.partition_histogram does the same from a project)."""
     from nichelm.selection.clusters import ClusterFit
     return [float(h) for h in ClusterFit.load(Path(partition["folder"])).histogram(texts)]
 
