@@ -63,6 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from select_reference import SHARED, skipped_without  # noqa: E402
+from lm_project import lm_project_file  # noqa: E402
 
 ARMS = ("SLM-nopt", "SLM", "SLM-is", "SLM-mix", "SLM-pn")
 LICENCE = "per document (shared generic corpus)"
@@ -148,54 +149,13 @@ partition = true
 tokens = {tokens}
 """
 
-PROJECT = """run_dir = "{run}"
-seed = {seed}
-
-[task]
-type = "language-model"
-window_chars = {window}
-
-{sources}
-[split]
-val_fraction = {val}
-test_fraction = 0.0
-
-[tokenizer]
-vocab_size = {vocab}
-{tokenizer_from}
-[model]
-arch = "llama"
-preset = "{preset}"
-block_size = {block}
-{projected}
-[train]
-max_steps = {steps}
-batch_size = {batch}
-lr = {lr}
-warmup_steps = {warmup}
-eval_every = {eval_every}
-eval_batches = 4
-log_every = 50
-device = "cpu"
-threads = {threads}
-compile = false
-{train_extra}
-{phases}"""
-
-
 def project_file(path: Path, run: Path, sources: str, args, *, steps: int, lr: float, tokenizer_from: Path | None,
                  init_from: Path | None = None, projected: str = "", phases: str = "") -> Path:
     """Write one project file (its sources are read beside it)."""
-    text = PROJECT.format(
-        run=run, seed=args.seed, window=args.window_chars, sources=sources, val=args.val_fraction,
-        vocab=args.vocab, tokenizer_from=f'from = "{tokenizer_from}"\n' if tokenizer_from else "",
-        preset=args.preset, block=args.block, projected=projected, steps=steps, batch=args.batch, lr=lr,
-        warmup=max(1, steps // 10), eval_every=steps, threads=args.threads,
-        train_extra=f'init_from = "{init_from}"\n' if init_from else "", phases=phases)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
-    return path
+    return lm_project_file(path, run, sources, seed=args.seed, window=args.window_chars, val=args.val_fraction,
+                           vocab=args.vocab, preset=args.preset, block=args.block, steps=steps, batch=args.batch,
+                           lr=lr, threads=args.threads, tokenizer_from=tokenizer_from, init_from=init_from,
+                           projected=projected, phases=phases)
 
 
 # ---------------------------------------------------------------- running and measuring

@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from select_reference import SHARED, skipped_without  # noqa: E402
+from lm_project import lm_project_file  # noqa: E402
 
 ARMS = ("clusters", "dsir", "random")
 LICENCE = "per document (shared generic corpus)"
@@ -114,49 +115,12 @@ id_field = "id"
 licence = "{LICENCE}"
 """
 
-LM_TOML = """run_dir = "{run}"
-seed = {seed}
-
-[task]
-type = "language-model"
-window_chars = {window}
-
-{sources}
-[split]
-val_fraction = {val}
-test_fraction = 0.0
-
-[tokenizer]
-vocab_size = {vocab}
-
-[model]
-arch = "llama"
-preset = "{preset}"
-block_size = {block}
-
-[train]
-max_steps = {steps}
-batch_size = {batch}
-lr = 3e-3
-warmup_steps = {warmup}
-eval_every = {steps}
-eval_batches = 4
-log_every = 10
-device = "cpu"
-threads = {threads}
-compile = false
-"""
-
-
 def write_project(work: Path, arm: str, sources: str, args) -> Path:
     """RUN's project file of one arm (relative source paths are read beside it, in `work`)."""
-    toml = work / f"lm-{arm}.toml"
-    toml.write_text(LM_TOML.format(run=work / f"lm-{arm}", seed=args.seed, window=args.window_chars,
-                                   sources=sources, val=args.val_fraction, vocab=args.vocab, preset=args.preset,
-                                   block=args.block, steps=args.steps, batch=args.batch,
-                                   warmup=max(1, args.steps // 10), threads=args.threads),
-                    encoding="utf-8")
-    return toml
+    return lm_project_file(work / f"lm-{arm}.toml", work / f"lm-{arm}", sources, seed=args.seed,
+                           window=args.window_chars, val=args.val_fraction, vocab=args.vocab, preset=args.preset,
+                           block=args.block, steps=args.steps, batch=args.batch, lr=3e-3, threads=args.threads,
+                           log_every=10)
 
 
 def select_arm(work: Path, method: str, args) -> tuple[Path, list[dict], dict]:
