@@ -224,3 +224,44 @@ def test_tokens_per_s_include_data_loading(tiny_project, tmp_path, monkeypatch, 
     assert re.search(r"step 1/3 .* tok/s incl\. data loading, .*ETA \d+\.\d min", log), log
     assert re.search(r"step 3/3 .* tok/s incl\. data loading", log), log
     assert re.search(r"trained to step 3: .* tok/s incl\. data loading", log), log
+
+
+def test_bf16_precision_trains_in_bf16_on_a_cpu(tiny_project, tmp_path, capsys):
+    """train.precision = "bf16" runs the forward under bf16 autocast on a CPU too (the CPU recipe's 2.2x);
+    "auto" keeps a CPU run in fp32 (bit-reproducible). A bad value is a one-line error."""
+    import torch
+
+    from nichelm.cli import main
+    from nichelm.config import load_project
+    from nichelm.prepare import prepare
+    from nichelm.train import train, training_autocast
+
+    cpu = torch.device("cpu")
+    with training_autocast("bf16", cpu):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+    with training_autocast("auto", cpu):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float32
+    torch.set_num_threads(1)
+    result = {}
+    for precision in ("fp32", "bf16"):
+        project = load_project(tiny_project, [f"run_dir={tmp_path / precision}", "train.max_steps=4",
+                                              "train.eval_every=0", f"train.precision={precision}"])
+        prepare(project)
+        train(project)
+        result[precision] = [loss for _, loss in losses(project.run_path)]
+    assert all(abs(a - b) < 0.05 * a for a, b in zip(result["fp32"], result["bf16"]))    # the same model ...
+    assert result["fp32"] != result["bf16"]                                               # ... rounded in bf16
+    assert main(["train", str(tiny_project), "--set", f"run_dir={tmp_path / 'bad'}", "--set",
+                 "train.precision=fp16"]) == 2
+    assert "'train.precision' is 'fp16'" in capsys.readouterr().err
+
+
+def test_bench_train_runs_a_shape_in_bf16(capsys):
+    """`nichelm bench train` times the shape and precision asked for (the figures BENCHMARKS.md records)."""
+    from nichelm.cli import main
+    assert main(["bench", "train", "--preset", "nano", "--arch", "llama", "--steps", "1", "--warmup", "0",
+                 "--batch", "2", "--seq", "32", "--vocab", "64", "--threads", "1", "--precision", "bf16",
+                 "--n-layer", "2", "--n-embd", "64", "--n-head", "2"]) in (0, None)
+    out = json.loads(capsys.readouterr().out)
+    assert (out["precision"], out["n_layer"], out["n_embd"], out["n_head"]) == ("bf16", 2, 64, 2)
+    assert out["tokens_per_s"] > 0

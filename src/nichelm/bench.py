@@ -7,12 +7,11 @@ the figure is what a training run would see. Prints one JSON object.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import torch
 
 from nichelm.model import GPT, PRESETS, ModelConfig
-from nichelm.train import PEAK_FLOPS, make_optimizer
+from nichelm.train import PEAK_FLOPS, make_optimizer, training_autocast
 
 
 class _OptimizerSettings:
@@ -39,16 +38,18 @@ def time_steps(one_step, warmup: int, steps: int, device: torch.device) -> float
 
 def bench_train(preset: str = "d6", arch: str = "gpt2", device: str = "cpu", steps: int = 10, warmup: int = 3,
                 batch: int = 8, seq: int = 256, vocab: int = 50257, threads: int = 0, compile: bool = False,
-                peak_tflops: float | None = None) -> dict:
+                peak_tflops: float | None = None, precision: str = "auto", n_layer: int = 0, n_embd: int = 0,
+                n_head: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=vocab, block_size=seq, **PRESETS[preset])
+    shape = {**PRESETS[preset], **{k: v for k, v in dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head).items() if v}}
+    cfg = ModelConfig(arch=arch, vocab_size=vocab, block_size=seq, **shape)
     model = GPT(cfg).to(dev)
     optimizer = make_optimizer(model, _OptimizerSettings, dev)
     step_model = torch.compile(model) if compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    autocast = training_autocast(precision, dev)         # as `nichelm train` runs train.precision
     x = torch.randint(0, vocab, (batch, seq), device=dev)
     y = torch.randint(0, vocab, (batch, seq), device=dev)
 
@@ -73,7 +74,7 @@ def bench_train(preset: str = "d6", arch: str = "gpt2", device: str = "cpu", ste
         "step_ms": 1000 * seconds / steps,
         "arch": arch, "preset": preset, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
         "seq_len": seq, "batch_size": batch, "vocab_size": vocab, "params": model.num_params(),
-        "threads": torch.get_num_threads(), "device": str(dev), "compile": compile, "steps": steps,
+        "threads": torch.get_num_threads(), "device": str(dev), "compile": compile, "precision": precision, "steps": steps,
         "peak_memory_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None,
         "torch": torch.__version__,
     }

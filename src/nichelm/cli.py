@@ -201,7 +201,9 @@ def cmd_bench_train(args):
     from nichelm.bench import bench_train
     print(json.dumps(bench_train(preset=args.preset, arch=args.arch, device=args.device, steps=args.steps,
                                  warmup=args.warmup, batch=args.batch, seq=args.seq, vocab=args.vocab,
-                                 threads=args.threads, compile=args.compile, peak_tflops=args.peak_tflops)))
+                                 threads=args.threads, compile=args.compile, peak_tflops=args.peak_tflops,
+                                 precision=args.precision, n_layer=args.n_layer, n_embd=args.n_embd,
+                                 n_head=args.n_head)))
 
 
 def add_executor(p: argparse.ArgumentParser, tasks_help: str, scripts: str, default: str | None = "local") -> None:
@@ -399,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="as train.precision (auto: bf16 autocast on CUDA, fp32 on a CPU)")
+    for dim in ("n-layer", "n-embd", "n-head"):
+        p.add_argument(f"--{dim}", type=int, default=0, help=f"override the preset's {dim.replace('-', '_')}")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: known GPUs)")
     p.set_defaults(func=cmd_bench_train)
     return parser

@@ -173,6 +173,8 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda
     threads: int = 0                 # 0 = torch's default
     compile: bool | str = "auto"     # auto: on for CUDA, off on CPU (compiling costs more than it saves in short CPU runs)
+    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 (also on a CPU: 2.2x the tokens/s
+                                     # of fp32 on an AVX512-BF16 CPU, BENCHMARKS.md; slow where the CPU lacks bf16) | fp32
     batch_tokens: int = 0            # >0: tokens per optimizer step; grad_accum follows from it
     parallel: str = "ddp"            # under torchrun: ddp (a whole model per GPU) | fsdp (FSDP2 fully_shard:
                                      # weights, grads and optimizer state sharded across GPUs)
@@ -512,6 +514,8 @@ def validate(p: Project, file: str) -> None:
     if p.train.parallel == "fsdp" and p.train.optimizer == "muon":
         raise UserError(f"{file}: train.parallel = \"fsdp\" with train.optimizer = \"muon\": Muon orthogonalises "
                         "whole matrices and FSDP holds shards of them; use adamw with fsdp, or parallel = \"ddp\"")
+    if p.train.precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"{file}: 'train.precision' is {p.train.precision!r}; use \"auto\", \"bf16\" or \"fp32\"")
     if p.train.compile not in (True, False, "auto"):
         raise UserError(f"{file}: 'train.compile' is {p.train.compile!r}; use true, false or \"auto\"")
     if not 0 <= p.eval.draft_tokens <= 16:

@@ -143,7 +143,7 @@ class Setup:
     run: Path
     ddp: Distributed
     device: torch.device
-    autocast: object             # bf16 autocast on CUDA, a no-op context on CPU
+    autocast: object             # bf16 autocast (train.precision), else a no-op context
 
 
 # What a killed train can leave in RUN: nichelm.io.atomic_file's temporary files (.NAME.XXXXXXXX.tmp) for
@@ -166,8 +166,15 @@ def _set_up(project: Project) -> Setup:
     torch.backends.cudnn.allow_tf32 = True
     if ddp.main:
         remove_stale_temp_files(run)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return Setup(cfg=cfg, run=run, ddp=ddp, device=device, autocast=autocast)
+    return Setup(cfg=cfg, run=run, ddp=ddp, device=device, autocast=training_autocast(cfg.precision, device))
+
+
+def training_autocast(precision: str, device: torch.device):
+    """bf16 autocast where train.precision asks for it ("auto": on CUDA only; a CPU run stays fp32 and
+    bit-reproducible unless the project says "bf16"), else a no-op context."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def remove_stale_temp_files(run: Path) -> None:
