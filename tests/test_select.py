@@ -742,6 +742,19 @@ def test_selected_source_is_a_clean_source_prepare_can_read(tmp_path):
         selected_source(load_project(proj, ["select.documents=25"]))
 
 
+def test_selection_takes_the_generic_sources_split_when_they_agree(tmp_path):
+    """split = "train" on the generic sources keeps selected text out of val/test (the task's real documents
+    stay the measure); without it the selection is split by document like any source."""
+    from nichelm.config import load_project
+    from nichelm.selection import select_project, selected_source
+    proj = _project(tmp_path)
+    select_project(load_project(proj), log=lambda m: None)
+    assert selected_source(load_project(proj)).split == "auto"
+    pinned = load_project(proj, ["sources.0.split=train"])
+    select_project(pinned, log=lambda m: None)
+    assert selected_source(pinned).split == "train"
+
+
 def test_prepare_uses_the_selection_not_the_generic_corpus(tmp_path, capsys):
     """prepare selects first (the same selection `nichelm select` makes, reused when up to date), then reads it
     as one clean source in place of the generic sources (never the whole generic corpus)."""

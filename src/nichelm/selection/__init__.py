@@ -259,7 +259,7 @@ def _write_html(report: dict, path: Path) -> None:
 
 def selected_source(project: Project) -> SourceConfig | None:
     """The selection as a clean jsonl source for prepare (name "selected"; each line's own licence is in
-    the file), or None when the project has no generic source. A missing or out-of-date selection
+    the file; the generic sources' split when they all give the same), or None when the project has no generic source. A missing or out-of-date selection
     is a UserError that says to run `nichelm select`."""
     if not _sources(project, "generic"):
         return None
@@ -278,9 +278,12 @@ def selected_source(project: Project) -> SourceConfig | None:
     for src in report["per_source"].values():
         licences.update(src["licences"])
     summary = "; ".join(f"{name} ({n:,} documents)" for name, n in licences.most_common())
+    # The generic sources' own split when they agree (split = "train": selected text only trains, and the
+    # val/test splits stay the task's real documents); else split by document like any source.
+    splits = {s.split for _, s in _sources(project, "generic")}
     return SourceConfig(path=str(out / "selected.jsonl"), format="jsonl", role="clean", name="selected",
                         licence=f"per document (selected.jsonl 'licence'): {summary}", input_field="",
-                        output_field="text", id_field="id")
+                        output_field="text", id_field="id", split=splits.pop() if len(splits) == 1 else "auto")
 
 
 def _row(rec: Record, pick: Pick, copy: int) -> dict:
