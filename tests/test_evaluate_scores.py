@@ -79,8 +79,10 @@ def test_project_scores_are_those_of_the_guarded_outputs(tmp_path, monkeypatch):
     assert report["worse_fraction"] == 1 / 4 and report["better_fraction"] == 1 / 4
     assert report["worse_fraction_unguarded"] == 2 / 4
     assert report["per_source"] == {
-        "a": {"n_examples": 2, "cer_before": 1 / 32, "cer_after": 2 / 32, "wer_before": 1 / 8, "wer_after": 2 / 8},
-        "b": {"n_examples": 2, "cer_before": 3 / 22, "cer_after": 3 / 22, "wer_before": 3 / 6, "wer_after": 3 / 6}}
+        "a": {"n_examples": 2, "cer_before": 1 / 32, "cer_after": 2 / 32, "wer_before": 1 / 8, "wer_after": 2 / 8,
+              "worse_fraction": 1 / 2},
+        "b": {"n_examples": 2, "cer_before": 3 / 22, "cer_after": 3 / 22, "wer_before": 3 / 6, "wer_after": 3 / 6,
+              "worse_fraction": 0.0}}
     assert [(r["errors_before"], r["errors_after"], r["chars"]) for r in report["per_example"]] == \
         [(1, 0, 17), (0, 2, 15), (2, 2, 13), (1, 1, 9)]
     assert report["per_example"][1]["cer_after"] == 2 / 15

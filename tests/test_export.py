@@ -21,9 +21,17 @@ def run(request, tmp_path_factory):
     extra = ["model.n_kv_head=2"] if request.param == "llama" else []    # llama with grouped-query attention
     path = build_run(tmp_path_factory.mktemp(request.param), request.param, extra)
     (path / "eval").mkdir()
+    per_source = {name: {"n_examples": n, "cer_before": 0.05, "cer_after": cer, "wer_before": 0.2, "wer_after": 0.1,
+                         "worse_fraction": 0.0} for name, n, cer in (("bln600", 5, 0.0432), ("icdar", 4, 0.0125))}
     (path / "eval" / "report.json").write_text(json.dumps(
         {"cer_before": 0.05, "cer_after": 0.02, "wer_before": 0.2, "wer_after": 0.1, "n_examples": 9,
-         "worse_fraction": 0.1}))
+         "worse_fraction": 0.1, "per_source": per_source,
+         "margin_guard": {"margin": 0.25, "chosen_on": "val", "calibration": {"val": {
+             "documents": 7, "per_source": {**per_source, "bln600": {**per_source["bln600"], "cer_after": 0.0398}}}}}}))
+    (path / "eval" / "external" / "nl1").mkdir(parents=True)
+    (path / "eval" / "external" / "nl1" / "report.json").write_text(json.dumps(
+        {"cer_before": 0.3204, "cer_after": 0.3201, "wer_before": 0.5, "wer_after": 0.5, "n_examples": 49,
+         "worse_fraction": 0.0204, "data": {"name": "NL1", "format": "icdar"}}))
     return path
 
 
@@ -54,8 +62,11 @@ def test_transformers_loads_the_export_without_custom_code(run, exported):
     for p in prompts_from(exported, 5):
         assert tok(p).input_ids == ours.encode(p).ids
     card = (exported / "README.md").read_text()
-    for needle in ("test text licence", "test pairs licence", "### Correction ###", "CER", "2.00%"):
-        assert needle in card
+    for needle in ("test text licence", "test pairs licence", "### Correction ###", "CER", "2.00%",
+                   "Guard margin 0.250 nats/token, chosen on 7 validation documents", "| bln600 | 5 | 5.00% | 4.32% |",
+                   "| icdar | 4 | 5.00% | 1.25% |", "| bln600 | 5 | 5.00% | 3.98% |",
+                   "| NL1 (icdar) | 49 | 32.04% | 32.01% | 50.00% | 50.00% | 2.0% |"):
+        assert needle in card, needle
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
 
 

@@ -42,6 +42,13 @@ def write_metrics(run: Path) -> None:
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 21, "train_lo')   # torn last line
 
 
+def test_per_source_figures_count_each_sources_documents_made_worse():
+    report = make_report()
+    assert report["per_source"]["EN"]["worse_fraction"] == pytest.approx(1 / 3)      # d0 made worse
+    assert report["per_source"]["FR"]["worse_fraction"] == 0.0
+    assert report["per_source"]["FR"]["cer_after"] < report["per_source"]["FR"]["cer_before"]
+
+
 def test_html_is_self_contained_with_embedded_charts(tmp_path):
     write_metrics(tmp_path / "run")
     path = write_report_html(make_report(), tmp_path / "report.html", run_dir=tmp_path / "run")

@@ -29,7 +29,7 @@ import random
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from nichelm.config import Project
@@ -52,6 +52,7 @@ def read_examples(path: Path, limit: int = 0) -> list[dict]:
 def score_corrections(examples: list[dict], outputs: list[str], raw: list[str] | None = None) -> dict:
     before, after = CorpusScore(), CorpusScore()
     per_source: dict[str, tuple[CorpusScore, CorpusScore]] = defaultdict(lambda: (CorpusScore(), CorpusScore()))
+    worse_in: Counter = Counter()              # per source: examples made worse (the acceptance is per source)
     worse = better = 0
     for ex, out in zip(examples, outputs):
         ref = ex["output"]
@@ -63,6 +64,7 @@ def score_corrections(examples: list[dict], outputs: list[str], raw: list[str] |
         sb, sa = per_source[ex.get("source", "?")]
         sb.add(ex["input"], ref)
         sa.add(out, ref)
+        worse_in[ex.get("source", "?")] += a > b
     n = len(examples)
     return {
         "n_examples": n,
@@ -75,7 +77,8 @@ def score_corrections(examples: list[dict], outputs: list[str], raw: list[str] |
         "better_fraction": better / n if n else 0.0,
         "gold_chars": before.chars,
         "per_source": {src: {"n_examples": sb.n, "cer_before": sb.cer, "cer_after": sa.cer,
-                             "wer_before": sb.wer, "wer_after": sa.wer}
+                             "wer_before": sb.wer, "wer_after": sa.wer,
+                             "worse_fraction": worse_in[src] / sb.n if sb.n else 0.0}
                        for src, (sb, sa) in sorted(per_source.items())},
     }
 
@@ -347,7 +350,9 @@ def _scores_at(docs: list[dict], fixed, margin: float, doc_share: float | None =
     at = score_corrections(docs, [stitch(p, margin, doc_share) for p in fixed])
     off = score_corrections(docs, [stitch(p, NO_MARGIN) for p in fixed])
     return {"cer_before": at["cer_before"], "cer_after": at["cer_after"], "worse_fraction": at["worse_fraction"],
-            "cer_after_no_margin": off["cer_after"], "worse_fraction_no_margin": off["worse_fraction"]}
+            "wer_before": at["wer_before"], "wer_after": at["wer_after"],
+            "cer_after_no_margin": off["cer_after"], "worse_fraction_no_margin": off["worse_fraction"],
+            "per_source": at["per_source"]}
 
 
 def print_summary(report: dict, examples: int = 3, file=sys.stdout) -> None:
@@ -379,6 +384,12 @@ def print_summary(report: dict, examples: int = 3, file=sys.stdout) -> None:
                  if m.get("documents_out_of_domain") else "")
         print(f"guard margin {m['margin']:.3f} nats/token ({where}): {kept} of the model's changed windows kept"
               f"{gated}{no_margin}", file=file)
+        if cal and len(cal["val"].get("per_source", {})) > 1:
+            print("\nvalidation documents at this margin:", file=file)
+            print_per_source(cal["val"]["per_source"], file)
+    if len(report.get("per_source", {})) > 1:
+        print("\ntest documents:" if m and m.get("calibration") else "", file=file)
+        print_per_source(report["per_source"], file)
     if report.get("sample"):
         s = report["sample"]
         print(f"test sample: {s['documents']} of {s['documents_in_split']} documents ({s['windows']} windows), "
@@ -388,6 +399,16 @@ def print_summary(report: dict, examples: int = 3, file=sys.stdout) -> None:
         print(f"\n  input:     {e['input']}", file=file)
         print(f"  corrected: {mark_changes(e['input'], e['output'])}", file=file)
         print(f"  reference: {e['reference']}", file=file)
+
+
+def print_per_source(per_source: dict, file=sys.stdout) -> None:
+    """One line per source: its documents (or windows), CER and WER before/after, the share made worse."""
+    print(f"{'source':26}{'n':>6}{'CER before':>12}{'CER after':>11}{'WER before':>12}{'WER after':>11}"
+          f"{'worse':>8}", file=file)
+    for src, s in per_source.items():
+        print(f"{src[:25]:26}{s['n_examples']:>6}{100 * s['cer_before']:>11.2f}%{100 * s['cer_after']:>10.2f}%"
+              f"{100 * s['wer_before']:>11.2f}%{100 * s['wer_after']:>10.2f}%"
+              f"{100 * s.get('worse_fraction', 0.0):>7.1f}%", file=file)
 
 
 # --------------------------------------------------------------------------- any model, any pair set
@@ -600,11 +621,6 @@ def _worst_and_best(examples: list[dict], outputs: list[str], rows: list[dict]) 
 def print_external_summary(report: dict, out: Path, file=sys.stdout) -> None:
     """The headline figures, the per-source table and where the reports are."""
     print_summary(report, examples=0, file=file)
-    if len(report["per_source"]) > 1:
-        print(f"\n{'source':24}{'n':>6}{'CER before':>12}{'CER after':>12}", file=file)
-        for src, s in report["per_source"].items():
-            print(f"{src[:23]:24}{s['n_examples']:>6}{100 * s['cer_before']:>11.2f}%{100 * s['cer_after']:>11.2f}%",
-                  file=file)
     if report.get("chars_per_s"):
         print(f"throughput: {report['chars_per_s']:.0f} chars/s, {report['docs_per_s']:.2f} docs/s "
               f"({report['seconds']:.1f} s)", file=file)

@@ -109,6 +109,7 @@ def model_card(rm: RunModel) -> str:
              f"Checkpoint: `{rm.checkpoint.name}` (step {rm.trainer.get('step', '?')}).", ""]
     lines += task.card(transformers_prompt_code(load_tokenizer(rm.tokenizer_path), task.prompt_template))
     lines += _metrics_section(task, rm.run / "eval" / "report.json")
+    lines += _external_section(rm.run / "eval" / "external")
     lines += _data_section(rm.run / "data" / "manifest.json")
     lines += _selection_section(rm.run)
     return "\n".join(lines) + "\n"
@@ -124,6 +125,23 @@ def _metrics_section(task, path: Path) -> list[str]:
     if not report:
         return ["## Evaluation", "", "No evaluation report (run `nichelm evaluate` before exporting).", ""]
     return ["## Evaluation", "", *task.card_metrics(report), ""]
+
+
+def _external_section(folder: Path) -> list[str]:
+    """The run's evaluations on other pair sets (`nichelm evaluate --data PATH --model RUN` writes them to
+    RUN/eval/external/NAME/report.json): what the model does to text it was not trained on."""
+    reports = [r for p in sorted(folder.glob("*/report.json")) if (r := _read_json(p)) and "cer_before" in r]
+    if not reports:
+        return []
+    lines = ["## Other evaluations", "", "Whole documents cut as `apply` cuts them, guard as shipped.", "",
+             "| data | documents | CER input | CER output | WER input | WER output | made worse |",
+             "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        data = r.get("data") or {}
+        lines.append(f"| {data.get('name', '?')} ({data.get('format', '?')}) | {r.get('n_examples', '?')} "
+                     f"| {100 * r['cer_before']:.2f}% | {100 * r['cer_after']:.2f}% | {100 * r['wer_before']:.2f}% "
+                     f"| {100 * r['wer_after']:.2f}% | {100 * r.get('worse_fraction', 0.0):.1f}% |")
+    return lines + [""]
 
 
 def _data_section(path: Path) -> list[str]:

@@ -73,6 +73,20 @@ class CorrectionTask(Task):
                 lines.append(f"| {name} | {100 * report[before]:.2f}% | {100 * report[after]:.2f}% |")
         if "worse_fraction" in report:
             lines.append(f"| share of examples made worse | | {100 * report['worse_fraction']:.1f}% |")
+        margin = report.get("margin_guard") or {}
+        val = (margin.get("calibration") or {}).get("val") or {}
+        if margin.get("margin") is not None:
+            lines += ["", f"Guard margin {margin['margin']:.3f} nats/token, chosen on "
+                      f"{val.get('documents', '?')} validation documents ({margin.get('chosen_on', '?')})."]
+        for title, per_source in (("Test documents", report.get("per_source")),
+                                  ("Validation documents at that margin", val.get("per_source"))):
+            if per_source and len(per_source) > 1:
+                lines += ["", f"{title}, per source:", "",
+                          "| source | documents | CER input | CER output | WER input | WER output | made worse |",
+                          "|---|---|---|---|---|---|---|"]
+                lines += [f"| {name} | {s['n_examples']} | {100 * s['cer_before']:.2f}% | {100 * s['cer_after']:.2f}% "
+                          f"| {100 * s['wer_before']:.2f}% | {100 * s['wer_after']:.2f}% "
+                          f"| {100 * s.get('worse_fraction', 0.0):.1f}% |" for name, s in per_source.items()]
         return lines
 
     def to_json(self) -> dict:
