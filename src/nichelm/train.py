@@ -28,6 +28,7 @@ a new run from another run's (or an hf export's) weights with a fresh optimizer.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -130,6 +131,11 @@ def train(project: Project, *, stop_after_steps: int | None = None) -> dict:
     if ddp.main:
         log(f"trained to step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}, "
             f"{tokens_seen / 1e6:.2f}M tokens in {elapsed / 60:.1f} min; {sink.summary()}")
+    # Free the model, optimizer and data while the process group is alive: under gloo, FSDP2 keeps its
+    # collectives' Work objects (and their tensors) with the model, and freeing them at interpreter exit,
+    # after the group is gone, aborted rank 1 ("terminate called without an active exception").
+    del trainee, data, sink, plan
+    gc.collect()
     ddp.close()
     return {"step": step, "train_loss": last_loss, "val_loss": val_loss, "tokens": tokens_seen}
 
