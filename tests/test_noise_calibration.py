@@ -214,3 +214,24 @@ def test_historical_en_recipe_loads_and_bln600_fit_is_sensible():
     top = {(g, o) for g, o, _ in fit["confusions"][:20]}
     assert {("h", "b"), ("e", "o"), ("", ".")} <= top
     assert fit["weights"]["substitution"] > 25 and fit["weights"]["hyphenation"] > 1
+
+
+@pytest.mark.shared
+def test_historical_en_cpu_recipe_phase_two_reads_the_same_split_and_tokenizer(monkeypatch):
+    """examples/historical_en_cpu: phase 2 trains on pairs.toml's run, which must hold the same real pairs under
+    the same names and seed (so the same documents are val/test), with project.toml's tokenizer; the generic
+    text only trains."""
+    from tests.conftest import ROOT, needs_shared
+    needs_shared()
+    monkeypatch.chdir(ROOT)                               # the recipe runs from the repository root
+    folder = ROOT / "examples" / "historical_en_cpu"
+    main, pairs = load_project(folder / "project.toml"), load_project(folder / "pairs.toml")
+    real = [(s.name, s.path, s.gold_path, s.split) for s in main.sources if s.role == "pairs"]
+    assert real == [(s.name, s.path, s.gold_path, s.split) for s in pairs.sources] and len(real) == 3
+    assert main.seed == pairs.seed and main.split == pairs.split
+    assert all(s.split == "train" for s in main.sources if s.role == "generic")
+    assert main.noise.calibrate_on == ["bln600"] and main.train.precision == "bf16"
+    assert [p.name for p in main.train.phases] == ["pretrain", "real-pairs"]
+    assert main.resolve(main.train.phases[1].data).resolve() == pairs.run_path
+    assert pairs.resolve(pairs.tokenizer.from_).resolve() == main.run_path
+    assert main.task == pairs.task and main.model == pairs.model
