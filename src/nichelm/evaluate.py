@@ -52,7 +52,7 @@ def read_examples(path: Path, limit: int = 0) -> list[dict]:
 def score_corrections(examples: list[dict], outputs: list[str], raw: list[str] | None = None) -> dict:
     before, after = CorpusScore(), CorpusScore()
     per_source: dict[str, tuple[CorpusScore, CorpusScore]] = defaultdict(lambda: (CorpusScore(), CorpusScore()))
-    worse_in: Counter = Counter()              # per source: examples made worse (the acceptance is per source)
+    worse_in: Counter = Counter()              # per source: examples made worse
     worse = better = 0
     for ex, out in zip(examples, outputs):
         ref = ex["output"]
