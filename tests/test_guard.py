@@ -538,6 +538,26 @@ def test_a_calibration_for_another_checkpoint_is_not_used(run, evaluated, tmp_pa
     assert "calibrated for step_0000001" in capsys.readouterr().err
 
 
+def test_the_length_cap_the_margin_was_chosen_with_comes_with_it(run, evaluated, tmp_path):
+    """A margin is only right with the length cap it was chosen under: every load uses guard.json's
+    max_change unless the caller gives one (apply's ledger records the one used)."""
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    guard = json.loads((copy / "guard.json").read_text())
+    (copy / "guard.json").write_text(json.dumps({**guard, "max_change": 0.4}))
+    assert nichelm.load(copy).guard_max_change == 0.4
+    assert nichelm.load(copy, guard_max_change=0.1).guard_max_change == 0.1
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(SENTENCES[0].replace("e", "c", 1))
+    apply(copy, [corpus], tmp_path / "out", batch_size=8, threads=1)
+    ledger = (tmp_path / "out" / ".nichelm-ledger.shard-0-of-1.jsonl").read_text().splitlines()
+    assert json.loads(ledger[0])["settings"]["guard_max_change"] == 0.4
+    (copy / "guard.json").unlink()
+    assert nichelm.load(copy).guard_max_change == 0.15                  # no guard.json: the default cap
+
+
 # ---------------------------------------------------------------- the out-of-domain warning
 
 

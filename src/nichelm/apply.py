@@ -1120,7 +1120,7 @@ def cached_corrector(model: Path, **kwargs):
 
 def run_task(model: str | Path, output: str | Path, plan: Plan, rank: int,
              batch_size: int = 64, threads: int = 0, text_field: str = "text", output_field: str | None = None,
-             guard_max_change: float = 0.15, device: str = "cpu", group_windows: int = 0,
+             guard_max_change: float | None = None, device: str = "cpu", group_windows: int = 0,
              window_overlap: int = 0, backend: str = "torch", compile: str | bool = "auto",
              draft_tokens: int | None = None, dtype: str = "auto", guard_margin: float | None = None) -> ApplyReport:
     """Correct task `rank`'s units of the plan into OUTPUT (its own ledger), then join the split files whose
@@ -1137,6 +1137,7 @@ def run_task(model: str | Path, output: str | Path, plan: Plan, rank: int,
     .parquet inputs only)."""
     short_openmp_spin()
     import torch
+    from nichelm.inference import DEFAULT_MAX_CHANGE
     if threads:
         torch.set_num_threads(threads)
     model, out = Path(model), Path(output)
@@ -1149,13 +1150,16 @@ def run_task(model: str | Path, output: str | Path, plan: Plan, rank: int,
     parquet = next((u for u in units if u.kind == "parquet"), None)
     if parquet is not None:
         pyarrow_for(parquet.path)                  # a missing pyarrow is named before the model loads
-    guard = guard_max_change >= 0
     if compile == "auto":
         compile = plan.total_bytes >= COMPILE_MIN_BYTES
     corrector = cached_corrector(model, device=device, batch_size=batch_size, guard_max_change=guard_max_change,
                                window_overlap=window_overlap, backend=backend,
                                compile=bool(compile) and backend == "torch", dtype=dtype, guard_margin=guard_margin,
                                **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
+    # None: the length cap the model's margin was chosen with (guard.json); a classifier has none
+    guard_max_change = getattr(corrector, "guard_max_change",
+                               DEFAULT_MAX_CHANGE if guard_max_change is None else guard_max_change)
+    guard = guard_max_change >= 0
     decoding = corrector.task.decoding
     output_field = output_field or OUTPUT_FIELDS[decoding]
     if not TXT_INPUTS[decoding]:

@@ -91,7 +91,7 @@ def cmd_correct(args):
             raise UserError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
     corrector = Corrector.from_run(run, device=args.device, guard_max_change=args.guard,
                                    window_overlap=_overlap(args))
-    sys.stdout.write(corrector.correct([text], guard=args.guard >= 0)[0])
+    sys.stdout.write(corrector.correct([text], guard=corrector.guard_max_change >= 0)[0])
     sys.stdout.flush()
 
 
@@ -228,8 +228,9 @@ def add_executor(p: argparse.ArgumentParser, tasks_help: str, scripts: str, defa
 
 
 def add_guard(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guard", type=float, default=0.15,
-                   help="keep a window's input when the output differs by more than this share (-1: off)")
+    p.add_argument("--guard", type=float, default=None,
+                   help="keep a window's input when the output differs by more than this share (-1: off; "
+                        "default: the share the model's guard margin was chosen with, else 0.15)")
     p.add_argument("--window-overlap", type=int, default=None, metavar="CHARS",
                    help="characters of context each side of a document's windows; only the window's own "
                         "part of the output is kept (default: eval.window_overlap of a given project, else 0)")

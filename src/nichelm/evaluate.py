@@ -520,7 +520,7 @@ def read_external_examples(data: Path, fmt: str, gold: Path | None = None, max_d
     return examples
 
 
-def load_corrector(model: Path, device: str = "cpu", guard_max_change: float = 0.15, batch_size: int = 64,
+def load_corrector(model: Path, device: str = "cpu", guard_max_change: float | None = None, batch_size: int = 64,
                    window_overlap: int = 0):
     """A corrector for --model (run, project file or export): inference.load_corrector."""
     from nichelm.inference import load_corrector
@@ -550,7 +550,7 @@ def default_out_dir(model: Path | None, data: Path) -> Path:
 
 def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None = None, gold: Path | None = None,
                       out: Path | None = None, max_docs: int = 0, device: str = "cpu",
-                      guard_max_change: float = 0.15, batch_size: int = 64,
+                      guard_max_change: float | None = None, batch_size: int = 64,
                       window_overlap: int = 0) -> tuple[dict, Path]:
     """Score `model` (None: the raw OCR alone) on a pair set; write report.json and report.html into `out`.
 

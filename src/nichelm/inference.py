@@ -185,11 +185,12 @@ def _spread_offsets(text: str) -> list[int]:
 
 DTYPES = ("auto", "float32", "bfloat16")
 NO_MARGIN = float("-inf")         # an uncalibrated model: the margin test lets every correction through
+DEFAULT_MAX_CHANGE = 0.15         # the length cap of a model with no guard.json (RUN/guard.json keeps its own)
 
 
 class Corrector:
     def __init__(self, model: GPT, tokenizer, task: CorrectionTask | dict, device: torch.device | str = "cpu",
-                 batch_size: int = 64, guard_max_change: float = 0.15, max_new_tokens_ratio: float = 1.5,
+                 batch_size: int = 64, guard_max_change: float | None = None, max_new_tokens_ratio: float = 1.5,
                  beams: int = 1, window_overlap: int = 0, compile: bool = False,
                  draft_tokens: int = DRAFT_TOKENS, dtype: str = "auto", guard_margin: float | None = None):
         self.device = torch.device(device)
@@ -210,10 +211,13 @@ class Corrector:
         self.end_id = tokenizer.token_to_id(task.end_marker)
         self.window_chars = task.window_chars
         self.batch_size = batch_size
-        self.guard_max_change = guard_max_change
         # keep a correction only when the model prefers it to the input by this many nats per token;
         # None: the margin calibrated for this model (task["guard"], from RUN/guard.json), else no margin
         self.guard = task.guard or {}
+        # the length cap; None: the one the margin was chosen with (a margin is only right with its cap)
+        if guard_max_change is None:
+            guard_max_change = self.guard.get("max_change", DEFAULT_MAX_CHANGE)
+        self.guard_max_change = float(guard_max_change)
         if guard_margin is None:
             guard_margin = self.guard.get("margin")          # null in guard.json: "off"
         self.guard_margin = NO_MARGIN if guard_margin is None else float(guard_margin)
