@@ -382,6 +382,48 @@ def test_the_corrector_applies_the_document_test(monkeypatch):
     assert corrector.stats.kept_out_of_domain > 0
 
 
+def test_the_compression_threshold_lets_all_but_the_share_of_val_documents_through():
+    from nichelm.evaluate import unfamiliar_threshold
+
+    def doc(chars: int, tokens: int):
+        return [(Correction("", "x" * chars, "", "x" * chars, None, 0.5, tokens), "")]
+    val = [doc(100, t) for t in range(40, 90)]          # 50 documents, 2.5 down to 1.12 characters/token
+    figures = sorted(100 / t for t in range(40, 90))
+    assert unfamiliar_threshold(val, 0.02) == figures[1]        # 1 of 50 below it
+    assert unfamiliar_threshold(val, 0.1) == figures[5]
+    assert unfamiliar_threshold(val, 0.0) is None and unfamiliar_threshold([], 0.02) is None
+    assert unfamiliar_threshold(val[:10], 0.02) == min(figures[-10:])     # few documents: the lowest, none below
+
+
+def test_a_document_the_tokenizer_compresses_badly_keeps_its_input_whole(monkeypatch):
+    """The second document test: characters per token of the input (as scored, end marker included)
+    under min_chars_per_token means text unlike the training data, whatever passed the margin."""
+    from nichelm.inference import chars_per_token, document_unfamiliar, stitch
+
+    def doc(chars: int, tokens: int, n: int = 4):
+        return [Correction("", "y" * chars, "", "x" * chars, 2.0, 0.5, tokens) for _ in range(n)]
+    assert chars_per_token(doc(10, 4)) == 2.5
+    assert chars_per_token([Correction("", "y", "", "x")]) is None            # nothing scored: no figure
+    assert document_unfamiliar(doc(10, 5), 1.0, None, min_chars_per_token=2.1)       # 2.0 < 2.1
+    assert not document_unfamiliar(doc(10, 4), 1.0, None, min_chars_per_token=2.1)   # 2.5: familiar
+    assert not document_unfamiliar(doc(10, 5), 1.0, None)                            # no reference: no test
+    pieces = [(c, " ") for c in doc(10, 5)]
+    assert stitch(pieces, 1.0, None, 2.1) == ("x" * 10 + " ") * 4
+    assert stitch(pieces, 1.0, None, 1.9) == ("y" * 10 + " ") * 4
+    # the Corrector applies it with the figure it loaded; a text that compresses well is corrected
+    torch.set_num_threads(1)
+    words = " ".join(SENTENCES).split()
+    text = " ".join(f"tlie {w} c0rn" for w in words[:60])
+    corrector = scripted_corrector(monkeypatch, guard_margin=-math.inf, guard_max_change=-1)
+    fixed = corrector.correct([text])[0]
+    figure = chars_per_token(corrector.correct_pieces([cut_windows(text, corrector.window_chars)]))
+    corrector.min_chars_per_token = figure * 0.9
+    assert corrector.correct([text])[0] == fixed
+    corrector.min_chars_per_token = figure * 1.1
+    corrector.stats = type(corrector.stats)()
+    assert corrector.correct([text])[0] == text and corrector.stats.documents_out_of_domain == 1
+
+
 # ---------------------------------------------------------------- a real run: evaluate, then apply and export
 
 
@@ -506,6 +548,9 @@ def test_margin_chosen_on_val_is_stored_and_used_everywhere(run, evaluated, tmp_
     guard = json.loads((run / "guard.json").read_text())
     margin = report["margin_guard"]["margin"]
     assert guard["margin"] == margin and guard["chosen_on"] == "val" and math.isfinite(margin)
+    # the compression threshold (unfamiliar_threshold, from the val documents) is stored and loaded with it
+    assert guard["min_chars_per_token"] > 0 and report["margin_guard"]["min_chars_per_token"] == guard["min_chars_per_token"]
+    assert nichelm.load(run).min_chars_per_token == guard["min_chars_per_token"]
     val = report["margin_guard"]["calibration"]["val"]
     assert val["worse_fraction"] <= 0.2 and val["cer_after"] <= val["cer_before"]
     assert report["margin_guard"]["kept_low_margin"] + report["margin_guard"]["corrected"] > 0

@@ -669,7 +669,7 @@ def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[D
     margin = corrector.guard_margin if guard else None
     results, k = [], 0
     for pieces in by_document(cut, fixed):
-        r = DocResult(stitch(pieces, margin, corrector.passed_share))
+        r = DocResult(stitch(pieces, margin, corrector.passed_share, corrector.min_chars_per_token))
         for c, _ in pieces:
             r.windows += 1
             r.kept_too_different += c.kept_input == "too_different"

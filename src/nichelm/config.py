@@ -201,6 +201,8 @@ class EvalConfig:
                                      # "off": no such test (the length cap alone)
     max_worse_share: float = 0.05    # "auto": the margin with the largest CER gain that makes at most this
                                      # share of val documents worse
+    unfamiliar_share: float = 0.02   # "auto": a document the tokenizer compresses worse than all but this share
+                                     # of the val documents keeps its input whole (another language); 0 = off
 
 
 @dataclass
@@ -607,6 +609,7 @@ _BOUNDS = {
     "eval.window_overlap": (lambda v: v >= 0, "0 or more (characters of context)"),
     "eval.guard_margin": (lambda v: True, "a number (nats/token), \"auto\" or \"off\""),
     "eval.max_worse_share": (lambda v: 0 <= v <= 1, "from 0 to 1 (a share of documents, e.g. 0.05)"),
+    "eval.unfamiliar_share": (lambda v: 0 <= v < 1, "from 0 (off) to below 1 (a share of val documents, e.g. 0.02)"),
     "sources.max_documents": (lambda v: v >= 0, "0 (all) or more"),
     "select.documents": (lambda v: v >= 0, "0 (not set) or more"),
     "select.tokens": (lambda v: v >= 0, "0 (not set) or more"),

@@ -35,8 +35,8 @@ from pathlib import Path
 from nichelm.config import Project
 from nichelm.errors import UserError
 from nichelm.artifacts import GUARD_FILE, read_task
-from nichelm.inference import (HARD_LIMITS, NO_MARGIN, Correction, Corrector, by_document, cut_windows,
-                               document_unfamiliar, stitch)
+from nichelm.inference import (HARD_LIMITS, NO_MARGIN, Correction, Corrector, by_document, chars_per_token,
+                               cut_windows, document_unfamiliar, stitch)
 from nichelm.io import atomic_write_json
 from nichelm.metrics import CorpusScore, char_distance, mark_changes
 from nichelm.tasks import get_task
@@ -137,7 +137,7 @@ def correct_pieces_of(corrector, texts: list[str]) -> list[list[tuple[Correction
 
 
 def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
-                 passed_share: float | None = None) -> dict:
+                 passed_share: float | None = None, min_chars_per_token: float | None = None) -> dict:
     """What the guard did at `margin` (and the document test): windows kept by each rule, corrections
     let through, documents left whole, and the model's mean surprisal of the inputs (nats/token)."""
     cs = [c for pieces in fixed for c, _ in pieces]
@@ -145,7 +145,7 @@ def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
     low = [c for c in cs if c.kept_input not in HARD_LIMITS and c.text_at(margin) != c.raw]
     changed = sum(c.raw != c.source for c in cs)
     passed = sum(c.text_at(margin) != c.source for c in cs)
-    gated = [p for p in fixed if document_unfamiliar([c for c, _ in p], margin, passed_share)]
+    gated = [p for p in fixed if document_unfamiliar([c for c, _ in p], margin, passed_share, min_chars_per_token)]
     undone = sum(c.text_at(margin) != c.source for p in gated for c, _ in p)
     tokens = sum(c.tokens for c in cs if c.surprisal is not None)
     nats = sum(c.surprisal * c.tokens for c in cs if c.surprisal is not None)
@@ -156,6 +156,15 @@ def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
             "kept_share": (passed - undone) / changed if changed else None,
             "passed_share": passed / changed if changed else None,
             "input_surprisal": nats / tokens if tokens else None}
+
+
+def unfamiliar_threshold(fixed: list[list[tuple[Correction, str]]], share: float) -> float | None:
+    """The characters per token under which a document counts as unlike the training data: the val
+    documents' figure (chars_per_token) that all but `share` of them reach (None: share 0, or nothing scored)."""
+    figures = sorted(x for x in (chars_per_token([c for c, _ in p]) for p in fixed) if x is not None)
+    if share <= 0 or not figures:
+        return None
+    return figures[min(int(share * len(figures)), len(figures) - 1)]
 
 
 def reference_pieces(pieces: list[tuple[Correction, str]], reference: str) -> list[str]:
@@ -275,8 +284,8 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
                                    max_new_tokens_ratio=ev.max_new_tokens_ratio,
                                    beams=ev.beams, window_overlap=ev.window_overlap,
                                    draft_tokens=ev.draft_tokens, guard_margin=NO_MARGIN)
-    corrector.passed_share = None      # the guard is replayed below (stitch), at the margin chosen
-    calibration, doc_share = None, None
+    corrector.passed_share = corrector.min_chars_per_token = None   # the guard is replayed below (stitch)
+    calibration, doc_share, min_cpt = None, None, None
     if ev.guard_margin == "auto":
         val_path = data / "examples.val.jsonl"
         val = project_documents(val_path) if val_path.is_file() else []
@@ -289,12 +298,14 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
             calibration = calibrate_margin(val + clean, both, ev.max_worse_share,
                                            bounded=[False] * len(val) + [True] * len(clean))
             margin = calibration["margin"]
-            doc_share = guard_counts(fixed, margin)["passed_share"]     # document_unfamiliar's reference
-            calibration["passed_share"] = doc_share
-            calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin, doc_share),
-                                  **guard_counts(fixed, margin, doc_share)}
-            calibration["val_clean"] = {"documents": len(clean), **_scores_at(clean, fixed_clean, margin, doc_share),
-                                        **guard_counts(fixed_clean, margin, doc_share)}
+            doc_share = guard_counts(fixed, margin)["passed_share"]     # document_unfamiliar's references
+            min_cpt = unfamiliar_threshold(fixed, ev.unfamiliar_share)
+            calibration["passed_share"], calibration["min_chars_per_token"] = doc_share, min_cpt
+            calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin, doc_share, min_cpt),
+                                  **guard_counts(fixed, margin, doc_share, min_cpt)}
+            calibration["val_clean"] = {"documents": len(clean),
+                                        **_scores_at(clean, fixed_clean, margin, doc_share, min_cpt),
+                                        **guard_counts(fixed_clean, margin, doc_share, min_cpt)}
             margin_from = "val"
         else:
             margin, margin_from = NO_MARGIN, "none: no validation examples to choose it on"
@@ -306,7 +317,8 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         atomic_write_json(run / GUARD_FILE, {
             "margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
             "checkpoint": ckpt.name if ckpt else None, "max_change": ev.guard_max_change,
-            **({"passed_share": doc_share, "max_worse_share": ev.max_worse_share, "val": calibration["val"],
+            **({"passed_share": doc_share, "min_chars_per_token": min_cpt, "max_worse_share": ev.max_worse_share,
+                "val": calibration["val"],
                 "val_clean": calibration["val_clean"]}
                if calibration else {})})
 
@@ -315,11 +327,11 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, [d["input"] for d in docs])
     seconds = time.perf_counter() - t0
-    outputs = [stitch(p, margin, doc_share) for p in fixed]
+    outputs = [stitch(p, margin, doc_share, min_cpt) for p in fixed]
     report = score_corrections(docs, outputs)
     raw = score_corrections(docs, [stitch(p, None) for p in fixed])
     no_margin = score_corrections(docs, [stitch(p, NO_MARGIN) for p in fixed])
-    counts = guard_counts(fixed, margin, doc_share)
+    counts = guard_counts(fixed, margin, doc_share, min_cpt)
     windows = counts["windows"]
     report.update({
         "unit": "document", "n_documents": len(docs),
@@ -334,13 +346,13 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         "guard": {"max_change": ev.guard_max_change, "kept_too_different": counts["kept_too_different"],
                   "kept_hit_limit": counts["kept_hit_limit"]},
         "margin_guard": {"margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
-                         "val_passed_share": doc_share,
+                         "val_passed_share": doc_share, "min_chars_per_token": min_cpt,
                          **{k: counts[k] for k in GUARD_REPORT_KEYS},
                          **({"calibration": calibration} if calibration else {})},
         "seconds": seconds,
         "chars_per_s": sum(len(d["input"]) for d in docs) / seconds if seconds else None,
         "examples": [{"id": d["id"], "input": d["input"], "output": out, "reference": d["output"],
-                      "source": d["source"], "kept_input": _kept_reasons(p, margin, doc_share)}
+                      "source": d["source"], "kept_input": _kept_reasons(p, margin, doc_share, min_cpt)}
                      for d, out, p in zip(docs[:50], outputs[:50], fixed[:50])],
     })
     report["per_example"] = per_example_scores(docs, outputs)
@@ -365,16 +377,17 @@ GUARD_REPORT_KEYS = ("kept_low_margin", "changed", "passed_margin", "documents_o
                      "corrected", "kept_share", "input_surprisal")
 
 
-def _kept_reasons(pieces, margin: float, doc_share: float | None) -> str:
+def _kept_reasons(pieces, margin: float, doc_share: float | None, min_cpt: float | None = None) -> str:
     """Why a document's windows kept their input: the reasons of those whose output was not used."""
-    if document_unfamiliar([c for c, _ in pieces], margin, doc_share):
+    if document_unfamiliar([c for c, _ in pieces], margin, doc_share, min_cpt):
         return "out_of_domain"
     return ",".join(sorted({c.kept_input or "low_margin" for c, _ in pieces if c.text_at(margin) != c.raw}))
 
 
-def _scores_at(docs: list[dict], fixed, margin: float, doc_share: float | None = None) -> dict:
+def _scores_at(docs: list[dict], fixed, margin: float, doc_share: float | None = None,
+               min_cpt: float | None = None) -> dict:
     """Corpus CER before/after and the share of documents made worse at `margin` (and with no margin)."""
-    at = score_corrections(docs, [stitch(p, margin, doc_share) for p in fixed])
+    at = score_corrections(docs, [stitch(p, margin, doc_share, min_cpt) for p in fixed])
     off = score_corrections(docs, [stitch(p, NO_MARGIN) for p in fixed])
     return {"cer_before": at["cer_before"], "cer_after": at["cer_after"], "worse_fraction": at["worse_fraction"],
             "wer_before": at["wer_before"], "wer_after": at["wer_after"],
@@ -568,8 +581,9 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, inputs) if hasattr(corrector, "correct_pieces") else None
     if fixed is not None:
-        margin, doc_share = corrector.guard_margin, corrector.passed_share
-        outputs, unguarded = [stitch(p, margin, doc_share) for p in fixed], [stitch(p, None) for p in fixed]
+        margin, doc_share, min_cpt = corrector.guard_margin, corrector.passed_share, corrector.min_chars_per_token
+        outputs = [stitch(p, margin, doc_share, min_cpt) for p in fixed]
+        unguarded = [stitch(p, None) for p in fixed]
     else:
         outputs, unguarded = correct_documents(corrector, inputs) if corrector else (inputs, inputs)
     seconds = time.perf_counter() - t0
@@ -580,12 +594,12 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
                        "worse_fraction_unguarded": raw["worse_fraction"]})
     if fixed is not None:
         off = score_corrections(examples, [stitch(p, NO_MARGIN) for p in fixed])
-        counts = guard_counts(fixed, margin, doc_share)
+        counts = guard_counts(fixed, margin, doc_share, min_cpt)
         report.update({"cer_after_no_margin": off["cer_after"], "wer_after_no_margin": off["wer_after"],
                        "worse_fraction_no_margin": off["worse_fraction"],
                        "margin_guard": {"margin": None if margin == NO_MARGIN else margin,
                                         "chosen_on": corrector.guard.get("chosen_on", "none (not calibrated)"),
-                                        "val_passed_share": doc_share,
+                                        "val_passed_share": doc_share, "min_chars_per_token": min_cpt,
                                         **{k: counts[k] for k in GUARD_REPORT_KEYS}}})
     report["per_example"] = per_example_scores(examples, outputs)
     report.update(_run_facts(data, fmt, gold, model, corrector, examples, seconds))
@@ -607,7 +621,7 @@ def correct_documents(corrector, texts: list[str]) -> tuple[list[str], list[str]
         outputs = corrector.correct(texts)
         return outputs, outputs
     fixed = correct_pieces_of(corrector, texts)
-    return ([stitch(p, corrector.guard_margin, corrector.passed_share) for p in fixed],
+    return ([stitch(p, corrector.guard_margin, corrector.passed_share, corrector.min_chars_per_token) for p in fixed],
             [stitch(p, None) for p in fixed])
 
 
