@@ -382,6 +382,27 @@ def test_the_corrector_applies_the_document_test(monkeypatch):
     assert corrector.stats.kept_out_of_domain > 0
 
 
+def test_a_correction_that_deletes_letters_in_one_place_keeps_the_input(monkeypatch):
+    """guard_max_deleted_letters: a small model drops words; a correction removing that many letters or
+    more in one place (net of what it puts there) keeps its input, as the length cap does."""
+    from nichelm.inference import deleted_letters
+    assert deleted_letters("The wife of the ex- mayor of the city", "The wife of the city") == 12
+    assert deleted_letters("tbe cele- .brated case", "the celebrated case") == 0     # punctuation only
+    assert deleted_letters("the the cat", "the cat") == 3
+    assert deleted_letters("s4-e magi& trates have", "some magistrates have") == 0   # replaced, not lost
+    torch.set_num_threads(1)
+    corrector = scripted_corrector(monkeypatch, guard_margin=-math.inf, guard_max_change=0.9)
+    assert corrector.guard_max_deleted_letters == 0                    # not calibrated: no such limit
+    source = "The wife of the ex- mayor of the city"
+    assert corrector._guard(source, "The wife of the city", False).text == "The wife of the city"
+    corrector.guard_max_deleted_letters = 4
+    kept = corrector._guard(source, "The wife of the city", False)
+    assert kept.text == source and kept.kept_input == "too_different"
+    assert corrector._guard("the the cat", "the cat", False).text == "the cat"        # 3 < 4
+    corrector.guard_max_change = -1                                    # the cap off: this limit off too
+    assert corrector._guard(source, "The wife of the city", False).text == "The wife of the city"
+
+
 def test_the_compression_threshold_lets_all_but_the_share_of_val_documents_through():
     from nichelm.evaluate import unfamiliar_threshold
 
@@ -551,6 +572,7 @@ def test_margin_chosen_on_val_is_stored_and_used_everywhere(run, evaluated, tmp_
     # the compression threshold (unfamiliar_threshold, from the val documents) is stored and loaded with it
     assert guard["min_chars_per_token"] > 0 and report["margin_guard"]["min_chars_per_token"] == guard["min_chars_per_token"]
     assert nichelm.load(run).min_chars_per_token == guard["min_chars_per_token"]
+    assert guard["max_deleted_letters"] == project.eval.guard_max_deleted_letters
     val = report["margin_guard"]["calibration"]["val"]
     assert val["worse_fraction"] <= 0.2 and val["cer_after"] <= val["cer_before"]
     assert report["margin_guard"]["kept_low_margin"] + report["margin_guard"]["corrected"] > 0
@@ -590,8 +612,8 @@ def test_the_length_cap_the_margin_was_chosen_with_comes_with_it(run, evaluated,
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
     guard = json.loads((copy / "guard.json").read_text())
-    (copy / "guard.json").write_text(json.dumps({**guard, "max_change": 0.4}))
-    assert nichelm.load(copy).guard_max_change == 0.4
+    (copy / "guard.json").write_text(json.dumps({**guard, "max_change": 0.4, "max_deleted_letters": 5}))
+    assert nichelm.load(copy).guard_max_change == 0.4 and nichelm.load(copy).guard_max_deleted_letters == 5
     assert nichelm.load(copy, guard_max_change=0.1).guard_max_change == 0.1
     corpus = tmp_path / "in"
     corpus.mkdir()

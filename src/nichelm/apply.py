@@ -1171,7 +1171,9 @@ def run_task(model: str | Path, output: str | Path, plan: Plan, rank: int,
     resuming = ledger.settings is not None
     try:
         margin = getattr(corrector, "guard_margin", float("-inf"))
+        deleted = getattr(corrector, "guard_max_deleted_letters", 0)
         ledger.check_settings({"model": model_identity(model), "guard_max_change": guard_max_change,
+                               **({"guard_max_deleted_letters": deleted} if deleted else {}),
                                **({"guard_margin": margin} if margin != float("-inf") else {}),
                                "text_field": text_field, "output_field": output_field,
                                "window_chars": corrector.window_chars,

@@ -191,6 +191,7 @@ class EvalConfig:
                                      # the seed, whole documents only; 0 = the whole test split
     batch_size: int = 64
     guard_max_change: float = 0.15   # keep the input when the output differs by more than this share of it
+    guard_max_deleted_letters: int = 0   # ... or deletes this many letters or more in one place (0: no limit)
     max_new_tokens_ratio: float = 1.5
     beams: int = 1                   # 1 = greedy (batched); >1 = beam search
     window_overlap: int = 0          # characters of context each side of a document's windows (0 = none)
@@ -608,6 +609,7 @@ _BOUNDS = {
     "eval.beams": (lambda v: v >= 1, "at least 1 (1 = greedy)"),
     "eval.window_overlap": (lambda v: v >= 0, "0 or more (characters of context)"),
     "eval.guard_margin": (lambda v: True, "a number (nats/token), \"auto\" or \"off\""),
+    "eval.guard_max_deleted_letters": (lambda v: v >= 0, "0 (no limit) or more letters, e.g. 4"),
     "eval.max_worse_share": (lambda v: 0 <= v <= 1, "from 0 to 1 (a share of documents, e.g. 0.05)"),
     "eval.unfamiliar_share": (lambda v: 0 <= v < 1, "from 0 (off) to below 1 (a share of val documents, e.g. 0.02)"),
     "sources.max_documents": (lambda v: v >= 0, "0 (all) or more"),

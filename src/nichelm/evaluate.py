@@ -281,6 +281,7 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         raise UserError(f"{run}/data/examples.test.jsonl is empty; raise split.test_fraction or add data")
     corrector = Corrector.from_run(run, device=device, batch_size=ev.batch_size,
                                    guard_max_change=ev.guard_max_change,
+                                   guard_max_deleted_letters=ev.guard_max_deleted_letters,
                                    max_new_tokens_ratio=ev.max_new_tokens_ratio,
                                    beams=ev.beams, window_overlap=ev.window_overlap,
                                    draft_tokens=ev.draft_tokens, guard_margin=NO_MARGIN)
@@ -317,6 +318,7 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         atomic_write_json(run / GUARD_FILE, {
             "margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
             "checkpoint": ckpt.name if ckpt else None, "max_change": ev.guard_max_change,
+            "max_deleted_letters": ev.guard_max_deleted_letters,
             **({"passed_share": doc_share, "min_chars_per_token": min_cpt, "max_worse_share": ev.max_worse_share,
                 "val": calibration["val"],
                 "val_clean": calibration["val_clean"]}
@@ -343,7 +345,8 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         "worse_fraction_unguarded": raw["worse_fraction"],
         "cer_after_no_margin": no_margin["cer_after"], "wer_after_no_margin": no_margin["wer_after"],
         "worse_fraction_no_margin": no_margin["worse_fraction"],
-        "guard": {"max_change": ev.guard_max_change, "kept_too_different": counts["kept_too_different"],
+        "guard": {"max_change": ev.guard_max_change, "max_deleted_letters": ev.guard_max_deleted_letters,
+                  "kept_too_different": counts["kept_too_different"],
                   "kept_hit_limit": counts["kept_hit_limit"]},
         "margin_guard": {"margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
                          "val_passed_share": doc_share, "min_chars_per_token": min_cpt,
@@ -640,7 +643,9 @@ def _run_facts(data, fmt, gold, model, corrector, examples, seconds) -> dict:
     stats = getattr(corrector, "stats", None)
     if stats is not None:
         facts["window_overlap"] = getattr(corrector, "window_overlap", 0)
-        facts["guard"] = {"max_change": getattr(corrector, "guard_max_change", None), "windows": stats.windows,
+        facts["guard"] = {"max_change": getattr(corrector, "guard_max_change", None),
+                          "max_deleted_letters": getattr(corrector, "guard_max_deleted_letters", None),
+                          "windows": stats.windows,
                           "kept_too_different": stats.kept_too_different, "kept_hit_limit": stats.kept_hit_limit}
     return facts
 

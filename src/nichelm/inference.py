@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rapidfuzz.distance import Indel
+from rapidfuzz.distance import Indel, Levenshtein
 
 from nichelm.artifacts import GUARD_FILE, Source, is_ct2_export, open_model, open_run, run_task  # noqa: F401
 from nichelm.backends import BACKENDS, TorchBackend, open_backend
@@ -85,6 +85,18 @@ class Correction:
         if self.kept_input in HARD_LIMITS or (self.gain is not None and not self.gain >= margin):
             return self.source
         return self.raw
+
+
+def deleted_letters(source: str, output: str) -> int:
+    """The most letters `output` removes from `source` in one place (a deleted run, or a replaced run
+    less the letters put in its place), by a Levenshtein alignment."""
+    most = 0
+    for op in Levenshtein.opcodes(source, output):
+        if op.tag in ("delete", "replace"):
+            gone = sum(ch.isalpha() for ch in source[op.src_start:op.src_end])
+            put = sum(ch.isalpha() for ch in output[op.dest_start:op.dest_end])
+            most = max(most, gone - put)
+    return most
 
 
 def chars_per_token(corrections: list[Correction]) -> float | None:
@@ -211,7 +223,8 @@ class Corrector:
     def __init__(self, model: GPT, tokenizer, task: CorrectionTask | dict, device: torch.device | str = "cpu",
                  batch_size: int = 64, guard_max_change: float | None = None, max_new_tokens_ratio: float = 1.5,
                  beams: int = 1, window_overlap: int = 0, compile: bool = False,
-                 draft_tokens: int = DRAFT_TOKENS, dtype: str = "auto", guard_margin: float | None = None):
+                 draft_tokens: int = DRAFT_TOKENS, dtype: str = "auto", guard_margin: float | None = None,
+                 guard_max_deleted_letters: int | None = None):
         self.device = torch.device(device)
         # bf16 weights and KV cache (logits come back as fp32): on a GPU by default; on a CPU when asked,
         # which pays on CPUs with bf16 arithmetic (AVX512-BF16, AMX) and may round near-ties differently
@@ -237,6 +250,10 @@ class Corrector:
         if guard_max_change is None:
             guard_max_change = self.guard.get("max_change", DEFAULT_MAX_CHANGE)
         self.guard_max_change = float(guard_max_change)
+        # ... and the letters a correction may delete in one place (0: any); None: guard.json's, else 0
+        if guard_max_deleted_letters is None:
+            guard_max_deleted_letters = self.guard.get("max_deleted_letters", 0)
+        self.guard_max_deleted_letters = int(guard_max_deleted_letters)
         if guard_margin is None:
             guard_margin = self.guard.get("margin")          # null in guard.json: "off"
         self.guard_margin = NO_MARGIN if guard_margin is None else float(guard_margin)
@@ -330,7 +347,14 @@ class Corrector:
                 for w, d, sc in zip(windows, decoded, scores)]
 
     def _too_different(self, source: str, raw: str) -> bool:
-        return self.guard_max_change >= 0 and char_distance(raw, source) > self.guard_max_change * max(len(source), 1)
+        """The length cap: the output changes more than guard_max_change of the window, or deletes
+        guard_max_deleted_letters letters or more in one place (a small model drops words: on issue 17's
+        val split, its passed corrections deleting 3+ letters made 40 windows worse and 16 better)."""
+        if self.guard_max_change < 0:
+            return False
+        if char_distance(raw, source) > self.guard_max_change * max(len(source), 1):
+            return True
+        return self.guard_max_deleted_letters > 0 and deleted_letters(source, raw) >= self.guard_max_deleted_letters
 
     def _scores(self, windows: list[str], decoded, generations=None) -> list[tuple[float | None, float | None, int]]:
         """(gain, surprisal, input tokens) per window.
