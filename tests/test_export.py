@@ -26,7 +26,9 @@ def run(request, tmp_path_factory):
     (path / "eval" / "report.json").write_text(json.dumps(
         {"cer_before": 0.05, "cer_after": 0.02, "wer_before": 0.2, "wer_after": 0.1, "n_examples": 9,
          "worse_fraction": 0.1, "per_source": per_source,
-         "margin_guard": {"margin": 0.25, "chosen_on": "val", "calibration": {"val": {
+         "guard": {"max_change": 0.15, "max_deleted_letters": 4},
+         "margin_guard": {"margin": 0.25, "chosen_on": "val", "min_chars_per_token": 1.9, "unfamiliar_share": 0.02,
+                          "calibration": {"val": {
              "documents": 7, "per_source": {**per_source, "bln600": {**per_source["bln600"], "cer_after": 0.0398}}}}}}))
     (path / "eval" / "external" / "nl1").mkdir(parents=True)
     (path / "eval" / "external" / "nl1" / "report.json").write_text(json.dumps(
@@ -65,7 +67,9 @@ def test_transformers_loads_the_export_without_custom_code(run, exported):
     for needle in ("test text licence", "test pairs licence", "### Correction ###", "CER", "2.00%",
                    "Guard margin 0.250 nats/token, chosen on 7 validation documents", "| bln600 | 5 | 5.00% | 4.32% |",
                    "| icdar | 4 | 5.00% | 1.25% |", "| bln600 | 5 | 5.00% | 3.98% |",
-                   "| NL1 (icdar) | 49 | 32.04% | 32.01% | 50.00% | 50.00% | 2.0% |"):
+                   "| NL1 (icdar) | 49 | 32.04% | 32.01% | 50.00% | 50.00% | 2.0% |",
+                   "output changes more than 0.15 of its window or deletes 4 letters or more in one place",
+                   "fewer than 1.90 characters per token (all but 2% of the validation documents reach it)"):
         assert needle in card, needle
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
 

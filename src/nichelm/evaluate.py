@@ -350,6 +350,7 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
                   "kept_hit_limit": counts["kept_hit_limit"]},
         "margin_guard": {"margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
                          "val_passed_share": doc_share, "min_chars_per_token": min_cpt,
+                         **({"unfamiliar_share": ev.unfamiliar_share} if min_cpt is not None else {}),
                          **{k: counts[k] for k in GUARD_REPORT_KEYS},
                          **({"calibration": calibration} if calibration else {})},
         "seconds": seconds,

@@ -78,6 +78,17 @@ class CorrectionTask(Task):
         if margin.get("margin") is not None:
             lines += ["", f"Guard margin {margin['margin']:.3f} nats/token, chosen on "
                       f"{val.get('documents', '?')} validation documents ({margin.get('chosen_on', '?')})."]
+        caps = report.get("guard") or {}
+        rules = ([f"changes more than {caps['max_change']:g} of its window"] if caps.get("max_change", -1) >= 0 else []) + \
+            ([f"deletes {caps['max_deleted_letters']} letters or more in one place"]
+             if caps.get("max_deleted_letters") else [])
+        if rules:
+            lines.append(f"A window keeps its input when the model's output {' or '.join(rules)}.")
+        if margin.get("min_chars_per_token") is not None:
+            share = margin.get("unfamiliar_share")
+            lines.append(f"A document the tokenizer compresses to fewer than {margin['min_chars_per_token']:.2f} "
+                         "characters per token" + (f" (all but {100 * share:g}% of the validation documents reach it)"
+                                                   if share else "") + " keeps its input whole.")
         for title, per_source in (("Test documents", report.get("per_source")),
                                   ("Validation documents at that margin", val.get("per_source"))):
             if per_source and len(per_source) > 1:
