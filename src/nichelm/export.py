@@ -30,6 +30,7 @@ from nichelm.convert import (GPT2_LAYER_NAMES, check_exportable, ct2_config, fro
                              mlp_hidden, to_gguf, to_hf)
 from nichelm.errors import UserError
 from nichelm.io import atomic_write_json, atomic_write_text, fsync_tree, replace_dir, staging_dir
+from nichelm.metrics import markdown_score_table
 from nichelm.model import ModelConfig
 
 # The weight mappings live in nichelm.convert and the reading of runs and exports in nichelm.artifacts;
@@ -133,15 +134,10 @@ def _external_section(folder: Path) -> list[str]:
     reports = [r for p in sorted(folder.glob("*/report.json")) if (r := _read_json(p)) and "cer_before" in r]
     if not reports:
         return []
-    lines = ["## Other evaluations", "", "Whole documents cut as `apply` cuts them, guard as shipped.", "",
-             "| data | documents | CER input | CER output | WER input | WER output | made worse |",
-             "|---|---|---|---|---|---|---|"]
-    for r in reports:
-        data = r.get("data") or {}
-        lines.append(f"| {data.get('name', '?')} ({data.get('format', '?')}) | {r.get('n_examples', '?')} "
-                     f"| {100 * r['cer_before']:.2f}% | {100 * r['cer_after']:.2f}% | {100 * r['wer_before']:.2f}% "
-                     f"| {100 * r['wer_after']:.2f}% | {100 * r.get('worse_fraction', 0.0):.1f}% |")
-    return lines + [""]
+    named = [(f"{(r.get('data') or {}).get('name', '?')} ({(r.get('data') or {}).get('format', '?')})", r)
+             for r in reports]
+    return ["## Other evaluations", "", "Whole documents cut as `apply` cuts them, guard as shipped.", "",
+            *markdown_score_table("data", named), ""]
 
 
 def _data_section(path: Path) -> list[str]:

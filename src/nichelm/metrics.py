@@ -24,6 +24,18 @@ def word_distance(hyp: str, ref: str) -> int:
     return Levenshtein.distance(hyp.split(), ref.split(), score_hint=16)
 
 
+def markdown_score_table(first_column: str, rows: list[tuple[str, dict]]) -> list[str]:
+    """A Markdown table of before/after scores (model cards): one row per (name, scores), the scores as
+    score_corrections writes them (n_examples, cer_before, cer_after, wer_before, wer_after, worse_fraction)."""
+    lines = [f"| {first_column} | documents | CER input | CER output | WER input | WER output | made worse |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in rows:
+        lines.append(f"| {name} | {s.get('n_examples', '?')} | {100 * s['cer_before']:.2f}% | {100 * s['cer_after']:.2f}% "
+                     f"| {100 * s['wer_before']:.2f}% | {100 * s['wer_after']:.2f}% "
+                     f"| {100 * s.get('worse_fraction', 0.0):.1f}% |")
+    return lines
+
+
 @dataclass
 class CorpusScore:
     """Running totals for corpus (micro-averaged) CER and WER."""

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from nichelm.data.readers import Document
-from nichelm.metrics import score_pairs
+from nichelm.metrics import markdown_score_table, score_pairs
 from nichelm.tasks.base import USAGE_INTRO, Task
 
 
@@ -92,12 +92,7 @@ class CorrectionTask(Task):
         for title, per_source in (("Test documents", report.get("per_source")),
                                   ("Validation documents at that margin", val.get("per_source"))):
             if per_source and len(per_source) > 1:
-                lines += ["", f"{title}, per source:", "",
-                          "| source | documents | CER input | CER output | WER input | WER output | made worse |",
-                          "|---|---|---|---|---|---|---|"]
-                lines += [f"| {name} | {s['n_examples']} | {100 * s['cer_before']:.2f}% | {100 * s['cer_after']:.2f}% "
-                          f"| {100 * s['wer_before']:.2f}% | {100 * s['wer_after']:.2f}% "
-                          f"| {100 * s.get('worse_fraction', 0.0):.1f}% |" for name, s in per_source.items()]
+                lines += ["", f"{title}, per source:", "", *markdown_score_table("source", list(per_source.items()))]
         return lines
 
     def to_json(self) -> dict:
