@@ -407,7 +407,7 @@ def test_the_compression_threshold_lets_all_but_the_share_of_val_documents_throu
     from nichelm.evaluate import unfamiliar_threshold
 
     def doc(chars: int, tokens: int):
-        return [(Correction("", "x" * chars, "", "x" * chars, None, 0.5, tokens), "")]
+        return [(Correction("", "x" * chars, "", "x" * chars, None, 0.5, tokens + 1), "")]     # + the end marker
     val = [doc(100, t) for t in range(40, 90)]          # 50 documents, 2.5 down to 1.12 characters/token
     figures = sorted(100 / t for t in range(40, 90))
     assert unfamiliar_threshold(val, 0.02) == figures[1]        # 1 of 50 below it
@@ -423,12 +423,12 @@ def test_a_document_the_tokenizer_compresses_badly_keeps_its_input_whole(monkeyp
 
     def doc(chars: int, tokens: int, n: int = 4):
         return [Correction("", "y" * chars, "", "x" * chars, 2.0, 0.5, tokens) for _ in range(n)]
-    assert chars_per_token(doc(10, 4)) == 2.5
+    assert chars_per_token(doc(10, 5)) == 2.5                                  # 4 tokens + the end marker
     assert chars_per_token([Correction("", "y", "", "x")]) is None            # nothing scored: no figure
-    assert document_unfamiliar(doc(10, 5), 1.0, None, min_chars_per_token=2.1)       # 2.0 < 2.1
-    assert not document_unfamiliar(doc(10, 4), 1.0, None, min_chars_per_token=2.1)   # 2.5: familiar
-    assert not document_unfamiliar(doc(10, 5), 1.0, None)                            # no reference: no test
-    pieces = [(c, " ") for c in doc(10, 5)]
+    assert document_unfamiliar(doc(10, 6), 1.0, None, min_chars_per_token=2.1)       # 2.0 < 2.1
+    assert not document_unfamiliar(doc(10, 5), 1.0, None, min_chars_per_token=2.1)   # 2.5: familiar
+    assert not document_unfamiliar(doc(10, 6), 1.0, None)                            # no reference: no test
+    pieces = [(c, " ") for c in doc(10, 6)]
     assert stitch(pieces, 1.0, None, 2.1) == ("x" * 10 + " ") * 4
     assert stitch(pieces, 1.0, None, 1.9) == ("y" * 10 + " ") * 4
     # the Corrector applies it with the figure it loaded; a text that compresses well is corrected
