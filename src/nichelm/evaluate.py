@@ -24,7 +24,6 @@ per-source breakdown.
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import sys
@@ -211,10 +210,11 @@ def calibrate_margin(docs: list[dict], fixed: list[list[tuple[Correction, str]]]
     re-scoring only those windows, each against its own part of the reference (reference_pieces: one
     alignment per document; re-scoring whole documents took 25 of 27 minutes on issue 17's val split,
     whose largest document is 379k characters). A document's errors are the sum over its windows (at
-    least its true distance, equal where the alignment's cuts agree). The margin stored is halfway between the last gain let through
-    and the next (or that gain itself when it is the lowest); if no margin helps within the bound,
-    one above every gain (no correction of these documents kept). The document test is left out here:
-    its threshold follows from the share that passes at the margin chosen (evaluate_project).
+    least its true distance, equal where the alignment's cuts agree). The margin stored is halfway
+    between the last gain let through and the next (or that gain itself when it is the lowest); if no
+    margin helps within the bound, one above every gain (no correction of these documents kept). The
+    document tests are left out here: their references follow from the margin chosen and the val
+    documents (evaluate_project).
     """
     refs = [reference_pieces(p, d["output"]) for p, d in zip(fixed, docs)]
     window_errors = [[char_distance(c.source + sep, r) for (c, sep), r in zip(p, rs)] for p, rs in zip(fixed, refs)]
