@@ -557,10 +557,10 @@ def by_document(cut: list[list[tuple[str, str]]], fixed: list[Correction]) -> li
 def stitch(pieces: list[tuple[Correction, str]], margin: float | None, passed_share: float | None = None,
            min_chars_per_token: float | None = None) -> str:
     """A document's text from its windows: each window's output at the guard of `margin` (Correction.text_at)
-    and the document tests of passed_share and min_chars_per_token (document_unfamiliar), each followed by its
-    separator from the input. margin None: the model's raw outputs. The one way windows become a document
-    again: with the Corrector's own margin and references this is the text correct_pieces decided; evaluate replays the
-    same rule at other margins without decoding again."""
+    and the document tests of passed_share and min_chars_per_token (document_unfamiliar), each followed by
+    its separator from the input. margin None: the model's raw outputs. The one way windows become a
+    document again: with the Corrector's own margin and references this is the text correct_pieces
+    decided; evaluate replays the same rule at other margins without decoding again."""
     if margin is None:
         return "".join(c.raw + sep for c, sep in pieces)
     if document_unfamiliar([c for c, _ in pieces], margin, passed_share, min_chars_per_token):

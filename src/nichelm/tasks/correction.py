@@ -78,10 +78,11 @@ class CorrectionTask(Task):
         if margin.get("margin") is not None:
             lines += ["", f"Guard margin {margin['margin']:.3f} nats/token, chosen on "
                       f"{val.get('documents', '?')} validation documents ({margin.get('chosen_on', '?')})."]
-        caps = report.get("guard") or {}
-        rules = ([f"changes more than {caps['max_change']:g} of its window"] if caps.get("max_change", -1) >= 0 else []) + \
-            ([f"deletes {caps['max_deleted_letters']} letters or more in one place"]
-             if caps.get("max_deleted_letters") else [])
+        caps, rules = report.get("guard") or {}, []
+        if caps.get("max_change", -1) >= 0:
+            rules.append(f"changes more than {caps['max_change']:g} of its window")
+        if caps.get("max_deleted_letters"):
+            rules.append(f"deletes {caps['max_deleted_letters']} letters or more in one place")
         if rules:
             lines.append(f"A window keeps its input when the model's output {' or '.join(rules)}.")
         if margin.get("min_chars_per_token") is not None:
