@@ -50,19 +50,20 @@ def sample(docs: list[dict], max_chars: int, seed: int) -> list[dict]:
 def measure(corrector, docs: list[dict]) -> dict:
     """Corpus CER/WER and worse share at the corrector's margin, with no margin, and of the raw outputs."""
     from nichelm.evaluate import correct_pieces_of, guard_counts, score_corrections, stitch
-    from nichelm.inference import NO_MARGIN
+    from nichelm.inference import NO_DOCUMENT_TESTS, NO_MARGIN
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, [d["input"] for d in docs])
     seconds = time.perf_counter() - t0
-    margin, share = corrector.guard_margin, corrector.passed_share
+    margin, tests = corrector.guard_margin, corrector.document_tests
     out = {"documents": len(docs), "input_chars": sum(len(d["input"]) for d in docs), "seconds": round(seconds, 1)}
-    for name, m, ds in (("guard", margin, share), ("no_margin", NO_MARGIN, None), ("unguarded", None, None)):
-        s = score_corrections(docs, [stitch(p, m, ds) for p in fixed])
+    for name, m, ts in (("guard", margin, tests), ("no_margin", NO_MARGIN, NO_DOCUMENT_TESTS),
+                        ("unguarded", None, NO_DOCUMENT_TESTS)):
+        s = score_corrections(docs, [stitch(p, m, ts) for p in fixed])
         if name == "guard":
             out.update({"cer_before": s["cer_before"], "wer_before": s["wer_before"]})
         out[name] = {"cer_after": s["cer_after"], "wer_after": s["wer_after"], "worse_share": s["worse_fraction"],
                      "better_share": s["better_fraction"]}
-    out["guard"].update({k: v for k, v in guard_counts(fixed, margin, share).items() if k != "windows"})
+    out["guard"].update({k: v for k, v in guard_counts(fixed, margin, tests).items() if k != "windows"})
     out["windows"] = sum(len(p) for p in fixed)
     return out
 
@@ -95,7 +96,8 @@ def main(argv=None) -> dict:
               "model": args.model,
               "margin": None if corrector.guard_margin == float("-inf") else corrector.guard_margin,
               "margin_chosen_on": corrector.guard.get("chosen_on"), "max_change": corrector.guard_max_change,
-              "passed_share": corrector.passed_share,
+              "passed_share": corrector.document_tests.passed_share,
+              "min_chars_per_token": corrector.document_tests.min_chars_per_token,
               "seed": args.seed, "max_chars": args.max_chars, "threads": args.threads, "dtype": args.dtype}
     bln = Path(args.bln600)
     bln_docs = external_docs(bln, "bln600") if bln.is_file() and parts & {"ood", "clean"} else []

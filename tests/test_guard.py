@@ -26,7 +26,7 @@ from nichelm.backends import TorchBackend, score_torch
 from nichelm.data.tokenizer import encode_text
 from nichelm.evaluate import calibrate_margin, evaluate_project, project_documents, sample_documents
 from nichelm.generate import Generation
-from nichelm.inference import Correction, Corrector, cut_windows
+from nichelm.inference import Correction, Corrector, DocumentTests, cut_windows
 from nichelm.metrics import char_distance
 from tests.conftest import ROOT, SENTENCES
 from tests.test_apply import build_run, tree
@@ -334,7 +334,8 @@ def test_an_unfamiliar_document_keeps_its_input_whole():
     """A document keeps its input whole when so few of its changed windows pass the margin that a
     document whose changes pass as often as on val would show as few with probability under 1%."""
     from nichelm.evaluate import stitch
-    from nichelm.inference import DOC_ALPHA, binomial_cdf, document_unfamiliar
+    from nichelm.inference import DOC_ALPHA, binomial_cdf
+    familiar_at = DocumentTests(passed_share=0.8)        # val: 80% of changes pass
 
     def doc(changed: int, passing: int, same: int = 3):
         cs = [Correction("", f"fix{i}", "", f"src{i}", 2.0 if i < passing else 0.1) for i in range(changed)]
@@ -342,19 +343,19 @@ def test_an_unfamiliar_document_keeps_its_input_whole():
     # val: 80% of changes pass. 3 of 12 passing: P(X <= 3 | 12, 0.8) = 0.0006 -> unfamiliar
     assert binomial_cdf(3, 12, 0.8) == pytest.approx(sum(math.comb(12, i) * 0.8 ** i * 0.2 ** (12 - i)
                                                          for i in range(4)))
-    assert document_unfamiliar(doc(12, 3), 1.0, 0.8)
-    assert binomial_cdf(7, 12, 0.8) > DOC_ALPHA and not document_unfamiliar(doc(12, 7), 1.0, 0.8)
-    assert not document_unfamiliar(doc(12, 0), 1.0, 0.8)        # nothing passed: nothing to undo
-    assert not document_unfamiliar(doc(12, 12), 1.0, 0.8)
-    assert not document_unfamiliar(doc(12, 3), 1.0, None)       # not calibrated: no such test
-    assert not document_unfamiliar(doc(2, 1), 1.0, 0.8)         # 1 of 2: P = 0.36, proves nothing
+    assert familiar_at.unfamiliar(doc(12, 3), 1.0)
+    assert binomial_cdf(7, 12, 0.8) > DOC_ALPHA and not familiar_at.unfamiliar(doc(12, 7), 1.0)
+    assert not familiar_at.unfamiliar(doc(12, 0), 1.0)          # nothing passed: nothing to undo
+    assert not familiar_at.unfamiliar(doc(12, 12), 1.0)
+    assert not DocumentTests().unfamiliar(doc(12, 3), 1.0)      # not calibrated: no such test
+    assert not familiar_at.unfamiliar(doc(2, 1), 1.0)           # 1 of 2: P = 0.36, proves nothing
     # the normal approximation for long documents agrees with the exact sum where both apply
     exact = sum(math.exp(math.lgamma(2001) - math.lgamma(i + 1) - math.lgamma(2001 - i) + i * math.log(0.3)
                          + (2000 - i) * math.log(0.7)) for i in range(571))
     assert binomial_cdf(570, 2000, 0.3) == pytest.approx(exact, abs=0.01)
     pieces = [(c, " ") for c in doc(12, 3)]
-    assert stitch(pieces, 1.0, 0.8) == "".join(c.source + " " for c, _ in pieces)
-    assert stitch(pieces, 1.0, None) == "".join((c.raw if c.gain == 2.0 or c.gain is None else c.source) + " "
+    assert stitch(pieces, 1.0, familiar_at) == "".join(c.source + " " for c, _ in pieces)
+    assert stitch(pieces, 1.0) == "".join((c.raw if c.gain == 2.0 or c.gain is None else c.source) + " "
                                                 for c, _ in pieces)
 
 
@@ -368,14 +369,14 @@ def test_the_corrector_applies_the_document_test(monkeypatch):
     assert fixed != text and len(results) >= 12 and all(c.raw != c.source for c in results)
     gains = sorted(c.gain for c in results)
     corrector.guard_margin = gains[len(gains) * 3 // 4]      # about 1/4 of the changes pass
-    corrector.passed_share = 0.25                            # as on val: familiar
+    corrector.document_tests = DocumentTests(passed_share=0.25)     # as on val: familiar
     quarter = corrector.correct([text])[0]
     assert quarter not in (text, fixed) and corrector.stats.documents_out_of_domain == 0
     # stitching (inference.stitch replays the rule) agrees with each window's own final text, joined by hand
     cut = cut_windows(text, corrector.window_chars)
     windows = corrector.correct_pieces([cut])
     assert quarter == "".join(c.text + sep for c, (_, sep) in zip(windows, cut))
-    corrector.passed_share = 0.95                            # on val nearly all passed: unfamiliar, kept whole
+    corrector.document_tests = DocumentTests(passed_share=0.95)     # nearly all passed on val: kept whole
     corrector.stats = type(corrector.stats)()
     assert corrector.correct([text])[0] == text
     assert corrector.stats.documents_out_of_domain == 1 and corrector.stats.corrected == 0
@@ -419,18 +420,18 @@ def test_the_compression_threshold_lets_all_but_the_share_of_val_documents_throu
 def test_a_document_the_tokenizer_compresses_badly_keeps_its_input_whole(monkeypatch):
     """The second document test: characters per token of the input (as scored, end marker included)
     under min_chars_per_token means text unlike the training data, whatever passed the margin."""
-    from nichelm.inference import chars_per_token, document_unfamiliar, stitch
+    from nichelm.inference import chars_per_token, stitch
 
     def doc(chars: int, tokens: int, n: int = 4):
         return [Correction("", "y" * chars, "", "x" * chars, 2.0, 0.5, tokens) for _ in range(n)]
     assert chars_per_token(doc(10, 5)) == 2.5                                  # 4 tokens + the end marker
     assert chars_per_token([Correction("", "y", "", "x")]) is None            # nothing scored: no figure
-    assert document_unfamiliar(doc(10, 6), 1.0, None, min_chars_per_token=2.1)       # 2.0 < 2.1
-    assert not document_unfamiliar(doc(10, 5), 1.0, None, min_chars_per_token=2.1)   # 2.5: familiar
-    assert not document_unfamiliar(doc(10, 6), 1.0, None)                            # no reference: no test
+    assert DocumentTests(min_chars_per_token=2.1).unfamiliar(doc(10, 6), 1.0)       # 2.0 < 2.1
+    assert not DocumentTests(min_chars_per_token=2.1).unfamiliar(doc(10, 5), 1.0)   # 2.5: familiar
+    assert not DocumentTests().unfamiliar(doc(10, 6), 1.0)                          # no reference: no test
     pieces = [(c, " ") for c in doc(10, 6)]
-    assert stitch(pieces, 1.0, None, 2.1) == ("x" * 10 + " ") * 4
-    assert stitch(pieces, 1.0, None, 1.9) == ("y" * 10 + " ") * 4
+    assert stitch(pieces, 1.0, DocumentTests(min_chars_per_token=2.1)) == ("x" * 10 + " ") * 4
+    assert stitch(pieces, 1.0, DocumentTests(min_chars_per_token=1.9)) == ("y" * 10 + " ") * 4
     # the Corrector applies it with the figure it loaded; a text that compresses well is corrected
     torch.set_num_threads(1)
     words = " ".join(SENTENCES).split()
@@ -438,9 +439,9 @@ def test_a_document_the_tokenizer_compresses_badly_keeps_its_input_whole(monkeyp
     corrector = scripted_corrector(monkeypatch, guard_margin=-math.inf, guard_max_change=-1)
     fixed = corrector.correct([text])[0]
     figure = chars_per_token(corrector.correct_pieces([cut_windows(text, corrector.window_chars)]))
-    corrector.min_chars_per_token = figure * 0.9
+    corrector.document_tests = DocumentTests(min_chars_per_token=figure * 0.9)
     assert corrector.correct([text])[0] == fixed
-    corrector.min_chars_per_token = figure * 1.1
+    corrector.document_tests = DocumentTests(min_chars_per_token=figure * 1.1)
     corrector.stats = type(corrector.stats)()
     assert corrector.correct([text])[0] == text and corrector.stats.documents_out_of_domain == 1
 
@@ -571,7 +572,7 @@ def test_margin_chosen_on_val_is_stored_and_used_everywhere(run, evaluated, tmp_
     assert guard["margin"] == margin and guard["chosen_on"] == "val" and math.isfinite(margin)
     # the compression threshold (unfamiliar_threshold, from the val documents) is stored and loaded with it
     assert guard["min_chars_per_token"] > 0 and report["margin_guard"]["min_chars_per_token"] == guard["min_chars_per_token"]
-    assert nichelm.load(run).min_chars_per_token == guard["min_chars_per_token"]
+    assert nichelm.load(run).document_tests.min_chars_per_token == guard["min_chars_per_token"]
     assert guard["max_deleted_letters"] == project.eval.guard_max_deleted_letters
     val = report["margin_guard"]["calibration"]["val"]
     assert val["worse_fraction"] <= 0.2 and val["cer_after"] <= val["cer_before"]

@@ -669,7 +669,7 @@ def correct_documents(corrector, texts: list[str], guard: bool = True) -> list[D
     margin = corrector.guard_margin if guard else None
     results, k = [], 0
     for pieces in by_document(cut, fixed):
-        r = DocResult(stitch(pieces, margin, corrector.passed_share, corrector.min_chars_per_token))
+        r = DocResult(stitch(pieces, margin, corrector.document_tests))
         for c, _ in pieces:
             r.windows += 1
             r.kept_too_different += c.kept_input == "too_different"
@@ -975,7 +975,7 @@ GUARD_FIELDS = ("kept_low_margin", "docs_out_of_domain", "changed", "corrected",
 DOMAIN_MIN_WINDOWS = 200            # windows seen before the out-of-domain check speaks
 DOMAIN_SURPRISAL_RATIO = 1.5        # out of domain: input surprisal above this x the val split's, or
 DOMAIN_KEPT_RATIO = 0.5             # a share of the model's changes kept below this x the val split's
-                                    # (inference.document_unfamiliar judges one document)
+                                    # (inference.DocumentTests judges one document)
 
 
 @dataclass

@@ -29,13 +29,14 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 from nichelm.config import Project
 from nichelm.errors import UserError
 from nichelm.artifacts import GUARD_FILE, read_task
 from nichelm.inference import (HARD_LIMITS, NO_MARGIN, Correction, Corrector, by_document, chars_per_token,
-                               cut_windows, document_unfamiliar, stitch)
+                               cut_windows, DocumentTests, NO_DOCUMENT_TESTS, stitch)
 from nichelm.io import atomic_write_json
 from nichelm.metrics import CorpusScore, char_distance, mark_changes
 from nichelm.tasks import get_task
@@ -136,7 +137,7 @@ def correct_pieces_of(corrector, texts: list[str]) -> list[list[tuple[Correction
 
 
 def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
-                 passed_share: float | None = None, min_chars_per_token: float | None = None) -> dict:
+                 tests: DocumentTests = NO_DOCUMENT_TESTS) -> dict:
     """What the guard did at `margin` (and the document test): windows kept by each rule, corrections
     let through, documents left whole, and the model's mean surprisal of the inputs (nats/token)."""
     cs = [c for pieces in fixed for c, _ in pieces]
@@ -144,7 +145,7 @@ def guard_counts(fixed: list[list[tuple[Correction, str]]], margin: float,
     low = [c for c in cs if c.kept_input not in HARD_LIMITS and c.text_at(margin) != c.raw]
     changed = sum(c.raw != c.source for c in cs)
     passed = sum(c.text_at(margin) != c.source for c in cs)
-    gated = [p for p in fixed if document_unfamiliar([c for c, _ in p], margin, passed_share, min_chars_per_token)]
+    gated = [p for p in fixed if tests.unfamiliar([c for c, _ in p], margin)]
     undone = sum(c.text_at(margin) != c.source for p in gated for c, _ in p)
     tokens = sum(c.tokens for c in cs if c.surprisal is not None)
     nats = sum(c.surprisal * c.tokens for c in cs if c.surprisal is not None)
@@ -263,8 +264,9 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     With eval.guard_margin = "auto" the margin is first chosen on the validation documents, as they are
     and with their gold side as input (clean text), for the lowest CER over both with at most
     eval.max_worse_share of the clean ones changed (calibrate_margin), and stored in RUN/guard.json (with
-    the checkpoint it was chosen for and the share of changes that passed, document_unfamiliar's
-    reference); a number or "off" is stored as given.
+    the checkpoint it was chosen for and the DocumentTests' references: the share of changes that passed
+    and the characters per token under which a document counts as unfamiliar); a number or "off" is
+    stored as given.
     The report gives the figures at that margin (the outputs users get), plus those of the model's raw
     outputs ("unguarded") and of the length cap alone ("no_margin"), all from one decoding pass."""
     from nichelm.checkpoint import latest_checkpoint
@@ -285,8 +287,8 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
                                    max_new_tokens_ratio=ev.max_new_tokens_ratio,
                                    beams=ev.beams, window_overlap=ev.window_overlap,
                                    draft_tokens=ev.draft_tokens, guard_margin=NO_MARGIN)
-    corrector.passed_share = corrector.min_chars_per_token = None   # the guard is replayed below (stitch)
-    calibration, doc_share, min_cpt = None, None, None
+    corrector.document_tests = NO_DOCUMENT_TESTS           # the guard is replayed below (stitch)
+    calibration, tests = None, NO_DOCUMENT_TESTS
     if ev.guard_margin == "auto":
         val_path = data / "examples.val.jsonl"
         val = project_documents(val_path) if val_path.is_file() else []
@@ -299,14 +301,14 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
             calibration = calibrate_margin(val + clean, both, ev.max_worse_share,
                                            bounded=[False] * len(val) + [True] * len(clean))
             margin = calibration["margin"]
-            doc_share = guard_counts(fixed, margin)["passed_share"]     # document_unfamiliar's references
-            min_cpt = unfamiliar_threshold(fixed, ev.unfamiliar_share)
-            calibration["passed_share"], calibration["min_chars_per_token"] = doc_share, min_cpt
-            calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin, doc_share, min_cpt),
-                                  **guard_counts(fixed, margin, doc_share, min_cpt)}
+            tests = DocumentTests(guard_counts(fixed, margin)["passed_share"],
+                                  unfamiliar_threshold(fixed, ev.unfamiliar_share))
+            calibration.update(asdict(tests))
+            calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin, tests),
+                                  **guard_counts(fixed, margin, tests)}
             calibration["val_clean"] = {"documents": len(clean),
-                                        **_scores_at(clean, fixed_clean, margin, doc_share, min_cpt),
-                                        **guard_counts(fixed_clean, margin, doc_share, min_cpt)}
+                                        **_scores_at(clean, fixed_clean, margin, tests),
+                                        **guard_counts(fixed_clean, margin, tests)}
             margin_from = "val"
         else:
             margin, margin_from = NO_MARGIN, "none: no validation examples to choose it on"
@@ -319,7 +321,7 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
             "margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
             "checkpoint": ckpt.name if ckpt else None, "max_change": ev.guard_max_change,
             "max_deleted_letters": ev.guard_max_deleted_letters,
-            **({"passed_share": doc_share, "min_chars_per_token": min_cpt, "max_worse_share": ev.max_worse_share,
+            **({**asdict(tests), "max_worse_share": ev.max_worse_share,
                 "val": calibration["val"],
                 "val_clean": calibration["val_clean"]}
                if calibration else {})})
@@ -329,11 +331,11 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, [d["input"] for d in docs])
     seconds = time.perf_counter() - t0
-    outputs = [stitch(p, margin, doc_share, min_cpt) for p in fixed]
+    outputs = [stitch(p, margin, tests) for p in fixed]
     report = score_corrections(docs, outputs)
     raw = score_corrections(docs, [stitch(p, None) for p in fixed])
     no_margin = score_corrections(docs, [stitch(p, NO_MARGIN) for p in fixed])
-    counts = guard_counts(fixed, margin, doc_share, min_cpt)
+    counts = guard_counts(fixed, margin, tests)
     windows = counts["windows"]
     report.update({
         "unit": "document", "n_documents": len(docs),
@@ -349,14 +351,15 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
                   "kept_too_different": counts["kept_too_different"],
                   "kept_hit_limit": counts["kept_hit_limit"]},
         "margin_guard": {"margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
-                         "val_passed_share": doc_share, "min_chars_per_token": min_cpt,
-                         **({"unfamiliar_share": ev.unfamiliar_share} if min_cpt is not None else {}),
+                         "val_passed_share": tests.passed_share, "min_chars_per_token": tests.min_chars_per_token,
+                         **({"unfamiliar_share": ev.unfamiliar_share} if tests.min_chars_per_token is not None
+                            else {}),
                          **{k: counts[k] for k in GUARD_REPORT_KEYS},
                          **({"calibration": calibration} if calibration else {})},
         "seconds": seconds,
         "chars_per_s": sum(len(d["input"]) for d in docs) / seconds if seconds else None,
         "examples": [{"id": d["id"], "input": d["input"], "output": out, "reference": d["output"],
-                      "source": d["source"], "kept_input": _kept_reasons(p, margin, doc_share, min_cpt)}
+                      "source": d["source"], "kept_input": _kept_reasons(p, margin, tests)}
                      for d, out, p in zip(docs[:50], outputs[:50], fixed[:50])],
     })
     report["per_example"] = per_example_scores(docs, outputs)
@@ -381,17 +384,16 @@ GUARD_REPORT_KEYS = ("kept_low_margin", "changed", "passed_margin", "documents_o
                      "corrected", "kept_share", "input_surprisal")
 
 
-def _kept_reasons(pieces, margin: float, doc_share: float | None, min_cpt: float | None = None) -> str:
+def _kept_reasons(pieces, margin: float, tests: DocumentTests) -> str:
     """Why a document's windows kept their input: the reasons of those whose output was not used."""
-    if document_unfamiliar([c for c, _ in pieces], margin, doc_share, min_cpt):
+    if tests.unfamiliar([c for c, _ in pieces], margin):
         return "out_of_domain"
     return ",".join(sorted({c.kept_input or "low_margin" for c, _ in pieces if c.text_at(margin) != c.raw}))
 
 
-def _scores_at(docs: list[dict], fixed, margin: float, doc_share: float | None = None,
-               min_cpt: float | None = None) -> dict:
+def _scores_at(docs: list[dict], fixed, margin: float, tests: DocumentTests = NO_DOCUMENT_TESTS) -> dict:
     """Corpus CER before/after and the share of documents made worse at `margin` (and with no margin)."""
-    at = score_corrections(docs, [stitch(p, margin, doc_share, min_cpt) for p in fixed])
+    at = score_corrections(docs, [stitch(p, margin, tests) for p in fixed])
     off = score_corrections(docs, [stitch(p, NO_MARGIN) for p in fixed])
     return {"cer_before": at["cer_before"], "cer_after": at["cer_after"], "worse_fraction": at["worse_fraction"],
             "wer_before": at["wer_before"], "wer_after": at["wer_after"],
@@ -585,8 +587,8 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
     t0 = time.perf_counter()
     fixed = correct_pieces_of(corrector, inputs) if hasattr(corrector, "correct_pieces") else None
     if fixed is not None:
-        margin, doc_share, min_cpt = corrector.guard_margin, corrector.passed_share, corrector.min_chars_per_token
-        outputs = [stitch(p, margin, doc_share, min_cpt) for p in fixed]
+        margin, tests = corrector.guard_margin, corrector.document_tests
+        outputs = [stitch(p, margin, tests) for p in fixed]
         unguarded = [stitch(p, None) for p in fixed]
     else:
         outputs, unguarded = correct_documents(corrector, inputs) if corrector else (inputs, inputs)
@@ -598,12 +600,13 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
                        "worse_fraction_unguarded": raw["worse_fraction"]})
     if fixed is not None:
         off = score_corrections(examples, [stitch(p, NO_MARGIN) for p in fixed])
-        counts = guard_counts(fixed, margin, doc_share, min_cpt)
+        counts = guard_counts(fixed, margin, tests)
         report.update({"cer_after_no_margin": off["cer_after"], "wer_after_no_margin": off["wer_after"],
                        "worse_fraction_no_margin": off["worse_fraction"],
                        "margin_guard": {"margin": None if margin == NO_MARGIN else margin,
                                         "chosen_on": corrector.guard.get("chosen_on", "none (not calibrated)"),
-                                        "val_passed_share": doc_share, "min_chars_per_token": min_cpt,
+                                        "val_passed_share": tests.passed_share,
+                                        "min_chars_per_token": tests.min_chars_per_token,
                                         **{k: counts[k] for k in GUARD_REPORT_KEYS}}})
     report["per_example"] = per_example_scores(examples, outputs)
     report.update(_run_facts(data, fmt, gold, model, corrector, examples, seconds))
@@ -625,7 +628,7 @@ def correct_documents(corrector, texts: list[str]) -> tuple[list[str], list[str]
         outputs = corrector.correct(texts)
         return outputs, outputs
     fixed = correct_pieces_of(corrector, texts)
-    return ([stitch(p, corrector.guard_margin, corrector.passed_share, corrector.min_chars_per_token) for p in fixed],
+    return ([stitch(p, corrector.guard_margin, corrector.document_tests) for p in fixed],
             [stitch(p, None) for p in fixed])
 
 

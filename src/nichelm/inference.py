@@ -13,7 +13,7 @@ the same pass gives the model's surprisal of the input, which apply reports. On 
 training data a small model is as sure of its wrong edits as of its right ones at home, but far
 fewer of its changes pass the margin; so a whole document keeps its input when so few of its changed
 windows passed that a document like the validation split's would hardly ever show it, or when the
-model's tokenizer compresses it worse than nearly every validation document (document_unfamiliar).
+model's tokenizer compresses it worse than nearly every validation document (DocumentTests).
 `nichelm evaluate` chooses the margin on the validation split and stores it, with those references, in
 RUN/guard.json; every way of loading a model reads it (artifacts.run_task), so all engines apply one rule.
 """
@@ -81,7 +81,7 @@ class Correction:
 
     def text_at(self, margin: float) -> str:
         """The window's guarded text at another margin (the hard limits as they were; the document test
-        is document_unfamiliar's): evaluate replays the guard with this without decoding again."""
+        is DocumentTests.unfamiliar's): evaluate replays the guard with this without decoding again."""
         if self.kept_input in HARD_LIMITS or (self.gain is not None and not self.gain >= margin):
             return self.source
         return self.raw
@@ -107,27 +107,40 @@ def chars_per_token(corrections: list[Correction]) -> float | None:
     return sum(len(c.source) for c in scored) / tokens if tokens else None
 
 
-def document_unfamiliar(corrections: list[Correction], margin: float, passed_share: float | None,
-                        min_chars_per_token: float | None = None) -> bool:
-    """Should this document keep its input whole? Yes when either test says it is unlike the training data:
-    - its input compresses worse under the model's tokenizer than min_chars_per_token (all but a small
-      share of the val documents compress better): text in another language or script, where a small
-      model is as sure of its wrong edits as at home. On issue 17's model: ICDAR 2019 Dutch 1.37-1.90
-      characters/token, the English val documents from 1.71 (median 2.47), threshold 1.92 (2% of val);
-      the margin and the test below left 3 of 49 Dutch documents worse, this one none;
-    - of the n windows the model changed, so few passed the guard at `margin` that a document whose
-      changes pass as often as on the val split (passed_share) would show as few with probability under
-      DOC_ALPHA (binomial test): the pattern where what passes is mostly wrong.
+@dataclass(frozen=True)
+class DocumentTests:
+    """The two tests that make a whole document keep its input (guard.json's references, from val):
+    - min_chars_per_token: its input compresses worse under the model's tokenizer than this (all but a
+      small share of the val documents compress better): text in another language or script, where a
+      small model is as sure of its wrong edits as at home. On issue 17's model: ICDAR 2019 Dutch
+      1.37-1.90 characters/token, the English val documents from 1.71 (median 2.47), threshold 1.92
+      (2% of val); the margin and the test below left 3 of 49 Dutch documents worse, this one none;
+    - passed_share: of the n windows the model changed, so few passed the guard at the margin that a
+      document whose changes pass as often as on the val split (this share) would show as few with
+      probability under DOC_ALPHA (binomial test): the pattern where what passes is mostly wrong.
     None for either: no such test."""
-    if min_chars_per_token is not None:
-        cpt = chars_per_token(corrections)
-        if cpt is not None and cpt < min_chars_per_token:
-            return True
-    if passed_share is None:
-        return False
-    changed = [c for c in corrections if c.raw != c.source]
-    passed = sum(c.text_at(margin) != c.source for c in changed)
-    return 0 < passed < len(changed) and binomial_cdf(passed, len(changed), passed_share) < DOC_ALPHA
+    passed_share: float | None = None
+    min_chars_per_token: float | None = None
+
+    @classmethod
+    def from_guard(cls, guard: dict) -> "DocumentTests":
+        return cls(guard.get("passed_share"), guard.get("min_chars_per_token"))
+
+    def unfamiliar(self, corrections: list[Correction], margin: float) -> bool:
+        """Should this document keep its input whole? Yes when either test says it is unlike the
+        training data."""
+        if self.min_chars_per_token is not None:
+            cpt = chars_per_token(corrections)
+            if cpt is not None and cpt < self.min_chars_per_token:
+                return True
+        if self.passed_share is None:
+            return False
+        changed = [c for c in corrections if c.raw != c.source]
+        passed = sum(c.text_at(margin) != c.source for c in changed)
+        return 0 < passed < len(changed) and binomial_cdf(passed, len(changed), self.passed_share) < DOC_ALPHA
+
+
+NO_DOCUMENT_TESTS = DocumentTests()
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
@@ -258,10 +271,8 @@ class Corrector:
         if guard_margin is None:
             guard_margin = self.guard.get("margin")          # null in guard.json: "off"
         self.guard_margin = NO_MARGIN if guard_margin is None else float(guard_margin)
-        # the share of the model's changes that passed on the val split, and the characters per token
-        # under which a document counts as unlike the training data (document_unfamiliar's references)
-        self.passed_share = self.guard.get("passed_share")
-        self.min_chars_per_token = self.guard.get("min_chars_per_token")
+        # when a whole document counts as unlike the training data and keeps its input
+        self.document_tests = DocumentTests.from_guard(self.guard)
         self._scoring = True               # off while _raw_windows decodes for correct_pieces
         self.max_new_tokens_ratio = max_new_tokens_ratio
         self.beams = beams                 # 1: batched greedy; >1: beam search, one window at a time
@@ -435,13 +446,13 @@ class Corrector:
         k characters of whole-word context each side (less where the prompt and its output budget
         would not fit the model's context); only the output aligned to the core is kept
         (core_output), and the guard compares that with the core, as it would without context.
-        Then a document that looks unfamiliar (document_unfamiliar) keeps its input whole.
+        Then a document that looks unfamiliar (DocumentTests) keeps its input whole.
         """
         results = self._correct_pieces(cut)
         k = 0
         for pieces in cut:
             doc = results[k:k + len(pieces)]
-            if document_unfamiliar(doc, self.guard_margin, self.passed_share, self.min_chars_per_token):
+            if self.document_tests.unfamiliar(doc, self.guard_margin):
                 self.stats.documents_out_of_domain += 1
                 for i, c in enumerate(doc, k):
                     if c.text != c.source:
@@ -512,7 +523,7 @@ class Corrector:
         """Correct texts of any length: cut into windows, correct, stitch back in order."""
         cut = [cut_windows(t, self.window_chars) for t in texts]
         margin = self.guard_margin if guard else None
-        return [stitch(pieces, margin, self.passed_share, self.min_chars_per_token)
+        return [stitch(pieces, margin, self.document_tests)
                 for pieces in by_document(cut, self.correct_pieces(cut))]
 
     def run(self, texts: list[str]) -> list[str]:
@@ -554,15 +565,15 @@ def by_document(cut: list[list[tuple[str, str]]], fixed: list[Correction]) -> li
     return [[(next(it), sep) for _, sep in pieces] for pieces in cut]
 
 
-def stitch(pieces: list[tuple[Correction, str]], margin: float | None, passed_share: float | None = None,
-           min_chars_per_token: float | None = None) -> str:
+def stitch(pieces: list[tuple[Correction, str]], margin: float | None,
+           tests: DocumentTests = NO_DOCUMENT_TESTS) -> str:
     """A document's text from its windows: each window's output at the guard of `margin` (Correction.text_at)
-    and the document tests of passed_share and min_chars_per_token (document_unfamiliar), each followed by
-    its separator from the input. margin None: the model's raw outputs. The one way windows become a
-    document again: with the Corrector's own margin and references this is the text correct_pieces
-    decided; evaluate replays the same rule at other margins without decoding again."""
+    and the document `tests`, each followed by its separator from the input. margin None: the model's raw
+    outputs. The one way windows become a document again: with the Corrector's own margin and tests this
+    is the text correct_pieces decided; evaluate replays the same rule at other margins without decoding
+    again."""
     if margin is None:
         return "".join(c.raw + sep for c, sep in pieces)
-    if document_unfamiliar([c for c, _ in pieces], margin, passed_share, min_chars_per_token):
+    if tests.unfamiliar([c for c, _ in pieces], margin):
         return "".join(c.source + sep for c, sep in pieces)
     return "".join(c.text_at(margin) + sep for c, sep in pieces)
