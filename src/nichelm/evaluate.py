@@ -35,8 +35,8 @@ from pathlib import Path
 from nichelm.config import Project
 from nichelm.errors import UserError
 from nichelm.artifacts import GUARD_FILE, read_task
-from nichelm.inference import (HARD_LIMITS, NO_MARGIN, Correction, Corrector, by_document, chars_per_token,
-                               cut_windows, DocumentTests, NO_DOCUMENT_TESTS, stitch)
+from nichelm.inference import (HARD_LIMITS, NO_DOCUMENT_TESTS, NO_MARGIN, Correction, Corrector, DocumentTests,
+                               by_document, chars_per_token, cut_windows, stitch)
 from nichelm.io import atomic_write_json
 from nichelm.metrics import CorpusScore, char_distance, mark_changes
 from nichelm.tasks import get_task
@@ -173,7 +173,8 @@ def reference_pieces(pieces: list[tuple[Correction, str]], reference: str) -> li
     the reference offset it aligns with. Reference text inserted at a boundary goes to the window before."""
     from rapidfuzz.distance import Levenshtein
     source = "".join(c.source + sep for c, sep in pieces)
-    ops = Levenshtein.opcodes(source, reference, score_hint=16)   # the hint picks a banded method: 5x faster on 400k characters
+    # the hint picks a banded method: 5x faster on 400k characters
+    ops = Levenshtein.opcodes(source, reference, score_hint=16)
     ends, pos = [], 0
     for c, sep in pieces:
         pos += len(c.source) + len(sep)
@@ -350,11 +351,9 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
         "guard": {"max_change": ev.guard_max_change, "max_deleted_letters": ev.guard_max_deleted_letters,
                   "kept_too_different": counts["kept_too_different"],
                   "kept_hit_limit": counts["kept_hit_limit"]},
-        "margin_guard": {"margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
-                         "val_passed_share": tests.passed_share, "min_chars_per_token": tests.min_chars_per_token,
+        "margin_guard": {**_margin_guard(margin, margin_from, tests, counts),
                          **({"unfamiliar_share": ev.unfamiliar_share} if tests.min_chars_per_token is not None
                             else {}),
-                         **{k: counts[k] for k in GUARD_REPORT_KEYS},
                          **({"calibration": calibration} if calibration else {})},
         "seconds": seconds,
         "chars_per_s": sum(len(d["input"]) for d in docs) / seconds if seconds else None,
@@ -382,6 +381,14 @@ def write_report(report: dict, path: Path, run: Path | None) -> None:
 
 GUARD_REPORT_KEYS = ("kept_low_margin", "changed", "passed_margin", "documents_out_of_domain", "kept_out_of_domain",
                      "corrected", "kept_share", "input_surprisal")
+
+
+def _margin_guard(margin: float, chosen_on: str, tests: DocumentTests, counts: dict) -> dict:
+    """The report's margin_guard: the margin, where it came from, the document tests' references, and
+    what the guard did (guard_counts)."""
+    return {"margin": None if margin == NO_MARGIN else margin, "chosen_on": chosen_on,
+            "val_passed_share": tests.passed_share, "min_chars_per_token": tests.min_chars_per_token,
+            **{k: counts[k] for k in GUARD_REPORT_KEYS}}
 
 
 def _kept_reasons(pieces, margin: float, tests: DocumentTests) -> str:
@@ -603,11 +610,8 @@ def evaluate_external(data: Path, fmt: str | None = None, *, model: Path | None 
         counts = guard_counts(fixed, margin, tests)
         report.update({"cer_after_no_margin": off["cer_after"], "wer_after_no_margin": off["wer_after"],
                        "worse_fraction_no_margin": off["worse_fraction"],
-                       "margin_guard": {"margin": None if margin == NO_MARGIN else margin,
-                                        "chosen_on": corrector.guard.get("chosen_on", "none (not calibrated)"),
-                                        "val_passed_share": tests.passed_share,
-                                        "min_chars_per_token": tests.min_chars_per_token,
-                                        **{k: counts[k] for k in GUARD_REPORT_KEYS}}})
+                       "margin_guard": _margin_guard(margin, corrector.guard.get("chosen_on", "none (not calibrated)"),
+                                                     tests, counts)})
     report["per_example"] = per_example_scores(examples, outputs)
     report.update(_run_facts(data, fmt, gold, model, corrector, examples, seconds))
     report["examples"] = _worst_and_best(examples, outputs, report["per_example"])

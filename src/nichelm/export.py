@@ -134,8 +134,10 @@ def _external_section(folder: Path) -> list[str]:
     reports = [r for p in sorted(folder.glob("*/report.json")) if (r := _read_json(p)) and "cer_before" in r]
     if not reports:
         return []
-    named = [(f"{(r.get('data') or {}).get('name', '?')} ({(r.get('data') or {}).get('format', '?')})", r)
-             for r in reports]
+    named = []
+    for r in reports:
+        data = r.get("data") or {}
+        named.append((f"{data.get('name', '?')} ({data.get('format', '?')})", r))
     return ["## Other evaluations", "", "Whole documents cut as `apply` cuts them, guard as shipped.", "",
             *markdown_score_table("data", named), ""]
 
