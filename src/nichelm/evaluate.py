@@ -259,6 +259,46 @@ def calibrate_margin(docs: list[dict], fixed: list[list[tuple[Correction, str]]]
             "corrections_let_through": 0 if last is None else last + 1}
 
 
+def _choose_margin(project: Project, corrector: Corrector) -> tuple[float, str, DocumentTests, dict | None]:
+    """The guard margin evaluate reports at, where it came from, the document tests' references and, when
+    chosen on val ("auto"), the calibration figures; stored in RUN/guard.json for apply and later loads."""
+    from nichelm.checkpoint import latest_checkpoint
+    ev, run = project.eval, project.run_path
+    calibration, tests = None, NO_DOCUMENT_TESTS
+    if ev.guard_margin != "auto":
+        margin = NO_MARGIN if ev.guard_margin == "off" else float(ev.guard_margin)
+        margin_from = "project"
+    else:
+        val_path = run / "data" / "examples.val.jsonl"
+        val = project_documents(val_path) if val_path.is_file() else []
+        if not val:
+            return NO_MARGIN, "none: no validation examples to choose it on", tests, None
+        # the val documents as they are, and their gold side as input (clean text: any change is harm)
+        val = sample_documents(val, ev.max_examples, project.seed, corrector.window_chars)
+        clean = [{**d, "input": d["output"]} for d in val]
+        both = correct_pieces_of(corrector, [d["input"] for d in val + clean])
+        fixed, fixed_clean = both[:len(val)], both[len(val):]
+        calibration = calibrate_margin(val + clean, both, ev.max_worse_share,
+                                       bounded=[False] * len(val) + [True] * len(clean))
+        margin = calibration["margin"]
+        tests = DocumentTests(guard_counts(fixed, margin)["passed_share"],
+                              unfamiliar_threshold(fixed, ev.unfamiliar_share))
+        calibration.update(asdict(tests))
+        calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin, tests),
+                              **guard_counts(fixed, margin, tests)}
+        calibration["val_clean"] = {"documents": len(clean), **_scores_at(clean, fixed_clean, margin, tests),
+                                    **guard_counts(fixed_clean, margin, tests)}
+        margin_from = "val"
+    ckpt = latest_checkpoint(run)
+    atomic_write_json(run / GUARD_FILE, {
+        "margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
+        "checkpoint": ckpt.name if ckpt else None, "max_change": ev.guard_max_change,
+        "max_deleted_letters": ev.guard_max_deleted_letters,
+        **({**asdict(tests), "max_worse_share": ev.max_worse_share,
+            "val": calibration["val"], "val_clean": calibration["val_clean"]} if calibration else {})})
+    return margin, margin_from, tests, calibration
+
+
 def evaluate_project(project: Project, device: str = "cpu") -> dict:
     """Corpus CER/WER before and after on the project's test documents, cut as apply cuts them.
 
@@ -270,7 +310,6 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     stored as given.
     The report gives the figures at that margin (the outputs users get), plus those of the model's raw
     outputs ("unguarded") and of the length cap alone ("no_margin"), all from one decoding pass."""
-    from nichelm.checkpoint import latest_checkpoint
     ev, run = project.eval, project.run_path
     task = read_task(run / "task.json") if (run / "task.json").is_file() else get_task(project.task)
     if task.runner_error:                  # nothing to decode (a pre-training task): perplexity is its measure
@@ -278,8 +317,7 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
     if task.decoding == "labels":          # a label set: the model against the baselines (evaluate_labels)
         from nichelm.evaluate_labels import evaluate_labels
         return evaluate_labels(project, task, device)
-    data = run / "data"
-    test = project_documents(data / "examples.test.jsonl")
+    test = project_documents(run / "data" / "examples.test.jsonl")
     if not test:
         raise UserError(f"{run}/data/examples.test.jsonl is empty; raise split.test_fraction or add data")
     corrector = Corrector.from_run(run, device=device, batch_size=ev.batch_size,
@@ -289,43 +327,7 @@ def evaluate_project(project: Project, device: str = "cpu") -> dict:
                                    beams=ev.beams, window_overlap=ev.window_overlap,
                                    draft_tokens=ev.draft_tokens, guard_margin=NO_MARGIN)
     corrector.document_tests = NO_DOCUMENT_TESTS           # the guard is replayed below (stitch)
-    calibration, tests = None, NO_DOCUMENT_TESTS
-    if ev.guard_margin == "auto":
-        val_path = data / "examples.val.jsonl"
-        val = project_documents(val_path) if val_path.is_file() else []
-        if val:
-            # the val documents as they are, and their gold side as input (clean text: any change is harm)
-            val = sample_documents(val, ev.max_examples, project.seed, corrector.window_chars)
-            clean = [{**d, "input": d["output"]} for d in val]
-            both = correct_pieces_of(corrector, [d["input"] for d in val + clean])
-            fixed, fixed_clean = both[:len(val)], both[len(val):]
-            calibration = calibrate_margin(val + clean, both, ev.max_worse_share,
-                                           bounded=[False] * len(val) + [True] * len(clean))
-            margin = calibration["margin"]
-            tests = DocumentTests(guard_counts(fixed, margin)["passed_share"],
-                                  unfamiliar_threshold(fixed, ev.unfamiliar_share))
-            calibration.update(asdict(tests))
-            calibration["val"] = {"documents": len(val), **_scores_at(val, fixed, margin, tests),
-                                  **guard_counts(fixed, margin, tests)}
-            calibration["val_clean"] = {"documents": len(clean),
-                                        **_scores_at(clean, fixed_clean, margin, tests),
-                                        **guard_counts(fixed_clean, margin, tests)}
-            margin_from = "val"
-        else:
-            margin, margin_from = NO_MARGIN, "none: no validation examples to choose it on"
-    else:
-        margin = NO_MARGIN if ev.guard_margin == "off" else float(ev.guard_margin)
-        margin_from = "project"
-    if margin_from != "none: no validation examples to choose it on":
-        ckpt = latest_checkpoint(run)
-        atomic_write_json(run / GUARD_FILE, {
-            "margin": None if margin == NO_MARGIN else margin, "chosen_on": margin_from,
-            "checkpoint": ckpt.name if ckpt else None, "max_change": ev.guard_max_change,
-            "max_deleted_letters": ev.guard_max_deleted_letters,
-            **({**asdict(tests), "max_worse_share": ev.max_worse_share,
-                "val": calibration["val"],
-                "val_clean": calibration["val_clean"]}
-               if calibration else {})})
+    margin, margin_from, tests, calibration = _choose_margin(project, corrector)
 
     docs = sample_documents(test, ev.max_examples, project.seed, corrector.window_chars)
     corrector.stats = type(corrector.stats)()
